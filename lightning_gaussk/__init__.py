@@ -1,0 +1,21 @@
+"""lightning_gaussk: TopK-SGD / Gaussian-k gradient sparsification for DDP, Lightning and Accelerate."""
+
+from lightning_gaussk.hook import GaussKState, gaussk_hook
+from lightning_gaussk.select import available_selectors, get_selector, register_selector, select
+from lightning_gaussk.strategy import GaussKDDPStrategy
+
+from lightning.pytorch.strategies import StrategyRegistry as _registry
+
+GaussKDDPStrategy.register_strategies(_registry)  # makes Trainer(strategy="gaussk_ddp") resolve
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GaussKDDPStrategy",
+    "GaussKState",
+    "available_selectors",
+    "gaussk_hook",
+    "get_selector",
+    "register_selector",
+    "select",
+]

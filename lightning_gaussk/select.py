@@ -32,6 +32,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
@@ -145,8 +146,8 @@ def gaussian_threshold(mean: float, std: float, density: float) -> float:
     return abs(mean) + std * float(q)
 
 
-_SAMPLE_ROW = 4096  # contiguous run length of the sample: whole cache lines, vectorised reductions
-_SAMPLE_ROWS = 64  # 64 evenly spaced runs = 262,144 entries
+_SAMPLE_ROW = 2048  # contiguous run length of the sample: whole cache lines, vectorised reductions
+_SAMPLE_ROWS = 64  # 64 evenly spaced runs = 131,072 entries: std known to ~0.2%
 
 
 def _sample(x: Tensor) -> Tensor:
@@ -187,116 +188,211 @@ def _mix(seed: int, step: int) -> int:
 # --------------------------------------------------------------------------------------------
 # exact-k refinement on CPU tensors
 # --------------------------------------------------------------------------------------------
-_CHUNK = 1 << 18  # 1 MiB of fp32: |x| of a chunk stays in cache between abs and amax
+# Magnitudes as integers. For IEEE floats, clearing the sign bit and reading the bits as a signed
+# integer of the same width preserves the order of |x| (NaN above inf, as torch.topk ranks it).
+# Integer max and compare are cheaper than their float versions (no NaN handling), and the
+# threshold then becomes an integer "key".
+_KEY = {
+    torch.float32: (torch.int32, 0x7FFFFFFF),
+    torch.float64: (torch.int64, 0x7FFFFFFFFFFFFFFF),
+    torch.float16: (torch.int16, 0x7FFF),
+    torch.bfloat16: (torch.int16, 0x7FFF),
+}
+# Layout. ``x`` is cut into 64-entry blocks (the last ``d % 64`` entries form the "tail") and each
+# block into ``64 / s`` contiguous *lanes* of ``s`` entries; lane ``l`` holds ``x[l*s : (l+1)*s]``.
+_BLOCK = 64
+_CHUNK_BLOCKS = 2048  # 2048 x 64 x 4 B = 512 KiB per chunk: stays in L2 between abs and max
+_LANE_LOAD = 1 / 8  # largest rho * s: at most ~1/8 of the lanes then hold a top-k entry
+_MIN_D = 1 << 16  # below this torch.topk is fast already: no point in the lane machinery
+_AIM = 1.5  # threshold estimates aim at 1.5 k entries, so that one count almost always brackets k
+_MAX_OVER = 4  # a guess that selects more than 4 k lanes is re-aimed rather than ranked
+_SUBSAMPLE = 1 << 15  # lane maxima looked at when re-aiming a guess
 
 
-def _block_absmax(body: Tensor) -> Tensor:
-    """``max |x|`` of every row of ``body`` (nb, B), one read of ``body`` in cache-sized chunks."""
-    nb, b = body.shape
-    out = torch.empty(nb, dtype=body.dtype)
-    rows = max(1, _CHUNK // b)
-    scratch = torch.empty(rows, b, dtype=body.dtype)
-    for r in range(0, nb, rows):
-        part = body[r : r + rows]
-        a = torch.abs(part, out=scratch[: part.shape[0]])
-        torch.amax(a, 1, out=out[r : r + part.shape[0]])
-    return out
+def _lane_size(d: int, k: int) -> int | None:
+    """The lane size ``s`` (64, 32, ..., 2) for ``k`` of ``d``, or ``None`` to rank exactly.
+
+    Largest ``s`` with ``s * k / d <= 1/8``: the ``k`` lanes that end up gathered hold
+    ``k * s <= d / 8`` entries, and about ``k`` of them (not ``k * s``) clear the threshold.
+    """
+    if d < _MIN_D:
+        return None
+    s = _BLOCK
+    while s > 1 and s * k > _LANE_LOAD * d:
+        s //= 2
+    return s if s >= 2 else None
 
 
-def _probit_step(t: float, c: int, n: int, target: float) -> float:
-    """Next threshold guess: fit ``count(t) = 2 n (1 - Phi(t / s))`` through ``(t, c)``, solve for
-    ``count = target`` (a secant step in probit space; exact for zero-mean normal data)."""
-    if c <= 0:
-        return t / 2
-    if c >= n or t <= 0:
-        return 2 * t if t > 0 else 1e-30
-    z_now = float(torch.special.ndtri(torch.tensor(1.0 - c / (2 * n), dtype=torch.float64)))
-    z_target = float(torch.special.ndtri(torch.tensor(1.0 - min(target, n - 1) / (2 * n), dtype=torch.float64)))
-    if z_now <= 0:
-        return 2 * t
-    return t * z_target / z_now
+def _to_key(t: float, dtype: torch.dtype) -> int:
+    """The integer key of the magnitude ``|t|`` rounded to ``dtype`` (0 for NaN)."""
+    if math.isnan(t):
+        return 0
+    key_dtype, _ = _KEY[dtype]
+    return int(torch.tensor(abs(t), dtype=dtype).view(key_dtype))
+
+
+def _halve_to(a: Tensor, width: int) -> Tensor:
+    """Fold the columns of ``a`` (rows, w) by ``max(left half, right half)`` down to ``width``.
+
+    Column ``j`` of the result is the max over the columns ``j, j + width, j + 2 width, ...`` of
+    ``a``: each fold is one vectorised elementwise op on contiguous half-rows.
+    """
+    w = a.shape[1]
+    while w > width:
+        w //= 2
+        a = torch.maximum(a[:, :w], a[:, w : 2 * w])
+    return a
+
+
+def _lane_absmax(x: Tensor, body: Tensor, s: int, sign_off: int) -> Tensor:
+    """Key of ``max |x|`` of every lane, ``(nb * 64 / s,)``; ``body`` is the (nb, 64) integer view
+    of ``x``.
+
+    One read of ``x`` in L2-sized chunks: ``|x|`` goes into a scratch buffer that is reduced while
+    it is still in cache. Long lanes (``s >= 32``) use an integer ``amax``; short ones
+    ``max_pool1d`` on floats (torch's reductions over short rows are several times slower).
+    The keys of the float maxima are their bits, as ``|x| >= 0``.
+    """
+    nb = body.shape[0]
+    n = _BLOCK // s
+    out = torch.empty(nb, n, dtype=body.dtype)
+    rows = min(_CHUNK_BLOCKS, nb)
+    if s >= 32:
+        scratch = torch.empty(rows, _BLOCK, dtype=body.dtype)  # reused: no allocation per chunk
+        for r in range(0, nb, rows):
+            m = min(rows, nb - r)
+            a = torch.bitwise_and(body[r : r + m], sign_off, out=scratch[:m])
+            torch.amax(a.view(m, n, s), 2, out=out[r : r + m])
+    else:
+        fx = x[: nb * _BLOCK].view(nb, _BLOCK)
+        fout = out.view(x.dtype)
+        scratch = torch.empty(rows, _BLOCK, dtype=x.dtype)
+        for r in range(0, nb, rows):
+            m = min(rows, nb - r)
+            a = torch.abs(fx[r : r + m], out=scratch[:m])
+            fout[r : r + m] = F.max_pool1d(a.view(1, 1, m * _BLOCK), s).view(m, n)
+    return out.view(-1)
+
+
+def _lane_positions(lanes: Tensor, s: int) -> Tensor:
+    """Positions in ``x`` of the entries of ``lanes``: ``(len(lanes), s)`` int64."""
+    return (lanes * s).unsqueeze(1) + torch.arange(s)
+
+
+def _aim_lanes(lane_max: Tensor, target: float) -> int:
+    """A key that about ``target`` lane maxima reach: the matching order statistic of an evenly
+    strided subsample of at most ``_SUBSAMPLE`` lane maxima (its count is off by a few
+    ``sqrt(target * stride)``, whatever the distribution of ``x``)."""
+    n = lane_max.numel()
+    sub = lane_max[:: max(1, n // _SUBSAMPLE)]
+    m = math.ceil(target * sub.numel() / n)
+    if m >= sub.numel():
+        return 0
+    return int(torch.topk(sub, m, sorted=False).values.min())
+
+
+def _kth_lane(lane_max: Tensor, k: int, t: int) -> tuple[int, Tensor]:
+    """``m_k``, the exact k-th largest lane maximum, and the lanes whose maximum is ``>= m_k``.
+
+    ``t`` is a guess (a key). A guess is usable when ``k <= count(lane_max >= t) <= 4 k``: then
+    ``m_k >= t`` and ranking the few selected maxima gives ``m_k``. The first guess is ``t``; the
+    second comes from a subsample of the lane maxima (robust to any shape of the data); if both
+    miss, all lane maxima are ranked.
+    """
+    n = lane_max.numel()
+    for attempt in range(2):
+        mask = lane_max >= t
+        c = int(torch.count_nonzero(mask))
+        if k <= c <= _MAX_OVER * k:
+            lanes = torch.nonzero(mask).squeeze(1)
+            vals = lane_max[lanes]
+            break
+        if attempt == 0:  # re-aim at k plus ~4 standard deviations of the subsample's count
+            t = _aim_lanes(lane_max, 1.1 * k + 4 * math.sqrt(k * max(1, n // _SUBSAMPLE)))
+    else:
+        vals, lanes = torch.topk(lane_max, k, sorted=False)
+        c = k
+    if c > k:  # the k-th largest is the (c - k + 1)-th smallest: rank the shorter side
+        if c - k + 1 < k:
+            mk = int(torch.topk(vals, c - k + 1, largest=False, sorted=False).values.max())
+        else:
+            mk = int(torch.topk(vals, k, sorted=False).values.min())
+        return mk, lanes[vals >= mk]  # ties at m_k keep all their lanes
+    return int(vals.min()), lanes
+
+
+def _entries_above(body: Tensor, lanes: Tensor, s: int, t: int, sign_off: int, strict: bool) -> tuple[Tensor, Tensor]:
+    """Positions and magnitude keys of the entries with key ``>= t`` (``> t`` if ``strict``) in
+    ``lanes``; ``body`` is the (nb, 64) integer view of ``x``.
+
+    Lanes of 32 or 64 entries are first folded to 8 strided sub-lanes, so that the comparisons run
+    on ``8 + s/8`` rather than ``s`` entries per lane (about one entry per lane clears ``t``).
+    """
+    above = torch.gt if strict else torch.ge
+    rows = body.view(-1, s).index_select(0, lanes).bitwise_and_(sign_off)  # (n, s) keys
+    if s <= 16:
+        a, i = torch.nonzero(above(rows, t), as_tuple=True)
+        return lanes[a] * s + i, rows[a, i]
+    hit = torch.nonzero(above(_halve_to(rows, 8), t).view(-1)).squeeze(1)  # sub-lane r * 8 + j
+    r, j = hit >> 3, hit & 7
+    sub = rows.view(-1, s // 8, 8)[r, :, j]  # (h, s / 8): columns j, j + 8, ... of row r
+    a, i = torch.nonzero(above(sub, t), as_tuple=True)
+    return lanes[r[a]] * s + 8 * i + j[a], sub[a, i]
 
 
 def _cpu_refine(x: Tensor, k: int, t: float) -> tuple[Tensor, Tensor]:
-    """Exact top-k of a CPU tensor, starting from the threshold guess ``t``.
+    """Exact top-k of a contiguous 1-D CPU tensor, using the threshold guess ``t`` to prune.
 
-    Why it is exact: with ``B``-sized blocks and ``bmax`` their max magnitudes, if
-    ``count(bmax > t) >= k`` then at least ``k`` entries exceed ``t``, so the k-th largest
-    magnitude ``v_k > t`` and every top-k entry lies in a block with ``bmax > t``. Only those
-    blocks (about ``k`` of ``d / B``) are gathered and ranked exactly.
+    Why it is exact: let ``M_l`` be the max magnitude of lane ``l`` and ``m_k`` the k-th largest
+    ``M_l``. The ``k`` lanes with ``M_l >= m_k`` hold ``k`` distinct entries ``>= m_k``, so the k-th
+    largest magnitude ``v_k >= m_k``. Every entry with ``|x| >= v_k`` therefore lies in a lane with
+    ``M_l >= m_k`` (or in the tail), and has ``|x| >= m_k``: the top-k of those candidates (about
+    ``k`` of them) is a top-k of ``x``. Ties at ``v_k`` are broken arbitrarily.
 
-    Cost: one read of ``x`` (block maxima), a few counts over the ``d / B`` maxima while ``t``
-    is refined, and work proportional to the candidates.
+    Cost: one read of ``x`` for the lane maxima (about twice ``torch.dot(x, x)``), then a count
+    and a nonzero over the ``d / s`` lane maxima and work on about ``k`` lanes.
     """
     d = x.numel()
-    # blocks small enough that d / B >= 8 k, large enough to keep amax vectorised
-    b = 64
-    while b > 4 and d // b < 8 * k:
-        b //= 2
-    nb = d // b
-    if d < 65536 or nb < 4 * k:
+    s = _lane_size(d, k)
+    if s is None or x.dtype not in _KEY:
         return _exact_topk(x, k)
-    body = x[: nb * b].view(nb, b)
-    bmax = _block_absmax(body)
-    tail = x[nb * b :]  # fewer than B entries: always candidates
-    tail_abs = tail.abs()
-
-    def count(th: float) -> int:
-        return int(torch.count_nonzero(bmax > th)) + int(torch.count_nonzero(tail_abs > th))
-
-    lo: float | None = None  # count(lo) >= k
-    hi: float | None = None  # count(hi) < k
-    target = 2.0 * k
-    for _ in range(12):
-        c = count(t)
-        if k <= c <= 4 * k:
-            lo = t
-            break
-        if c < k:
-            hi = t
-        else:
-            lo = t
-        t_next = _probit_step(t, c, nb, target)
-        if (lo is not None and t_next <= lo) or (hi is not None and t_next >= hi) or not math.isfinite(t_next):
-            if lo is not None and hi is not None:
-                t_next = (lo + hi) / 2
-            elif lo is not None:
-                t_next = 2 * lo if lo > 0 else 1e-30
-            else:
-                t_next = hi / 2  # type: ignore[operator]
-        if t_next == t:
-            break
-        t = t_next
-    if lo is None or lo < 0:
-        return _ties_or_exact(x, k, count)
-    blocks = torch.nonzero(bmax > lo).squeeze(1)
-    cand = body.index_select(0, blocks)  # (G, B)
-    cand_abs = cand.abs()
-    rows, cols = torch.nonzero(cand_abs > lo, as_tuple=True)
-    idx = blocks[rows] * b + cols
-    mags = cand_abs[rows, cols]
+    key_dtype, sign_off = _KEY[x.dtype]
+    keys = x.view(key_dtype)
+    nb = d // _BLOCK
+    body = keys[: nb * _BLOCK].view(nb, _BLOCK)
+    lane_max = _lane_absmax(x, body, s, sign_off)
+    mk, lanes = _kth_lane(lane_max, k, _to_key(t, x.dtype))
+    if mk == 0:  # fewer than k lanes hold a nonzero
+        return _mostly_zero(x, k, keys, body, lane_max, s, sign_off)
+    pos, mags = _entries_above(body, lanes, s, mk, sign_off, strict=False)
+    tail = keys[nb * _BLOCK :] & sign_off  # fewer than 64 entries: always candidates
     if tail.numel():
-        tail_idx = torch.nonzero(tail_abs > lo).squeeze(1)
-        idx = torch.cat([idx, tail_idx + nb * b])
-        mags = torch.cat([mags, tail_abs[tail_idx]])
-    top = torch.topk(mags, k, sorted=False).indices
-    idx = idx[top]
-    return x[idx], idx
+        hit = torch.nonzero(tail >= mk).squeeze(1)
+        pos, mags = torch.cat([pos, hit + nb * _BLOCK]), torch.cat([mags, tail[hit]])
+    if pos.numel() > k:
+        pos = pos[torch.topk(mags, k, sorted=False).indices]
+    return x[pos], pos
 
 
-def _ties_or_exact(x: Tensor, k: int, count: Callable[[float], int]) -> tuple[Tensor, Tensor]:
-    """Fallback when no threshold separates about ``k`` blocks (ties at the boundary).
-
-    The common case is mostly-zero input with fewer than ``k`` nonzeros: take every nonzero and
-    fill with zeros (all of which tie for the last places). Otherwise rank exactly.
-    """
-    if count(0.0) < k:
-        nz = torch.nonzero(x).squeeze(1)
-        need = k - nz.numel()
-        zeros = torch.nonzero(x == 0).squeeze(1)[:need]
-        idx = torch.cat([nz, zeros])
-        return x[idx], idx
-    return _exact_topk(x, k)
+def _mostly_zero(
+    x: Tensor, k: int, keys: Tensor, body: Tensor, lane_max: Tensor, s: int, sign_off: int
+) -> tuple[Tensor, Tensor]:
+    """Top-k when fewer than ``k`` lanes hold a nonzero: every nonzero is a candidate; if there are
+    fewer than ``k`` of them, they are all taken and zeros (which all tie for the last places) from
+    all-zero lanes fill the rest (at least ``7 k`` lanes are all zero, since ``d / s >= 8 k``)."""
+    nb = body.shape[0]
+    nonzero_lanes = torch.nonzero(lane_max).squeeze(1)
+    pos, mags = _entries_above(body, nonzero_lanes, s, 0, sign_off, strict=True)
+    tail = keys[nb * _BLOCK :] & sign_off
+    hit = torch.nonzero(tail).squeeze(1)
+    pos, mags = torch.cat([pos, hit + nb * _BLOCK]), torch.cat([mags, tail[hit]])
+    if pos.numel() >= k:
+        pos = pos[torch.topk(mags, k, sorted=False).indices]
+    else:
+        need = k - pos.numel()
+        zero_lanes = torch.nonzero(lane_max == 0).squeeze(1)[: math.ceil(need / s)]
+        pos = torch.cat([pos, _lane_positions(zero_lanes, s).view(-1)[:need]])
+    return x[pos], pos
 
 
 def _exact_topk(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -332,7 +428,7 @@ def gaussk_selector(x: Tensor, k: int, *, seed: int = 0, step: int = 0) -> tuple
     d = x.numel()
     if x.device.type == "cpu":
         # aim the first guess at 2k so that one count usually brackets k
-        return _refine(x, k, _gaussk_estimate(x, k, min(1.0, 2.0 * k / d)))
+        return _refine(x, k, _gaussk_estimate(x, k, min(1.0, _AIM * k / d)))
     from lightning_gaussk._histselect import gaussian_threshold as device_threshold
 
     return _refine(x, k, device_threshold(x, k))  # stays on the device: no sync
@@ -343,7 +439,7 @@ def dgc_selector(x: Tensor, k: int, *, seed: int = 0, step: int = 0) -> tuple[Te
     """Deep Gradient Compression's sampled threshold, refined to exactly ``k``."""
     d = x.numel()
     if x.device.type == "cpu":
-        return _refine(x, k, _dgc_estimate(x, k, min(1.0, 2.0 * k / d), seed, step))
+        return _refine(x, k, _dgc_estimate(x, k, min(1.0, _AIM * k / d), seed, step))
     s = min(d, max(1024, d // 100))
     g = torch.Generator(device=x.device).manual_seed(_mix(seed, step))
     sample = x[torch.randint(0, d, (s,), generator=g, device=x.device)].abs().float()

@@ -1,0 +1,326 @@
+"""TopK-SGD as a DDP communication hook: ``GaussKState`` plus the plain hook ``gaussk_hook``.
+
+One bucket, one step (``d`` entries, ``W`` ranks, ``k = ceil(density * d)``)::
+
+    u        = grad + residual                      fp32 work buffer, reused between steps
+    idx, val = select(u, k)                         exactly k entries (selector by name)
+    msg      = [val | idx as int32 bits | flag]     ONE fp32 tensor of 2k + 1 entries
+    all_gather(msg)                                 ONE async collective of fixed size
+    grad     = scatter_add(idx_r, val_r) / W        duplicate indices across ranks add up
+    residual = u with u[idx] := 0                   so sent + residual == u, bit for bit
+
+``flag`` is ``0 * sum(u)``: 0 when ``u`` is finite, NaN otherwise. The gathered flags are added
+to the first entry of the result, so a non-finite gradient on any rank shows up on every rank
+(as with plain DDP, letting a GradScaler skip the step), and no rank commits its residual for
+that step: one bad step cannot poison the error feedback.
+
+Residuals are kept per parameter (the bucket buffer is the concatenation of
+``bucket.parameters()``), so they survive DDP's bucket rebuild after the first iteration,
+``static_graph``, ``find_unused_parameters`` and any ``bucket_cap_mb``.
+"""
+
+import math
+import warnings
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from lightning_gaussk.select import available_selectors, get_selector, select
+
+__all__ = ["GaussKState", "gaussk_hook", "validate_config"]
+
+STATE_FORMAT = "lightning_gaussk.state/1"
+
+
+def validate_config(
+    density: Any,
+    selector: Any,
+    error_feedback: Any,
+    warmup_steps: Any,
+    warmup_density: Any,
+    seed: Any,
+) -> None:
+    """Raise ``TypeError``/``ValueError`` naming the argument, the value and what is allowed."""
+    if isinstance(density, bool) or not isinstance(density, (int, float)):
+        raise TypeError(f"`density` must be a float in (0, 1], got {type(density).__name__} {density!r}")
+    if not (0.0 < density <= 1.0):  # also rejects NaN
+        raise ValueError(f"`density` must be in (0, 1], got {density!r}")
+    if not isinstance(selector, str):
+        raise TypeError(f"`selector` must be a str, one of {available_selectors()}, got {selector!r}")
+    get_selector(selector)  # ValueError listing the choices
+    if not isinstance(error_feedback, bool):
+        raise TypeError(f"`error_feedback` must be a bool, got {error_feedback!r}")
+    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+        raise ValueError(f"`warmup_steps` must be an int >= 0, got {warmup_steps!r}")
+    if warmup_density is not None:
+        if isinstance(warmup_density, bool) or not isinstance(warmup_density, (int, float)):
+            raise TypeError(f"`warmup_density` must be a float or None, got {warmup_density!r}")
+        if not (density <= warmup_density <= 1.0):
+            raise ValueError(
+                f"`warmup_density` must be in [density, 1] = [{density}, 1] (warm-up starts denser), got {warmup_density!r}"
+            )
+    if warmup_steps > 0 and warmup_density is None:
+        raise ValueError("`warmup_steps` > 0 needs `warmup_density` (the density at step 0)")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"`seed` must be an int, got {seed!r}")
+
+
+class _Slot:
+    """Per-bucket buffers, valid while the bucket holds the same parameters in the same order."""
+
+    def __init__(self, key: tuple[int, ...], params: list[Tensor], device: torch.device, d: int) -> None:
+        self.key = key
+        self.numels = [p.numel() for p in params]
+        self.residual = torch.zeros(d, dtype=torch.float32, device=device)
+        self.work = torch.empty(d, dtype=torch.float32, device=device)  # u, reused every step
+        self.out: Tensor | None = None  # fp32 decode buffer for non-fp32 buckets
+        self.k = -1
+        self.msg = self.gathered = torch.empty(0, device=device)
+
+    def message_buffers(self, k: int, world: int) -> tuple[Tensor, Tensor]:
+        if k != self.k:  # only changes during density warm-up
+            self.k = k
+            self.msg = torch.empty(2 * k + 1, dtype=torch.float32, device=self.residual.device)
+            self.gathered = torch.empty(world * (2 * k + 1), dtype=torch.float32, device=self.residual.device)
+        return self.msg, self.gathered
+
+
+class GaussKState:
+    """State of :func:`gaussk_hook` on one rank: configuration, residuals, counters.
+
+    Args:
+        density: fraction ``k / d`` of each bucket sent per step, in (0, 1].
+        selector: a name from :func:`lightning_gaussk.available_selectors` ("gaussk", "topk",
+            "dgc", "randk", or one registered by the user).
+        error_feedback: keep what was not sent as a residual added to the next step's gradient.
+        warmup_steps: optimizer steps over which density decays geometrically from
+            ``warmup_density`` to ``density`` (0 = no warm-up).
+        warmup_density: density at step 0 when ``warmup_steps > 0``.
+        seed: seeds randomised selectors together with the step and bucket index.
+        process_group: the group to communicate in (default: the world).
+
+    ``state_dict()`` holds tensors and plain Python values only (``torch.load(weights_only=True)``
+    works); residuals are keyed by parameter name, so call :meth:`bind` with the model first.
+    """
+
+    def __init__(
+        self,
+        density: float = 0.001,
+        selector: str = "gaussk",
+        error_feedback: bool = True,
+        *,
+        warmup_steps: int = 0,
+        warmup_density: float | None = None,
+        seed: int = 0,
+        process_group: dist.ProcessGroup | None = None,
+    ) -> None:
+        validate_config(density, selector, error_feedback, warmup_steps, warmup_density, seed)
+        self.density = float(density)
+        self.selector = selector
+        self.error_feedback = error_feedback
+        self.warmup_steps = warmup_steps
+        self.warmup_density = None if warmup_density is None else float(warmup_density)
+        self.seed = seed
+        self.process_group = process_group
+        self.step = 0  # optimizer steps; set by the owner (set_step) or counted per backward
+        self._external_step = False
+        self._names: dict[int, str] = {}  # id(parameter) -> name
+        self._slots: dict[int, _Slot] = {}  # bucket index -> buffers
+        self._home: dict[int, tuple[_Slot, int, int]] = {}  # id(parameter) -> (slot, offset, numel)
+        self._pending: dict[str, Tensor] = {}  # loaded residuals not yet placed in a bucket
+        self.telemetry: dict[str, int] = {"hook_calls": 0, "bytes_sent": 0, "bytes_dense": 0, "skipped_buckets": 0}
+        self._capture_next = False
+        self.captured: dict[int, dict[str, Any]] = {}
+
+    # ---------------------------------------------------------------- configuration and steps
+    def bind(self, module: nn.Module) -> "GaussKState":
+        """Learn parameter names (for ``state_dict``) from ``module`` (a DDP wrapper is unwrapped)."""
+        module = getattr(module, "module", module) if isinstance(module, nn.parallel.DistributedDataParallel) else module
+        self._names = {id(p): n for n, p in module.named_parameters()}
+        return self
+
+    def set_step(self, step: int) -> None:
+        """Tell the hook the current optimizer step (the Lightning strategy does this).
+
+        Without it the hook counts synchronising backward passes, which equals optimizer steps
+        for DDP with ``no_sync`` accumulation.
+        """
+        self.step = int(step)
+        self._external_step = True
+
+    def density_at(self, step: int) -> float:
+        """``density`` after warm-up; before it ``warmup_density * (density / warmup_density)^(step / warmup_steps)``."""
+        if step >= self.warmup_steps or self.warmup_density is None:
+            return self.density
+        return self.warmup_density * (self.density / self.warmup_density) ** (step / self.warmup_steps)
+
+    def k_for(self, d: int) -> int:
+        """Entries sent for a bucket of ``d`` entries at the current step: ``ceil(density * d)``."""
+        return min(d, max(1, math.ceil(self.density_at(self.step) * d - 1e-9)))
+
+    def capture_next_step(self) -> None:
+        """Ask the hook to keep a copy of every bucket's ``u`` and selection on the next step
+        (used by :class:`GradientDistributionMonitor`; costs nothing when not asked)."""
+        self._capture_next = True
+        self.captured = {}
+
+    # ---------------------------------------------------------------- residual store
+    def _slot_for(self, index: int, params: list[Tensor], d: int, device: torch.device) -> _Slot:
+        key = tuple(id(p) for p in params)
+        slot = self._slots.get(index)
+        if slot is not None and slot.key == key:
+            return slot
+        # new or rebuilt bucket: carry each parameter's residual over from wherever it lived
+        new = _Slot(key, params, device, d)
+        offset = 0
+        for p in params:
+            n = p.numel()
+            home = self._home.get(id(p))
+            if home is not None:
+                old, off, _ = home
+                new.residual[offset : offset + n].copy_(old.residual[off : off + n])
+            else:
+                loaded = self._pending.pop(self._names.get(id(p), ""), None)
+                if loaded is not None:
+                    new.residual[offset : offset + n].copy_(loaded.reshape(-1))
+            self._home[id(p)] = (new, offset, n)
+            offset += n
+        self._slots[index] = new
+        return new
+
+    def residuals(self) -> dict[str, Tensor]:
+        """This rank's residual per parameter name (views into live buffers; do not modify)."""
+        by_id: dict[int, Tensor] = {pid: slot.residual[off : off + n] for pid, (slot, off, n) in self._home.items()}
+        out = {self._names[pid]: r for pid, r in by_id.items() if pid in self._names}
+        if len(out) != len(by_id):
+            raise RuntimeError("GaussKState: residuals of unnamed parameters; call state.bind(model) first")
+        return out
+
+    # ---------------------------------------------------------------- (de)serialisation
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's state: config, step, counters and fp32 CPU residuals keyed by parameter name."""
+        residuals = {n: r.detach().to("cpu", copy=True) for n, r in self.residuals().items()}
+        for n, r in self._pending.items():  # loaded but not yet placed: still owed to training
+            residuals.setdefault(n, r.detach().to("cpu", copy=True))
+        return {
+            "format": STATE_FORMAT,
+            "config": {
+                "density": self.density,
+                "selector": self.selector,
+                "error_feedback": self.error_feedback,
+                "warmup_steps": self.warmup_steps,
+                "warmup_density": self.warmup_density,
+                "seed": self.seed,
+            },
+            "step": self.step,
+            "telemetry": dict(self.telemetry),
+            "residuals": residuals,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore residuals, step and counters (configuration stays as constructed).
+
+        Residuals of parameters not yet seen in a bucket are placed when their bucket first runs.
+        """
+        if not isinstance(state_dict, dict) or state_dict.get("format") != STATE_FORMAT:
+            raise ValueError(
+                f"GaussKState.load_state_dict: `state_dict` is not a {STATE_FORMAT!r} dict "
+                f"(format={state_dict.get('format') if isinstance(state_dict, dict) else type(state_dict).__name__!r})"
+            )
+        residuals = state_dict["residuals"]
+        if not isinstance(residuals, dict):
+            raise ValueError("GaussKState.load_state_dict: `residuals` must be a dict of tensors")
+        cfg = state_dict.get("config", {})
+        if cfg.get("error_feedback", True) and not self.error_feedback and residuals:
+            warnings.warn("GaussKState: loading residuals into a state with error_feedback=False; they are dropped")
+        self.step = int(state_dict["step"])
+        self.telemetry.update({k: int(v) for k, v in state_dict.get("telemetry", {}).items()})
+        if not self.error_feedback:
+            return
+        by_name = {n: pid for pid, n in self._names.items()}
+        for name, tensor in residuals.items():
+            pid = by_name.get(name)
+            home = self._home.get(pid) if pid is not None else None
+            if home is not None:
+                slot, off, n = home
+                if tensor.numel() != n:
+                    raise ValueError(f"GaussKState.load_state_dict: residual {name!r} has {tensor.numel()} entries, parameter has {n}")
+                slot.residual[off : off + n].copy_(tensor.reshape(-1))
+            else:
+                if self._names and name not in by_name:
+                    raise ValueError(f"GaussKState.load_state_dict: no parameter named {name!r} in the bound model")
+                self._pending[name] = tensor.detach().float().reshape(-1)
+
+
+def gaussk_hook(state: GaussKState, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
+    """TopK-SGD with error feedback for one DDP bucket (see the module docstring).
+
+    Register with ``ddp_model.register_comm_hook(state, gaussk_hook)``.
+    """
+    group = state.process_group if state.process_group is not None else dist.group.WORLD
+    world = dist.get_world_size(group)
+    buf = bucket.buffer()
+    d = buf.numel()
+    slot = state._slot_for(bucket.index(), bucket.parameters(), d, buf.device)
+    k = state.k_for(d)
+    u = slot.work
+    if state.error_feedback:
+        torch.add(slot.residual, buf, out=u)  # fp32 whatever the bucket dtype
+    else:
+        u.copy_(buf)
+    values, indices = select(u, k, state.selector, seed=state.seed + bucket.index(), step=state.step)
+
+    msg, gathered = slot.message_buffers(k, world)
+    msg[:k].copy_(values)
+    msg[k : 2 * k].view(torch.int32).copy_(indices)  # int32 bits ride in the fp32 message
+    torch.mul(u.sum(), 0.0, out=msg[2 * k])  # 0 if u is finite, NaN otherwise
+    if state._capture_next:
+        state.captured[bucket.index()] = {"u": u.clone(), "indices": indices.clone(), "k": k, "parameters": list(bucket.parameters())}
+    state.telemetry["hook_calls"] += 1
+    state.telemetry["bytes_sent"] += msg.numel() * 4
+    state.telemetry["bytes_dense"] += d * buf.element_size()
+    if bucket.is_last():
+        state._capture_next = False
+        if not state._external_step:
+            state.step += 1
+
+    fut = dist.all_gather_into_tensor(gathered, msg, group=group, async_op=True).get_future()
+
+    def decode(fut: torch.futures.Future[Any]) -> Tensor:
+        rows = gathered.view(world, 2 * k + 1)
+        vals = rows[:, :k].reshape(-1)
+        idx = rows[:, k : 2 * k].reshape(-1).view(torch.int32)
+        flag = rows[:, 2 * k].sum()  # NaN if any rank's u was non-finite
+        out = buf if buf.dtype == torch.float32 else _fp32_out(slot, d)
+        out.zero_()
+        out.index_add_(0, idx, vals, alpha=1.0 / world)  # accumulating: duplicates add up
+        out[:1].add_(flag)  # propagate non-finiteness to every rank, no host sync
+        if out is not buf:
+            buf.copy_(out)
+        if state.error_feedback:
+            _commit_residual(state, slot, indices, flag)
+        return buf
+
+    return fut.then(decode)
+
+
+def _fp32_out(slot: _Slot, d: int) -> Tensor:
+    if slot.out is None:
+        slot.out = torch.empty(d, dtype=torch.float32, device=slot.residual.device)
+    return slot.out
+
+
+def _commit_residual(state: GaussKState, slot: _Slot, indices: Tensor, flag: Tensor) -> None:
+    """residual := u with the sent entries zeroed, unless any rank saw a non-finite ``u``."""
+    u = slot.work
+    if u.device.type == "cpu":
+        if bool(torch.isfinite(flag)):  # a host value already: no sync to avoid
+            u.index_fill_(0, indices, 0.0)
+            slot.residual, slot.work = u, slot.residual  # swap instead of copying d entries
+        else:
+            state.telemetry["skipped_buckets"] += 1
+    else:
+        u.index_fill_(0, indices, 0.0)
+        torch.where(torch.isfinite(flag), u, slot.residual, out=slot.residual)  # stays on the device

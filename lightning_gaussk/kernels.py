@@ -1,0 +1,210 @@
+"""Fused Triton kernels for histogram-refined Gaussian-k selection.
+
+Same math as :mod:`lightning_gaussk._histselect` (see its docstring), in
+three passes over ``x`` with no host sync:
+
+1. moments: per-program fp32 partial ``sum(x)`` and ``sum(x^2)`` written to a
+   partials buffer, reduced by torch; ``t0`` from
+   :func:`~lightning_gaussk._histselect.threshold_from_moments`.
+2. histogram: per-program ``tl.histogram`` of ``bin(x)`` over all its tiles,
+   added once with ``tl.atomic_add`` into the global 2048-bin histogram;
+   ``b*`` and ``a`` by :func:`~lightning_gaussk._histselect.boundary` on the
+   device.
+3. compaction: per tile, elements with ``bin > b*`` reserve slots in
+   ``[0, a)`` from atomic counter 0, elements with ``bin == b*`` reserve
+   ``a + slot`` from atomic counter 1 and are written only if
+   ``a + slot < k``.
+
+Triton is imported on first use, so this module imports without it, and
+``TRITON_INTERPRET`` (read when kernels are decorated) may be set any time
+before the first :func:`triton_select` call.
+"""
+
+import functools
+
+import torch
+from torch import Tensor
+
+from lightning_gaussk._histselect import (
+    CENTER,
+    NUM_BINS,
+    SHIFT,
+    _check_k,
+    boundary,
+    threshold_from_moments,
+)
+
+__all__ = ["triton_available", "triton_select"]
+
+BLOCK = 1024  # elements per tile on a GPU
+INTERPRET_BLOCK = 8192  # the interpreter pays per op, not per element: fewer, larger tiles
+_MAX_PROGRAMS = 1024  # tiles are split into at most this many contiguous chunks
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Whether ``triton`` can be imported (kernels still need a GPU or TRITON_INTERPRET=1)."""
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:  # ImportError, or a broken install
+        return False
+    return True
+
+
+@functools.cache
+def _kernels():
+    """Define the kernels on first use; returns ``(moments, hist, compact)``."""
+    global triton, tl, _to_f32, _bin_of  # jit resolves names in module globals
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _to_f32(xv, IS_BF16: tl.constexpr):
+        # bf16 -> fp32 by moving its bits up: exact, also for subnormals (which the
+        # interpreter's bf16 upcast mangles); int16 sign extension is shifted out.
+        if IS_BF16:
+            return (xv.to(tl.int16, bitcast=True).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+        else:
+            return xv.to(tl.float32)
+
+    @triton.jit
+    def _bin_of(v, kt, H: tl.constexpr, CENTER: tl.constexpr, SHIFT: tl.constexpr):
+        # Bit-identical to _histselect.bin_index: v is fp32, kt = key(t0).
+        bits = tl.abs(v).to(tl.int32, bitcast=True)
+        b = tl.minimum(tl.maximum((bits >> SHIFT) - kt + CENTER, 0), H - 1)
+        return tl.where(bits == 0, 0, b)  # integer test: immune to denormal flushing
+
+    @triton.jit
+    def moments_kernel(x_ptr, part_ptr, d, tiles, BLOCK: tl.constexpr, IS_BF16: tl.constexpr):
+        pid = tl.program_id(0)
+        start = pid.to(tl.int64) * tiles * BLOCK  # int64: d may exceed 2^31 / BLOCK tiles
+        offs = tl.arange(0, BLOCK)
+        acc = tl.zeros([BLOCK], tl.float32)
+        acc2 = tl.zeros([BLOCK], tl.float32)
+        for t in range(tiles):
+            o = start + t * BLOCK + offs
+            v = _to_f32(tl.load(x_ptr + o, mask=o < d, other=0.0), IS_BF16)
+            acc += v
+            acc2 += v * v
+        tl.store(part_ptr + pid, tl.sum(acc, 0))
+        tl.store(part_ptr + tl.num_programs(0) + pid, tl.sum(acc2, 0))
+
+    @triton.jit
+    def hist_kernel(x_ptr, t0_ptr, hist_ptr, d, tiles, BLOCK: tl.constexpr, IS_BF16: tl.constexpr,
+                    H: tl.constexpr, CENTER: tl.constexpr, SHIFT: tl.constexpr):
+        pid = tl.program_id(0)
+        kt = tl.load(t0_ptr).to(tl.int32, bitcast=True) >> SHIFT
+        start = pid.to(tl.int64) * tiles * BLOCK
+        offs = tl.arange(0, BLOCK)
+        local = tl.zeros([H], tl.int32)
+        for t in range(tiles):
+            o = start + t * BLOCK + offs
+            m = o < d
+            v = _to_f32(tl.load(x_ptr + o, mask=m, other=0.0), IS_BF16)
+            local += tl.histogram(_bin_of(v, kt, H, CENTER, SHIFT), H, mask=m)
+        tl.atomic_add(hist_ptr + tl.arange(0, H), local, sem="relaxed")  # one flush per program
+
+    @triton.jit
+    def compact_kernel(x_ptr, t0_ptr, bstar_ptr, a_ptr, cnt_ptr, val_ptr, idx_ptr, d, k, tiles,
+                       BLOCK: tl.constexpr, IS_BF16: tl.constexpr, H: tl.constexpr,
+                       CENTER: tl.constexpr, SHIFT: tl.constexpr):
+        pid = tl.program_id(0)
+        kt = tl.load(t0_ptr).to(tl.int32, bitcast=True) >> SHIFT
+        bstar = tl.load(bstar_ptr).to(tl.int32)
+        a = tl.load(a_ptr)  # int64: number of elements above b*
+        start = pid.to(tl.int64) * tiles * BLOCK
+        offs = tl.arange(0, BLOCK)
+        for t in range(tiles):
+            o = start + t * BLOCK + offs
+            m = o < d
+            xv = tl.load(x_ptr + o, mask=m, other=0.0)
+            b = _bin_of(_to_f32(xv, IS_BF16), kt, H, CENTER, SHIFT)
+            above = (m & (b > bstar)).to(tl.int32)
+            band = (m & (b == bstar)).to(tl.int32)
+            # One atomic per tile and counter reserves a contiguous run of slots;
+            # the counters order nothing else, so relaxed is enough.
+            base_a = tl.atomic_add(cnt_ptr, tl.sum(above, 0), sem="relaxed")
+            base_b = tl.atomic_add(cnt_ptr + 1, tl.sum(band, 0), sem="relaxed")
+            pa = base_a + tl.cumsum(above, 0) - 1  # < a by construction of the histogram
+            pb = a + base_b + tl.cumsum(band, 0) - 1
+            keep = (above != 0) | ((band != 0) & (pb < k))  # band slots past k are dropped
+            pos = tl.where(above != 0, pa.to(tl.int64), pb)
+            tl.store(idx_ptr + pos, o, mask=keep)
+            tl.store(val_ptr + pos, xv, mask=keep)
+
+    return moments_kernel, hist_kernel, compact_kernel
+
+
+def _interpreted(kernel) -> bool:
+    """Whether ``kernel`` was decorated under TRITON_INTERPRET=1 (runs on CPU tensors)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(kernel, InterpretedFunction)
+
+
+def _grid(d: int, block: int, max_programs: int) -> tuple[int, int]:
+    """``(programs, tiles_per_program)`` covering ``d`` elements."""
+    n_tiles = -(-d // block)
+    tiles = -(-n_tiles // min(n_tiles, max_programs))
+    return -(-n_tiles // tiles), tiles
+
+
+def triton_select(
+    x: Tensor,
+    k: int,
+    t0: Tensor | None = None,
+    *,
+    hist: Tensor | None = None,
+    counters: Tensor | None = None,
+    block: int | None = None,
+    max_programs: int = _MAX_PROGRAMS,
+) -> tuple[Tensor, Tensor]:
+    r"""Fused-kernel version of :func:`~lightning_gaussk._histselect.hist_select`.
+
+    Selects all ``a`` elements with ``bin > b*`` and ``k - a`` elements with
+    ``bin == b*`` (whichever win the atomic counter). ``t0`` overrides the
+    Gaussian-k estimate. ``hist`` (int32, 2048) and ``counters`` (int32, 2)
+    are optional reusable buffers on ``x``'s device; they are zeroed here.
+    ``block`` (a power of two) is the tile size, by default ``BLOCK`` on a
+    GPU and ``INTERPRET_BLOCK`` on CPU tensors (the interpreter).
+
+    Returns ``(values, indices)``: ``k`` distinct int64 indices into the
+    flattened ``x`` and ``values = x[indices]`` in ``x``'s dtype. Works on
+    CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``.
+    """
+    if not triton_available():
+        raise RuntimeError("triton_select needs triton, which is not installed")
+    moments_kernel, hist_kernel, compact_kernel = _kernels()
+    x = x.reshape(-1).contiguous()
+    d = x.numel()
+    _check_k(d, k)
+    dev = x.device
+    if dev.type == "cpu" and not _interpreted(moments_kernel):
+        raise RuntimeError("triton_select on CPU tensors needs TRITON_INTERPRET=1 set before its first call")
+    if block is None:
+        block = INTERPRET_BLOCK if dev.type == "cpu" else BLOCK
+    programs, tiles = _grid(d, block, max_programs)
+    is_bf16 = x.dtype == torch.bfloat16
+
+    if t0 is None:
+        part = torch.empty(2, programs, dtype=torch.float32, device=dev)
+        moments_kernel[(programs,)](x, part, d, tiles, BLOCK=block, IS_BF16=is_bf16)
+        s, s2 = part.sum(1).unbind(0)  # stays on the device
+        t0 = threshold_from_moments(s, s2, d, k)
+    t0 = t0.reshape(()).to(device=dev, dtype=torch.float32).contiguous()
+
+    if hist is None:
+        hist = torch.empty(NUM_BINS, dtype=torch.int32, device=dev)
+    hist.zero_()
+    consts = dict(BLOCK=block, IS_BF16=is_bf16, H=NUM_BINS, CENTER=CENTER, SHIFT=SHIFT)
+    hist_kernel[(programs,)](x, t0, hist, d, tiles, **consts)
+    bstar, a = boundary(hist, k)
+
+    if counters is None:
+        counters = torch.empty(2, dtype=torch.int32, device=dev)
+    counters.zero_()
+    values = torch.empty(k, dtype=x.dtype, device=dev)
+    indices = torch.empty(k, dtype=torch.int64, device=dev)
+    compact_kernel[(programs,)](x, t0, bstar, a, counters, values, indices, d, k, tiles, **consts)
+    return values, indices

@@ -1,0 +1,226 @@
+"""``GaussKDDPStrategy``: Lightning's DDP with the TopK-SGD comm hook. Wiring only.
+
+- validates its arguments at construction (before any process starts);
+- builds :class:`GaussKState` inside the worker (spawn pickles the strategy) and registers
+  :func:`gaussk_hook` on every device type (Lightning itself registers hooks only on CUDA);
+- tells the hook the optimizer step (``trainer.global_step``), so warm-up and seeds follow
+  optimizer steps, not hook calls or micro-batches;
+- saves every rank's hook state inside the Lightning checkpoint and restores it on resume.
+"""
+
+import warnings
+from datetime import timedelta
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies.strategy import _StrategyRegistry
+
+from lightning_gaussk.hook import GaussKState, gaussk_hook, validate_config
+
+__all__ = ["CHECKPOINT_KEY", "GaussKDDPStrategy"]
+
+CHECKPOINT_KEY = "gaussk"
+_REJECTED = ("ddp_comm_hook", "ddp_comm_state", "ddp_comm_wrapper", "model_averaging_period")
+
+
+class GaussKDDPStrategy(DDPStrategy):
+    """DDP whose gradients are sparsified by TopK-SGD (error feedback, Gaussian-k selection).
+
+    Args:
+        density: fraction of each gradient bucket sent per step, in (0, 1] (``k = ceil(density * d)``).
+        selector: selection method: "gaussk" (paper's Gaussian threshold, refined to exactly k),
+            "topk" (exact), "dgc", "randk", or a name registered with ``register_selector``.
+        error_feedback: carry what was not sent over to the next step (TopK-SGD); False drops it.
+        warmup_steps: optimizer steps of density warm-up (geometric decay from ``warmup_density``).
+        warmup_density: density at step 0 when ``warmup_steps > 0``.
+        seed: seed of randomised selectors (combined with the step and bucket index).
+        find_unused_parameters: passed to ``DistributedDataParallel``.
+        static_graph: passed to ``DistributedDataParallel``.
+        gradient_as_bucket_view: passed to ``DistributedDataParallel``.
+        bucket_cap_mb: DDP bucket size in MiB (each bucket is sparsified on its own); None = DDP's default.
+        accelerator, parallel_devices, cluster_environment, checkpoint_io, precision_plugin,
+        process_group_backend, timeout, start_method: as for ``DDPStrategy``.
+        **kwargs: further ``DistributedDataParallel`` arguments.
+
+    Raises:
+        ValueError / TypeError: for an invalid argument, or one that would register a second
+            comm hook (``ddp_comm_hook``, ``ddp_comm_state``, ``ddp_comm_wrapper``,
+            ``model_averaging_period``).
+    """
+
+    strategy_name = "gaussk_ddp"
+
+    def __init__(
+        self,
+        density: float = 0.001,
+        selector: str = "gaussk",
+        error_feedback: bool = True,
+        warmup_steps: int = 0,
+        warmup_density: float | None = None,
+        seed: int = 0,
+        find_unused_parameters: bool = False,
+        static_graph: bool = False,
+        gradient_as_bucket_view: bool = False,
+        bucket_cap_mb: float | None = None,
+        accelerator: Any = None,
+        parallel_devices: list[torch.device] | None = None,
+        cluster_environment: ClusterEnvironment | None = None,
+        checkpoint_io: CheckpointIO | None = None,
+        precision_plugin: Precision | None = None,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+        **kwargs: Any,
+    ) -> None:
+        for name in _REJECTED:
+            if kwargs.get(name) is not None:
+                raise ValueError(
+                    f"GaussKDDPStrategy registers its own comm hook; `{name}` would add a second one. "
+                    "Use DDPStrategy for other hooks."
+                )
+            kwargs.pop(name, None)
+        validate_config(density, selector, error_feedback, warmup_steps, warmup_density, seed)
+        if bucket_cap_mb is not None:
+            if isinstance(bucket_cap_mb, bool) or not isinstance(bucket_cap_mb, (int, float)) or not bucket_cap_mb > 0:
+                raise ValueError(f"`bucket_cap_mb` must be a number > 0 or None, got {bucket_cap_mb!r}")
+            kwargs["bucket_cap_mb"] = bucket_cap_mb
+        super().__init__(
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+            start_method=start_method,
+            find_unused_parameters=find_unused_parameters,
+            static_graph=static_graph,
+            gradient_as_bucket_view=gradient_as_bucket_view,
+            **kwargs,
+        )
+        self._gaussk_config: dict[str, Any] = {
+            "density": density,
+            "selector": selector,
+            "error_feedback": error_feedback,
+            "warmup_steps": warmup_steps,
+            "warmup_density": warmup_density,
+            "seed": seed,
+        }
+        self._gaussk_state: GaussKState | None = None
+        self._gaussk_loaded: dict[str, Any] | None = None  # from a checkpoint, before the state exists
+
+    @property
+    def gaussk_state(self) -> GaussKState | None:
+        """This rank's hook state (None before ``fit`` has set up DDP)."""
+        return self._gaussk_state
+
+    def configure_ddp(self) -> None:
+        super().configure_ddp()  # wraps the model; registers no hook (we pass none)
+        state = GaussKState(**self._gaussk_config).bind(self.lightning_module)
+        self.model.register_comm_hook(state, gaussk_hook)  # on every device type, CPU included
+        self._gaussk_state = state
+        if self._gaussk_loaded is not None:
+            self._restore(self._gaussk_loaded)
+            self._gaussk_loaded = None
+
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        if self._gaussk_state is not None:
+            # runs before this micro-batch's backward: the hook sees the optimizer step it serves
+            self._gaussk_state.set_step(self.lightning_module.trainer.global_step)
+        return super().training_step(*args, **kwargs)
+
+    # ---------------------------------------------------------------- checkpoints
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:
+        """Gather every rank's hook state into ``checkpoint["gaussk"]`` (a collective: Lightning
+        calls this on every rank), then let rank 0 write as usual."""
+        local = self._gaussk_state.state_dict() if self._gaussk_state is not None else None
+        if local is not None or self._gaussk_loaded is None:
+            world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+            per_rank: list[Any] = [None] * world
+            if world > 1:
+                dist.all_gather_object(per_rank, local)
+            else:
+                per_rank = [local]
+            if all(sd is not None for sd in per_rank):
+                checkpoint[CHECKPOINT_KEY] = {"world_size": world, "per_rank": per_rank}
+        else:  # not fitting: carry the loaded state through unchanged
+            checkpoint[CHECKPOINT_KEY] = self._gaussk_loaded
+        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+
+    def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        saved = checkpoint.get(CHECKPOINT_KEY)
+        if saved is None:
+            warnings.warn(
+                f"Checkpoint {checkpoint_path} has no `{CHECKPOINT_KEY}` hook state (not saved by GaussKDDPStrategy?): "
+                "residuals start from zero.",
+                stacklevel=2,
+            )
+            return checkpoint
+        _check_saved(saved, checkpoint_path)
+        if self._gaussk_state is not None:
+            self._restore(saved)
+        else:
+            self._gaussk_loaded = saved  # applied when configure_ddp builds the state
+        return checkpoint
+
+    def _restore(self, saved: dict[str, Any]) -> None:
+        """Give this rank its own saved state; on a different world size apply the documented
+        policy: every rank gets the mean of the saved residuals (which preserves the pending
+        averaged update ``sum_r residual_r / W``), with a warning."""
+        assert self._gaussk_state is not None
+        per_rank = saved["per_rank"]
+        if saved["world_size"] == self.world_size:
+            self._gaussk_state.load_state_dict(per_rank[self.global_rank])
+            return
+        warnings.warn(
+            f"Resuming GaussK state saved with world size {saved['world_size']} on world size {self.world_size}: "
+            "each rank starts from the mean of the saved residuals (this preserves the pending averaged update).",
+            stacklevel=2,
+        )
+        merged = dict(per_rank[0])
+        names = set().union(*(sd["residuals"] for sd in per_rank))
+        merged["residuals"] = {
+            n: torch.stack([sd["residuals"][n] for sd in per_rank if n in sd["residuals"]]).sum(0) / len(per_rank)
+            for n in names
+        }
+        self._gaussk_state.load_state_dict(merged)
+
+    @classmethod
+    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
+        entries = (
+            ("gaussk_ddp", "gaussk", "popen"),
+            ("gaussk_ddp_spawn", "gaussk", "spawn"),
+            ("topk_ddp", "topk", "popen"),
+            ("topk_ddp_spawn", "topk", "spawn"),
+        )
+        for name, selector, start_method in entries:
+            strategy_registry.register(
+                name,
+                cls,
+                description=f"TopK-SGD DDP (selector '{selector}', start_method '{start_method}')",
+                override=True,  # idempotent: importing twice (or reloading) must not fail
+                selector=selector,
+                start_method=start_method,
+            )
+
+
+def _check_saved(saved: Any, path: _PATH) -> None:
+    ok = (
+        isinstance(saved, dict)
+        and isinstance(saved.get("world_size"), int)
+        and isinstance(saved.get("per_rank"), list)
+        and len(saved["per_rank"]) == saved["world_size"]
+        and all(isinstance(sd, dict) and "residuals" in sd for sd in saved["per_rank"])
+    )
+    if not ok:
+        raise ValueError(
+            f"Checkpoint {path}: `{CHECKPOINT_KEY}` hook state is malformed (expected world_size and one "
+            "state dict per rank); refusing to resume with silently reset residuals."
+        )
