@@ -32,6 +32,8 @@ from lightning_gaussk.select import available_selectors, get_selector, select
 __all__ = ["GaussKState", "gaussk_hook", "validate_config"]
 
 STATE_FORMAT = "lightning_gaussk.state/1"
+# torch >= 2.6 renamed all_gather_into_tensor; the old name warns on every call
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def validate_config(
@@ -286,7 +288,7 @@ def gaussk_hook(state: GaussKState, bucket: dist.GradBucket) -> torch.futures.Fu
         if not state._external_step:
             state.step += 1
 
-    fut = dist.all_gather_into_tensor(gathered, msg, group=group, async_op=True).get_future()
+    fut = _all_gather(gathered, msg, group=group, async_op=True).get_future()
 
     def decode(fut: torch.futures.Future[Any]) -> Tensor:
         rows = gathered.view(world, 2 * k + 1)
