@@ -196,15 +196,17 @@ def test_entries_in_the_tail_are_candidates(method):
     check_exact(x, 300, values)
 
 
+@pytest.mark.parametrize("k", (300, 3_000))
 @pytest.mark.parametrize("method", EXACT)
-def test_nan_entries_rank_first_like_torch_topk(method):
+def test_nan_entries_rank_first_like_torch_topk(method, k):
     x = make("normal", 300_007).clone()
     nan_at = torch.tensor([5, 70_000, 299_999, 300_006])
     x[nan_at] = float("nan")
-    values, indices = select(x, 300, method)
-    assert indices.shape == (300,) and indices.unique().numel() == 300
+    x[77] = -float("nan")
+    values, indices = select(x, k, method)
+    assert indices.shape == (k,) and indices.unique().numel() == k
     torch.testing.assert_close(values, x[indices], rtol=0, atol=0, equal_nan=True)
-    assert set(nan_at.tolist()) <= set(indices.tolist())
+    assert set(nan_at.tolist()) | {77} <= set(indices.tolist())
 
 
 def test_gaussk_and_dgc_agree_with_topk_on_a_real_gradient_shape():

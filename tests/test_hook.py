@@ -1,0 +1,213 @@
+"""gaussk_hook with raw torch DDP on 2 gloo processes: what is sent, what is kept, what arrives."""
+
+import copy
+import io
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from _dist import run_distributed
+from lightning_gaussk import GaussKState, gaussk_hook
+
+
+class Net(nn.Module):
+    def __init__(self, unused: bool = False, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.a = nn.Linear(12, 40)
+        self.b = nn.Linear(40, 30)
+        self.c = nn.Linear(30, 3)
+        self.unused = nn.Linear(5, 5) if unused else None  # gets no gradient
+        self.to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+def batch(step: int, rank: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.randn(16, 12, generator=torch.Generator().manual_seed(100 * step + rank)).to(dtype)
+
+
+def _gather(obj):
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+def _dense_equivalence(rank: int, world: int) -> None:
+    torch.manual_seed(0)
+    base = Net()
+    plain = DDP(copy.deepcopy(base))
+    sparse = DDP(copy.deepcopy(base), bucket_cap_mb=0.002)  # several buckets
+    sparse.register_comm_hook(GaussKState(density=1.0).bind(sparse), gaussk_hook)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (plain, sparse)]
+    for step in range(6):
+        for m, opt in zip((plain, sparse), opts):
+            opt.zero_grad()
+            m(batch(step, rank)).pow(2).mean().backward()
+            opt.step()
+    for p, q in zip(plain.parameters(), sparse.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+
+
+def test_density_one_matches_plain_ddp_allreduce():
+    run_distributed(_dense_equivalence)
+
+
+# --------------------------------------------------------------------------------------------
+def _conservation_cases(rank: int, world: int, cases: list[tuple[dict, float, str, str]]) -> None:
+    for case in cases:  # one process pair for several cases: spawning costs more than the checks
+        _conservation(rank, world, *case)
+
+
+def _conservation(rank: int, world: int, ddp_kwargs: dict, density: float, dtype_name: str, selector: str) -> None:
+    dtype = getattr(torch, dtype_name)
+    torch.manual_seed(0)
+    model = Net(unused=ddp_kwargs.get("find_unused_parameters", False), dtype=dtype)
+    ddp = DDP(model, **ddp_kwargs)
+    state = GaussKState(density=density, selector=selector).bind(ddp)
+    ddp.register_comm_hook(state, gaussk_hook)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
+    names = {p: n for n, p in model.named_parameters()}
+    old = {n: torch.zeros(p.numel()) for n, p in model.named_parameters()}  # residuals before the step
+    for step in range(5):
+        ref = copy.deepcopy(model)  # same parameters, no DDP: its gradient is this rank's local gradient
+        ref(batch(step, rank, dtype)).pow(2).mean().backward()
+        local = {n: (p.grad.float().reshape(-1) if p.grad is not None else torch.zeros(p.numel())) for n, p in ref.named_parameters()}
+
+        opt.zero_grad()
+        state.capture_next_step()
+        ddp(batch(step, rank, dtype)).pow(2).mean().backward()
+        new = {n: r.clone() for n, r in state.residuals().items()}
+        assert state.step == step + 1  # counted per synchronising backward, not per bucket
+
+        all_caps = _gather({i: (c["u"], c["indices"], [names[p] for p in c["parameters"]]) for i, c in state.captured.items()})
+        for index, cap in state.captured.items():
+            u, idx, k = cap["u"], cap["indices"], cap["k"]
+            params = [names[p] for p in cap["parameters"]]
+            d = u.numel()
+            assert k == math.ceil(density * d) and idx.numel() == k
+            assert idx.unique().numel() == k and int(idx.min()) >= 0 and int(idx.max()) < d
+            # u = gradient + old residual, bit for bit, parameter by parameter
+            expect_u = torch.cat([local[n] + old[n] for n in params])
+            assert torch.equal(u, expect_u)
+            # new residual = u with the sent entries zeroed: sent + residual == u exactly
+            sent = torch.zeros(d).index_put_((idx,), u[idx])
+            assert torch.equal(sent + torch.cat([new[n] for n in params]), u)
+            assert torch.equal(torch.cat([new[n] for n in params])[idx], torch.zeros(k))
+            # what arrives: the mean over ranks of every rank's sent entries (duplicates add up)
+            agg = torch.zeros(d)
+            for caps in all_caps:
+                u_r, idx_r, params_r = caps[index]
+                assert params_r == params
+                agg.index_add_(0, idx_r.to(torch.int32), u_r[idx_r], alpha=1.0 / world)
+            grad = torch.cat([p.grad.reshape(-1).float() if p.grad is not None else torch.zeros(p.numel()) for p in cap["parameters"]])
+            assert torch.equal(grad, agg.to(dtype).float())
+            assert int((grad != 0).sum()) <= world * k
+        # every rank holds the same gradient
+        grads = torch.cat([p.grad.reshape(-1).float() for p in model.parameters() if p.grad is not None])
+        for g in _gather(grads):
+            assert torch.equal(g, grads)
+        opt.step()
+        old = new
+
+
+DDP_MODES = [
+    {},
+    {"bucket_cap_mb": 0.002},  # many buckets, rebuilt after the first iteration
+    {"static_graph": True, "bucket_cap_mb": 0.002},
+    {"find_unused_parameters": True},  # a parameter without gradient
+    {"gradient_as_bucket_view": True, "bucket_cap_mb": 0.002},
+]
+
+
+def test_sparse_sync_conserves_mass_and_agrees_across_ranks_in_every_ddp_mode():
+    run_distributed(_conservation_cases, [(kw, 0.05, "float32", "gaussk") for kw in DDP_MODES])
+
+
+def test_every_selector_conserves_mass():
+    run_distributed(_conservation_cases, [({"bucket_cap_mb": 0.002}, 0.1, "float32", s) for s in ("topk", "dgc", "randk")])
+
+
+def test_bf16_buckets_keep_fp32_residuals():
+    run_distributed(_conservation_cases, [({}, 0.05, "bfloat16", "gaussk")])
+
+
+# --------------------------------------------------------------------------------------------
+def _nonfinite(rank: int, world: int) -> None:
+    torch.manual_seed(0)
+    model = Net()
+    ddp = DDP(model)
+    state = GaussKState(density=0.05).bind(ddp)
+    ddp.register_comm_hook(state, gaussk_hook)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
+    for step in range(6):
+        before = {n: r.clone() for n, r in state.residuals().items()}
+        opt.zero_grad()
+        x = batch(step, rank)
+        if step == 3 and rank == 1:
+            x[0, 0] = float("nan")  # one rank, one step
+        ddp(x).pow(2).mean().backward()
+        finite = all(bool(torch.isfinite(p.grad).all()) for p in model.parameters())
+        if step == 3:
+            assert not finite  # every rank sees the bad step, as with plain DDP
+            after = state.residuals()
+            assert all(torch.equal(after[n], before[n]) for n in before)  # residuals untouched
+            continue  # a GradScaler would skip this step
+        assert finite
+        assert all(bool(torch.isfinite(r).all()) for r in state.residuals().values())
+        opt.step()
+    assert state.telemetry["skipped_buckets"] == 1
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def test_nonfinite_gradient_on_one_rank_is_seen_everywhere_and_spares_residuals():
+    run_distributed(_nonfinite)
+
+
+# --------------------------------------------------------------------------------------------
+def _state_roundtrip(rank: int, world: int) -> None:
+    torch.manual_seed(0)
+    model = Net()
+    ddp = DDP(model, bucket_cap_mb=0.002)
+    state = GaussKState(density=0.05).bind(ddp)
+    ddp.register_comm_hook(state, gaussk_hook)
+    for step in range(3):
+        ddp(batch(step, rank)).pow(2).mean().backward()
+    buf = io.BytesIO()
+    torch.save(state.state_dict(), buf)
+    buf.seek(0)
+    sd = torch.load(buf, weights_only=True)  # tensors and plain values only
+    assert sd["step"] == 3 and set(sd["residuals"]) == {n for n, _ in model.named_parameters()}
+    # a fresh state on another layout (one bucket) gets the same residuals back, by name
+    model2 = copy.deepcopy(model)
+    ddp2 = DDP(model2)
+    state2 = GaussKState(density=0.05).bind(ddp2)
+    state2.load_state_dict(sd)
+    ddp2.register_comm_hook(state2, gaussk_hook)
+    state2.capture_next_step()
+    ddp2(batch(9, rank)).pow(2).mean().backward()
+    assert state2.step == 4
+    cap = state2.captured[0]
+    assert torch.equal(state2.state_dict()["residuals"]["a.weight"].numel() * torch.ones(1), torch.tensor([480.0]))
+    # u = g + the residual loaded by name
+    ref = copy.deepcopy(model)
+    ref(batch(9, rank)).pow(2).mean().backward()
+    names = {p: n for n, p in model2.named_parameters()}
+    rp = dict(ref.named_parameters())
+    expect = torch.cat([rp[names[p]].grad.reshape(-1) + sd["residuals"][names[p]] for p in cap["parameters"]])
+    assert torch.equal(cap["u"], expect)
+
+
+def test_state_dict_loads_weights_only_and_maps_residuals_by_name_across_layouts():
+    run_distributed(_state_roundtrip)
+
+
+def test_load_state_dict_rejects_foreign_dicts():
+    state = GaussKState()
+    with pytest.raises(ValueError, match="state_dict"):
+        state.load_state_dict({"residuals": {}})
