@@ -78,9 +78,9 @@ def synthetic(family: str, d: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     if family == "normal":
         return torch.randn(d, generator=g)
-    if family == "laplace":  # inverse CDF
-        u = torch.rand(d, generator=g) - 0.5
-        return -torch.sign(u) * torch.log1p(-2 * u.abs())
+    if family == "laplace":  # inverse CDF, in float64 so that no u hits -0.5 exactly (an infinite entry)
+        u = torch.rand(d, generator=g, dtype=torch.float64) - 0.5
+        return (-torch.sign(u) * torch.log1p(-2 * u.abs())).float()
     if family == "student_t3":  # z / sqrt(chi2_3 / 3)
         z = torch.randn(d, generator=g)
         chi2 = torch.randn(d, generator=g).square_()

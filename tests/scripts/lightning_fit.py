@@ -13,10 +13,11 @@ import lightning_gaussk
 class Regression(L.LightningModule):
     """An MLP on a fixed synthetic regression task; records what the optimizer sees."""
 
-    def __init__(self, lr: float = 0.05) -> None:
+    def __init__(self, lr: float = 0.05, momentum: float = 0.9) -> None:
         super().__init__()
         self.net = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.Tanh(), torch.nn.Linear(64, 1))
         self.lr = lr
+        self.momentum = momentum
         self.losses: list[float] = []
         self.batch_sums: list[float] = []
         self.grad_nnz: list[int] = []
@@ -38,7 +39,7 @@ class Regression(L.LightningModule):
         self.hook_calls.append(state.telemetry["hook_calls"] if state is not None else -1)
 
     def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
 
     def on_train_end(self):
         state = getattr(self.trainer.strategy, "gaussk_state", None)
@@ -81,6 +82,8 @@ def main() -> None:
     p.add_argument("--precision", default="32-true")
     p.add_argument("--save-ckpt", default=None)
     p.add_argument("--resume", default=None)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--out", required=True)
     a = p.parse_args()
     os.environ["FIT_OUT"] = a.out
@@ -102,7 +105,7 @@ def main() -> None:
         enable_model_summary=False,
         use_distributed_sampler=True,
     )
-    model = Regression()
+    model = Regression(lr=a.lr, momentum=a.momentum)
     trainer.fit(model, data(), ckpt_path=a.resume)
     if a.save_ckpt:
         trainer.save_checkpoint(a.save_ckpt)
