@@ -144,9 +144,12 @@ def real_gradients(d: int, density: float, seed: int = 0) -> tuple[torch.Tensor,
             pieces.append(u)
         step += 1
     how = (
-        f"u = g + r of TopK-SGD with error feedback (density {density:g}) training a 64-1024-1024-256-10 MLP "
-        f"({n:,} parameters) on sklearn's load_digits, batch 128, lr 0.1; the u of {need} consecutive steps "
-        f"after {warmup} warm-up steps concatenated and cut to d"
+        "the vectors u = g + r that TopK-SGD with error feedback sparsifies (top-k at the benchmark's "
+        "density; residual r = u - topk(u); SGD, lr 0.1, batch 128), recorded in this process while training a "
+        f"64-1024-1024-256-10 ReLU MLP ({n:,} parameters) on scikit-learn's load_digits, after {warmup} warm-up "
+        f"steps. The u of consecutive steps (one model's worth each: {need} steps for d = {d:,}) are concatenated "
+        "and cut to d: no entry is duplicated, but beyond 1.4M entries the input is a stack of steps of one small "
+        "model, not one large model"
     )
     return torch.cat(pieces)[:d].contiguous(), how
 
@@ -264,9 +267,10 @@ def write_markdown(path: str, command: str, note: str, real_how: list[str], rows
             "",
             f"Command: `{command}` (one run; all figures below come from it).",
             "",
-            f"Machine: {note}. Times are medians over repeats with the methods interleaved; the",
-            "machine is shared and noisy, so compare the ratios (`topk/m`, `m/dot`), which are taken",
-            "within the same run, rather than absolute milliseconds.",
+            f"Machine: {note}; at the end {os.getloadavg()[0]:.2f}.",
+            "Times are medians over repeats with the methods interleaved; the machine is shared and",
+            "noisy, so compare the ratios (`topk/m`, `m/dot`), which are taken within the same run,",
+            "rather than absolute milliseconds.",
             "",
             "GPU figures are not measured here: no GPU is available on this machine. On accelerators",
             '"gaussk" runs the sync-free histogram refinement (`_histselect` / `kernels`), which this',
@@ -277,7 +281,7 @@ def write_markdown(path: str, command: str, note: str, real_how: list[str], rows
             "`overlap` = fraction of the exact top-k's indices selected; `count/k` = entries selected / k",
             '(only "gaussk_paper", the reference code\'s unrefined estimate, returns a variable count).',
             "",
-            "Real gradients (`real_grad`): " + "; ".join(sorted(set(real_how))) + ".",
+            "Real gradients (`real_grad`): " + real_how[-1] + "." if real_how else "",
             "",
             "### gaussk",
             "",
@@ -381,7 +385,7 @@ def main() -> None:
                 del x
     print()
     print(text_table(rows))
-    result = {"command": command, "machine": note, "threads": args.threads, "real_grad": sorted(set(real_how)), "rows": rows}
+    result = {"command": command, "machine": note, "threads": args.threads, "real_grad": real_how, "rows": rows}
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

@@ -204,8 +204,8 @@ _KEY = {
 _BLOCK = 64
 _CHUNK_BLOCKS = 2048  # 2048 x 64 x 4 B = 512 KiB per chunk: stays in L2 between abs and max
 _LANE_LOAD = 1 / 8  # largest rho * s: at most ~1/8 of the lanes then hold a top-k entry
-_MIN_D = 1 << 16  # below this torch.topk is fast already: no point in the lane machinery
-_AIM = 1.15  # estimates aim at 1.15 k entries: about 1.1 k lanes, so one count almost always brackets k
+_MIN_D = 1 << 17  # below this torch.topk is as fast as the lane machinery (measured)
+_AIM = 1.25  # threshold estimates aim at 1.25 k entries: one count almost always brackets k
 _MAX_OVER = 2  # a guess that selects more than 2 k lanes is re-aimed (cheaper than ranking them)
 _SUBSAMPLE = 1 << 15  # lane maxima looked at when re-aiming a guess
 
@@ -446,7 +446,9 @@ def gaussk_selector(x: Tensor, k: int, *, seed: int = 0, step: int = 0) -> tuple
     """Gaussian-k: the paper's normal-quantile threshold, refined to exactly ``k``."""
     d = x.numel()
     if x.device.type == "cpu":
-        # aim the first guess a little above k so that one count usually brackets k
+        if _lane_size(d, k) is None or x.dtype not in _KEY:  # ranked exactly: no estimate needed
+            return _exact_topk(x, k)
+        # aim the first guess at 1.25 k so that one count usually brackets k
         return _refine(x, k, _gaussk_estimate(x, k, min(1.0, _AIM * k / d)))
     from lightning_gaussk._histselect import gaussian_threshold as device_threshold
 
@@ -458,6 +460,8 @@ def dgc_selector(x: Tensor, k: int, *, seed: int = 0, step: int = 0) -> tuple[Te
     """Deep Gradient Compression's sampled threshold, refined to exactly ``k``."""
     d = x.numel()
     if x.device.type == "cpu":
+        if _lane_size(d, k) is None or x.dtype not in _KEY:  # ranked exactly: no estimate needed
+            return _exact_topk(x, k)
         return _refine(x, k, _dgc_estimate(x, k, min(1.0, _AIM * k / d), seed, step))
     s = min(d, max(1024, d // 100))
     g = torch.Generator(device=x.device).manual_seed(_mix(seed, step))

@@ -5,12 +5,15 @@ indices, ``values == x[indices]`` in x's dtype), the exactness of the CPU refine
 
 import functools
 import math
+import sys
 
 import pytest
 import torch
 
 from lightning_gaussk import available_selectors, get_selector, register_selector, select
 from lightning_gaussk.select import _SELECTORS, _lane_size
+
+SELECT_MODULE = sys.modules["lightning_gaussk.select"]  # the package's `select` attribute is the function
 
 BUILTIN = ("topk", "gaussk", "dgc", "randk")
 EXACT = ("topk", "gaussk", "dgc")  # exact top-k on CPU tensors (up to ties)
@@ -122,6 +125,21 @@ def test_refinement_is_exact_for_every_lane_size(method, family, k):
     x = make(family, 300_007, seed=1)
     values, indices = select(x, k, method)
     check_contract(x, k, values, indices)
+    check_exact(x, k, values)
+
+
+@pytest.mark.parametrize("k", (300, 3_000))
+def test_gaussian_estimate_brackets_k_in_one_count_on_normal_data(monkeypatch, k):
+    """On normal data the paper's estimate is good enough that no second guess is needed; on
+    heavy tails it is re-aimed once and the result is exact all the same."""
+    calls = []
+    real = SELECT_MODULE._aim_lanes
+    monkeypatch.setattr(SELECT_MODULE, "_aim_lanes", lambda *a: calls.append(a) or real(*a))
+    select(make("normal", 300_007, seed=2), k, "gaussk")
+    assert calls == []
+    x = make("student_t3", 300_007, seed=2)
+    values, _ = select(x, k, "gaussk")
+    assert len(calls) == 1
     check_exact(x, k, values)
 
 
