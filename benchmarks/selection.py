@@ -3,7 +3,8 @@
 For every d, density and input family it times each method (median over repeats, the methods
 interleaved so that drift on a shared machine hits them alike) and reports
 
-* ``ms``         median wall time of one call,
+* ``ms``         median time of one call (CPU time of the calling thread with one torch
+                 thread, so that other processes on a shared machine do not count; ``--timer``),
 * ``topk/m``     torch.topk's time over the method's (how many times faster than exact top-k),
 * ``m/dot``      the method's time over one read pass ``torch.dot(x, x)`` (the floor for any
                  selector that has to look at every entry),
@@ -155,8 +156,8 @@ def real_gradients(d: int, density: float, seed: int = 0) -> tuple[torch.Tensor,
 
 
 # ------------------------------------------------------------------------------ timing
-def median_times(x: torch.Tensor, k: int, repeats: int, topk_repeats: int) -> dict[str, float]:
-    """Median wall time of each method and of ``torch.dot(x, x)``, methods interleaved.
+def median_times(x: torch.Tensor, k: int, repeats: int, topk_repeats: int, clock) -> dict[str, float]:
+    """Median time (``clock``) of each method and of ``torch.dot(x, x)``, methods interleaved.
 
     Every timed call is preceded by an untimed read of ``x``, so that each starts from the same
     cache state, as in the comm hook where ``u = g + r`` has just been written.
@@ -170,12 +171,12 @@ def median_times(x: torch.Tensor, k: int, repeats: int, topk_repeats: int) -> di
             if m == "topk" and rep >= topk_repeats:
                 continue
             x.sum()
-            t0 = time.perf_counter()
+            t0 = clock()
             if m == "dot":
                 torch.dot(x, x)
             else:
                 run_method(m, x, k, rep)
-            times[m].append(time.perf_counter() - t0)
+            times[m].append(clock() - t0)
     return {m: statistics.median(v) for m, v in times.items()}
 
 
@@ -259,18 +260,49 @@ def machine_note(threads: int) -> str:
     )
 
 
-def write_markdown(path: str, command: str, note: str, real_how: list[str], rows: list[dict]) -> None:
+def summary(rows: list[dict]) -> list[str]:
+    """One line per (d, density): the range over inputs of gaussk's ratios, and what the reference
+    code's unrefined estimate selects."""
+    lines = []
+    for d, density in sorted({(r["d"], r["density"]) for r in rows}, key=lambda t: (t[0], -t[1])):
+        g = [r for r in rows if r["d"] == d and r["density"] == density and r["method"] == "gaussk"]
+        p = [r for r in rows if r["d"] == d and r["density"] == density and r["method"] == "gaussk_paper"]
+        if not g:
+            continue
+
+        def span(rs: list[dict], key: str, f: str) -> str:
+            lo, hi = f"{min(r[key] for r in rs):{f}}", f"{max(r[key] for r in rs):{f}}"
+            return lo if lo == hi else f"{lo}-{hi}"
+
+        line = (
+            f"- d = {d / 1e6:g}M, density {density:g}: gaussk is {span(g, 'topk_over_method', '.1f')}x faster than "
+            f"torch.topk and costs {span(g, 'method_over_dot', '.1f')} read passes, capture "
+            f"{span(g, 'capture', '.4f')} (exact top-k)"
+        )
+        if p:
+            line += (
+                f"; the unrefined paper estimate selects {span(p, 'count_over_k', '.2f')} k entries "
+                f"(overlap with the top-k {span(p, 'overlap', '.2f')})"
+            )
+        lines.append(line + ".")
+    return lines
+
+
+def write_markdown(path: str, result: dict) -> None:
+    rows = result["rows"]
     section = "\n".join(
         [
             BEGIN,
             "## Selection",
             "",
-            f"Command: `{command}` (one run; all figures below come from it).",
+            f"Command: `{result['command'].strip()}` (one run; all figures below come from it).",
             "",
-            f"Machine: {note}; at the end {os.getloadavg()[0]:.2f}.",
-            "Times are medians over repeats with the methods interleaved; the machine is shared and",
-            "noisy, so compare the ratios (`topk/m`, `m/dot`), which are taken within the same run,",
-            "rather than absolute milliseconds.",
+            f"Machine: {result['machine']}; load average at the end {result['load_end']:.2f}.",
+            "Times are medians over repeats with the methods interleaved. With one torch thread every",
+            "op runs on the calling thread, so its CPU time is the selector's cost (equal to the wall time",
+            "on an idle machine) and does not count time taken by other processes on this shared 2-core",
+            "machine; memory-bandwidth and cache contention still add noise, so compare the ratios",
+            "(`topk/m`, `m/dot`), which are taken within the same run, rather than absolute milliseconds.",
             "",
             "GPU figures are not measured here: no GPU is available on this machine. On accelerators",
             '"gaussk" runs the sync-free histogram refinement (`_histselect` / `kernels`), which this',
@@ -279,9 +311,18 @@ def write_markdown(path: str, command: str, note: str, real_how: list[str], rows
             "Columns: `topk/m` = torch.topk(|x|, k) time / method time; `m/dot` = method time / one",
             "read pass `torch.dot(x, x)`; `capture` = squared norm selected / that of the exact top-k;",
             "`overlap` = fraction of the exact top-k's indices selected; `count/k` = entries selected / k",
-            '(only "gaussk_paper", the reference code\'s unrefined estimate, returns a variable count).',
+            '(only "gaussk_paper", the reference code\'s unrefined estimate, returns a variable count, so',
+            "its capture can exceed 1: it sends more than k entries).",
             "",
-            "Real gradients (`real_grad`): " + real_how[-1] + "." if real_how else "",
+            ("Real gradients (`real_grad`): " + result["real_grad"][-1] + ".") if result["real_grad"] else "",
+            "",
+            "### Summary",
+            "",
+            *summary(rows),
+            "",
+            "At d = 1M the input (4 MB) stays in cache, so a read pass is several times cheaper per entry",
+            "than at 10M (40 MB, read from memory) and `m/dot` there mostly measures the selector's fixed",
+            "per-call cost (a few dozen torch ops).",
             "",
             "### gaussk",
             "",
@@ -317,7 +358,15 @@ def main() -> None:
     p.add_argument("--densities", type=str, default="0.01,0.001")
     p.add_argument("--families", type=str, default=",".join(FAMILIES))
     p.add_argument("--repeats", type=int, default=None, help="timed calls per method (default 7, quick 3)")
+    p.add_argument(
+        "--timer",
+        choices=("auto", "cpu", "wall"),
+        default="auto",
+        help="cpu: CPU time of this thread (with one torch thread all work runs on it; other processes "
+        "on a shared machine then do not count); wall: wall clock. auto: cpu with --threads 1, else wall",
+    )
     p.add_argument("--json", type=str, default=None, help="write the results as JSON here")
+    p.add_argument("--render", type=str, default=None, help="measure nothing: write the markdown of a saved --json run")
     p.add_argument(
         "--markdown",
         type=str,
@@ -326,8 +375,17 @@ def main() -> None:
         "nothing for --quick; 'none' to skip)",
     )
     args = p.parse_args()
+    if args.render:
+        with open(args.render) as f:
+            saved = json.load(f)
+        target = DOCS if args.markdown in (None, "none") else args.markdown
+        write_markdown(target, saved)
+        print(f"wrote the Selection section of {target} from {args.render}")
+        return
 
     torch.set_num_threads(args.threads)
+    timer = args.timer if args.timer != "auto" else ("cpu" if args.threads == 1 else "wall")
+    clock = time.thread_time if timer == "cpu" else time.perf_counter
     sizes = [int(float(s)) for s in (args.sizes or ("2.5e5,1e6" if args.quick else "1e6,1e7,2.5e7")).split(",")]
     densities = [float(s) for s in args.densities.split(",")]
     families = args.families.split(",")
@@ -336,7 +394,7 @@ def main() -> None:
     if markdown == "none":
         markdown = None
     command = "python benchmarks/selection.py " + " ".join(sys.argv[1:])
-    note = machine_note(args.threads)
+    note = machine_note(args.threads) + f"; timer: {timer} ({'CPU time of the calling thread' if timer == 'cpu' else 'wall clock'})"
     print(f"# {command.strip()}\n# {note}", flush=True)
 
     rows: list[dict] = []
@@ -357,7 +415,7 @@ def main() -> None:
                 best_idx = torch.topk(x.abs(), k, sorted=False).indices
                 best_sq = float(x[best_idx].double().square().sum())
                 # torch.topk is slow at large d: fewer timed calls (its spread is small anyway)
-                times = median_times(x, k, repeats, topk_repeats=max(2, min(repeats, 3)))
+                times = median_times(x, k, repeats, topk_repeats=max(2, min(repeats, 3)), clock=clock)
                 for m in METHODS:
                     q = quality(x, k, best_idx, best_sq, m)
                     rows.append(
@@ -385,14 +443,21 @@ def main() -> None:
                 del x
     print()
     print(text_table(rows))
-    result = {"command": command, "machine": note, "threads": args.threads, "real_grad": real_how, "rows": rows}
+    result = {
+        "command": command,
+        "machine": note,
+        "load_end": os.getloadavg()[0],
+        "threads": args.threads,
+        "real_grad": real_how,
+        "rows": rows,
+    }
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
         print(f"\nwrote {args.json}")
     if markdown:
-        write_markdown(markdown, command.strip(), note, real_how, rows)
+        write_markdown(markdown, result)
         print(f"wrote the Selection section of {markdown}")
     print(f"total {time.perf_counter() - started:.0f} s")
 

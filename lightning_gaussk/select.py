@@ -162,7 +162,7 @@ def _sample(x: Tensor) -> Tensor:
 
 def _gaussk_estimate(x: Tensor, k: int, density: float) -> float:
     """Gaussian-k threshold from the sample's mean and unbiased std (fp32 accumulation)."""
-    s = _sample(x).float()
+    s = _sample(x.detach()).float()
     n = s.numel()
     total = float(s.sum())
     sumsq = float(torch.linalg.vector_norm(s, dim=-1).square().sum())  # per row: 6x faster on a 2-D view
@@ -178,7 +178,7 @@ def _dgc_estimate(x: Tensor, k: int, density: float, seed: int, step: int) -> fl
     g = torch.Generator(device=x.device).manual_seed(_mix(seed, step))
     idx = torch.randint(0, d, (s,), generator=g, device=x.device)
     m = max(1, math.ceil(density * s))
-    return float(torch.topk(x[idx].abs().float(), m, sorted=False).values.min())
+    return float(torch.topk(x.detach()[idx].abs().float(), m, sorted=False).values.min())
 
 
 def _mix(seed: int, step: int) -> int:
@@ -422,6 +422,9 @@ def _exact_topk(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
 def _refine(x: Tensor, k: int, t0: float | Tensor) -> tuple[Tensor, Tensor]:
     """Exactly k from a threshold estimate: host-driven on CPU, sync-free on accelerators."""
     if x.device.type == "cpu":
+        if x.requires_grad:  # rank a detached view; values stay differentiable, as x[indices] would be
+            _, idx = _cpu_refine(x.detach(), k, float(t0))
+            return x[idx], idx
         return _cpu_refine(x, k, float(t0))
     from lightning_gaussk import kernels  # lazy: Triton is optional
     from lightning_gaussk._histselect import hist_select

@@ -240,6 +240,17 @@ def test_gaussk_and_dgc_agree_with_topk_on_a_real_gradient_shape():
         assert set(indices.tolist()) == set(want.tolist())  # no ties in continuous data
 
 
+@pytest.mark.parametrize("method", BUILTIN)
+def test_input_requiring_grad_gives_differentiable_values(method, recwarn):
+    for d, k in ((1_000, 10), (300_007, 300)):
+        x = make("normal", d).clone().requires_grad_(True)
+        values, indices = select(x, k, method)
+        assert values.requires_grad
+        values.square().sum().backward()
+        assert torch.equal(torch.nonzero(x.grad).squeeze(1).sort().values, indices.sort().values)
+    assert not [w for w in recwarn if "requires_grad" in str(w.message)]
+
+
 # ------------------------------------------------------------------------- randk
 def test_randk_is_reproducible_from_seed_and_step():
     x = make("normal", 10_000)
