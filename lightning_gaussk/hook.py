@@ -20,6 +20,8 @@ Residuals are kept per parameter (the bucket buffer is the concatenation of
 """
 
 import math
+import threading
+import time
 import warnings
 from typing import Any
 
@@ -34,6 +36,9 @@ __all__ = ["GaussKState", "gaussk_hook", "validate_config"]
 STATE_FORMAT = "lightning_gaussk.state/1"
 # torch >= 2.6 renamed all_gather_into_tensor; the old name warns on every call
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+# communication callbacks may complete on a backend thread: their counter updates take this lock
+# (module level, so a GaussKState stays picklable/deep-copyable)
+_TELEMETRY_LOCK = threading.Lock()
 
 
 def validate_config(
@@ -132,9 +137,23 @@ class GaussKState:
         self._slots: dict[int, _Slot] = {}  # bucket index -> buffers
         self._home: dict[int, tuple[_Slot, int, int]] = {}  # id(parameter) -> (slot, offset, numel)
         self._pending: dict[str, Tensor] = {}  # loaded residuals not yet placed in a bucket
-        self.telemetry: dict[str, int] = {"hook_calls": 0, "bytes_sent": 0, "bytes_dense": 0, "skipped_buckets": 0}
+        # cumulative counters (ints, saved in state_dict); per-step figures are differences, see
+        # lightning_gaussk.telemetry. *_ns are host wall times, measured on CPU buckets only.
+        self.telemetry: dict[str, int] = {
+            "hook_calls": 0,
+            "bytes_sent": 0,  # this rank's message bytes (values, indices, flag)
+            "bytes_dense": 0,  # bytes of the dense buckets it replaced
+            "skipped_buckets": 0,
+            "entries_sent": 0,  # sum of k
+            "entries_total": 0,  # sum of d
+            "select_ns": 0,  # time in select() (CPU buckets only)
+            "comm_ns": 0,  # issue of the all-gather -> its completion callback (CPU buckets only)
+            "hook_ns": 0,  # time in the hook body, select included (CPU buckets only)
+        }
         self._capture_next = False
         self.captured: dict[int, dict[str, Any]] = {}
+        self._norms_next = False
+        self.norms: dict[int, tuple[Tensor, Tensor]] = {}  # bucket index -> (||residual||, ||grad||)
 
     # ---------------------------------------------------------------- configuration and steps
     def bind(self, module: nn.Module) -> "GaussKState":
@@ -163,10 +182,19 @@ class GaussKState:
         return min(d, max(1, math.ceil(self.density_at(self.step) * d - 1e-9)))
 
     def capture_next_step(self) -> None:
-        """Ask the hook to keep a copy of every bucket's ``u`` and selection on the next step
-        (used by :class:`GradientDistributionMonitor`; costs nothing when not asked)."""
+        """Ask the hook to keep a copy of every bucket's ``u`` and selection on the next step:
+        ``state.captured[bucket_index] = {"u", "indices", "k", "parameters", "grad"}`` (``grad``:
+        the bucket's gradient in fp32, so ``residual = u - grad``). Used by
+        :class:`~lightning_gaussk.GradientDistributionMonitor`; costs nothing when not asked."""
         self._capture_next = True
         self.captured = {}
+
+    def measure_norms_next_step(self) -> None:
+        """Ask the hook to record, on the next step, ``state.norms[bucket_index] =
+        (||residual||, ||grad||)`` as 0-d device tensors (two extra read passes per bucket, no
+        host sync); the residual is the one carried into that step (``u = grad + residual``)."""
+        self._norms_next = True
+        self.norms = {}
 
     # ---------------------------------------------------------------- residual store
     def _slot_for(self, index: int, params: list[Tensor], d: int, device: torch.device) -> _Slot:
@@ -265,6 +293,8 @@ def gaussk_hook(state: GaussKState, bucket: dist.GradBucket) -> torch.futures.Fu
     world = dist.get_world_size(group)
     buf = bucket.buffer()
     d = buf.numel()
+    timed = buf.device.type == "cpu"  # host clocks mean nothing for asynchronous device work
+    t0 = time.perf_counter_ns() if timed else 0
     slot = state._slot_for(bucket.index(), bucket.parameters(), d, buf.device)
     k = state.k_for(d)
     u = slot.work
@@ -272,25 +302,40 @@ def gaussk_hook(state: GaussKState, bucket: dist.GradBucket) -> torch.futures.Fu
         torch.add(slot.residual, buf, out=u)  # fp32 whatever the bucket dtype
     else:
         u.copy_(buf)
+    t1 = time.perf_counter_ns() if timed else 0
     values, indices = select(u, k, state.selector, seed=state.seed + bucket.index(), step=state.step)
+    t2 = time.perf_counter_ns() if timed else 0
 
     msg, gathered = slot.message_buffers(k, world)
     msg[:k].copy_(values)
     msg[k : 2 * k].view(torch.int32).copy_(indices)  # int32 bits ride in the fp32 message
     torch.mul(u.sum(), 0.0, out=msg[2 * k])  # 0 if u is finite, NaN otherwise
-    if state._capture_next:
-        state.captured[bucket.index()] = {"u": u.clone(), "indices": indices.clone(), "k": k, "parameters": list(bucket.parameters())}
-    state.telemetry["hook_calls"] += 1
-    state.telemetry["bytes_sent"] += msg.numel() * 4
-    state.telemetry["bytes_dense"] += d * buf.element_size()
+    if state._capture_next or state._norms_next:  # only on steps a monitor asked for
+        _record(state, bucket, slot, buf, u, indices, k)
+    tel = state.telemetry
+    tel["hook_calls"] += 1
+    tel["bytes_sent"] += msg.numel() * 4
+    tel["bytes_dense"] += d * buf.element_size()
+    tel["entries_sent"] += k
+    tel["entries_total"] += d
     if bucket.is_last():
         state._capture_next = False
+        state._norms_next = False
         if not state._external_step:
             state.step += 1
 
+    t3 = time.perf_counter_ns() if timed else 0
     fut = _all_gather(gathered, msg, group=group, async_op=True).get_future()
+    if timed:
+        with _TELEMETRY_LOCK:
+            tel["select_ns"] += t2 - t1
+            tel["hook_ns"] += time.perf_counter_ns() - t0
 
     def decode(fut: torch.futures.Future[Any]) -> Tensor:
+        if timed:
+            dt = time.perf_counter_ns() - t3
+            with _TELEMETRY_LOCK:
+                tel["comm_ns"] += dt
         rows = gathered.view(world, 2 * k + 1)
         vals = rows[:, :k].reshape(-1)
         idx = rows[:, k : 2 * k].reshape(-1).view(torch.int32)
@@ -306,6 +351,24 @@ def gaussk_hook(state: GaussKState, bucket: dist.GradBucket) -> torch.futures.Fu
         return buf
 
     return fut.then(decode)
+
+
+def _record(state: GaussKState, bucket: dist.GradBucket, slot: _Slot, buf: Tensor, u: Tensor, indices: Tensor, k: int) -> None:
+    """What a monitor asked for on this step: norms (0-d tensors) and/or copies of the bucket."""
+    index = bucket.index()
+    if state._norms_next:
+        state.norms[index] = (
+            torch.linalg.vector_norm(slot.residual) if state.error_feedback else torch.zeros((), device=u.device),
+            torch.linalg.vector_norm(buf, dtype=torch.float32),
+        )
+    if state._capture_next:
+        state.captured[index] = {
+            "u": u.clone(),
+            "indices": indices.clone(),
+            "k": k,
+            "parameters": list(bucket.parameters()),
+            "grad": buf.to(torch.float32, copy=True),  # u = grad + residual (residual = u - grad)
+        }
 
 
 def _fp32_out(slot: _Slot, d: int) -> Tensor:
