@@ -69,7 +69,14 @@ def validate_config(
                 f"`warmup_density` must be in [density, 1] = [{density}, 1] (warm-up starts denser), got {warmup_density!r}"
             )
     if warmup_steps > 0 and warmup_density is None:
-        raise ValueError("`warmup_steps` > 0 needs `warmup_density` (the density at step 0)")
+        raise ValueError(
+            f"`warmup_steps` = {warmup_steps} > 0 needs `warmup_density` (the density at step 0, in [density, 1]), got None"
+        )
+    if warmup_steps == 0 and warmup_density is not None:
+        raise ValueError(
+            f"`warmup_density` = {warmup_density!r} has no effect with `warmup_steps` = 0: "
+            "set `warmup_steps` > 0 or leave `warmup_density` None"
+        )
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"`seed` must be an int, got {seed!r}")
 
@@ -134,6 +141,7 @@ class GaussKState:
         self.step = 0  # optimizer steps; set by the owner (set_step) or counted per backward
         self._external_step = False
         self._names: dict[int, str] = {}  # id(parameter) -> name
+        self._sizes: dict[str, int] = {}  # name -> numel, to check loaded residuals
         self._slots: dict[int, _Slot] = {}  # bucket index -> buffers
         self._home: dict[int, tuple[_Slot, int, int]] = {}  # id(parameter) -> (slot, offset, numel)
         self._pending: dict[str, Tensor] = {}  # loaded residuals not yet placed in a bucket
@@ -160,6 +168,7 @@ class GaussKState:
         """Learn parameter names (for ``state_dict``) from ``module`` (a DDP wrapper is unwrapped)."""
         module = getattr(module, "module", module) if isinstance(module, nn.parallel.DistributedDataParallel) else module
         self._names = {id(p): n for n, p in module.named_parameters()}
+        self._sizes = {n: p.numel() for n, p in module.named_parameters()}
         return self
 
     def set_step(self, step: int) -> None:
@@ -265,6 +274,18 @@ class GaussKState:
         cfg = state_dict.get("config", {})
         if cfg.get("error_feedback", True) and not self.error_feedback and residuals:
             warnings.warn("GaussKState: loading residuals into a state with error_feedback=False; they are dropped")
+        for name, tensor in residuals.items():  # validate everything before changing anything
+            if not isinstance(tensor, Tensor):
+                raise ValueError(f"GaussKState.load_state_dict: residual {name!r} is a {type(tensor).__name__}, not a tensor")
+            if name in self._sizes and tensor.numel() != self._sizes[name]:
+                raise ValueError(
+                    f"GaussKState.load_state_dict: residual {name!r} has {tensor.numel()} entries, parameter has {self._sizes[name]}"
+                )
+            if not bool(torch.isfinite(tensor).all()):
+                raise ValueError(
+                    f"GaussKState.load_state_dict: residual {name!r} has non-finite entries (corrupted state?); "
+                    "refusing to resume error feedback from it"
+                )
         self.step = int(state_dict["step"])
         self.telemetry.update({k: int(v) for k, v in state_dict.get("telemetry", {}).items()})
         if not self.error_feedback:

@@ -8,6 +8,7 @@
 - saves every rank's hook state inside the Lightning checkpoint and restores it on resume.
 """
 
+import inspect
 import warnings
 from datetime import timedelta
 from typing import Any, Literal
@@ -20,6 +21,7 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.strategies.strategy import _StrategyRegistry
+from torch.nn.parallel import DistributedDataParallel
 
 from lightning_gaussk.hook import GaussKState, gaussk_hook, validate_config
 
@@ -27,6 +29,7 @@ __all__ = ["CHECKPOINT_KEY", "GaussKDDPStrategy"]
 
 CHECKPOINT_KEY = "gaussk"
 _REJECTED = ("ddp_comm_hook", "ddp_comm_state", "ddp_comm_wrapper", "model_averaging_period")
+_START_METHODS = ("popen", "spawn", "fork", "forkserver")
 
 
 class GaussKDDPStrategy(DDPStrategy):
@@ -44,8 +47,14 @@ class GaussKDDPStrategy(DDPStrategy):
         static_graph: passed to ``DistributedDataParallel``.
         gradient_as_bucket_view: passed to ``DistributedDataParallel``.
         bucket_cap_mb: DDP bucket size in MiB (each bucket is sparsified on its own); None = DDP's default.
-        accelerator, parallel_devices, cluster_environment, checkpoint_io, precision_plugin,
-        process_group_backend, timeout, start_method: as for ``DDPStrategy``.
+        accelerator: as for ``DDPStrategy``.
+        parallel_devices: as for ``DDPStrategy``.
+        cluster_environment: as for ``DDPStrategy``.
+        checkpoint_io: as for ``DDPStrategy``.
+        precision_plugin: as for ``DDPStrategy``.
+        process_group_backend: as for ``DDPStrategy``.
+        timeout: as for ``DDPStrategy``.
+        start_method: as for ``DDPStrategy``.
         **kwargs: further ``DistributedDataParallel`` arguments.
 
     Raises:
@@ -79,13 +88,20 @@ class GaussKDDPStrategy(DDPStrategy):
         **kwargs: Any,
     ) -> None:
         for name in _REJECTED:
-            if kwargs.get(name) is not None:
+            if name in kwargs and kwargs[name] is not None:
                 raise ValueError(
                     f"GaussKDDPStrategy registers its own comm hook; `{name}` would add a second one. "
                     "Use DDPStrategy for other hooks."
                 )
-            kwargs.pop(name, None)
         validate_config(density, selector, error_feedback, warmup_steps, warmup_density, seed)
+        _validate_ddp_args(
+            kwargs,
+            find_unused_parameters=find_unused_parameters,
+            static_graph=static_graph,
+            gradient_as_bucket_view=gradient_as_bucket_view,
+            timeout=timeout,
+            start_method=start_method,
+        )
         if bucket_cap_mb is not None:
             if isinstance(bucket_cap_mb, bool) or not isinstance(bucket_cap_mb, (int, float)) or not bucket_cap_mb > 0:
                 raise ValueError(f"`bucket_cap_mb` must be a number > 0 or None, got {bucket_cap_mb!r}")
@@ -102,7 +118,7 @@ class GaussKDDPStrategy(DDPStrategy):
             find_unused_parameters=find_unused_parameters,
             static_graph=static_graph,
             gradient_as_bucket_view=gradient_as_bucket_view,
-            **kwargs,
+            **_ddp_kwargs(kwargs),  # a call, not **kwargs: keeps jsonargparse from listing DDP's internals
         )
         self._gaussk_config: dict[str, Any] = {
             "density": density,
@@ -209,6 +225,31 @@ class GaussKDDPStrategy(DDPStrategy):
                 selector=selector,
                 start_method=start_method,
             )
+
+
+def _validate_ddp_args(kwargs: dict[str, Any], *, timeout: Any, start_method: Any, **flags: Any) -> None:
+    """Fail at construction, not inside the workers, for what DDP or the launcher would reject late
+    (or silently take as a truthy object)."""
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"`{name}` must be a bool, got {value!r}")
+    if timeout is not None and not isinstance(timeout, timedelta):
+        raise TypeError(f"`timeout` must be a datetime.timedelta or None, got {type(timeout).__name__} {timeout!r}")
+    if start_method not in _START_METHODS:
+        raise ValueError(f"`start_method` must be one of {_START_METHODS}, got {start_method!r}")
+    allowed = set(inspect.signature(DistributedDataParallel.__init__).parameters) - {"self", "module"}
+    for name in kwargs:
+        if name not in allowed:
+            raise TypeError(
+                f"GaussKDDPStrategy got `{name}` = {kwargs[name]!r}, which is not an argument of torch's "
+                f"DistributedDataParallel (this strategy is DDP with a comm hook: FSDP and DeepSpeed settings are not "
+                f"supported); extra arguments allowed: {sorted(allowed)}"
+            )
+
+
+def _ddp_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Further ``DistributedDataParallel`` keywords, without the (None) hook arguments."""
+    return {k: v for k, v in kwargs.items() if k not in _REJECTED}
 
 
 def _check_saved(saved: Any, path: _PATH) -> None:

@@ -1,0 +1,393 @@
+"""Hugging Face Accelerate integration: :func:`register_gaussk`.
+
+Accelerate cannot register a custom DDP comm hook itself (``DistributedDataParallelKwargs``
+accepts only its built-in enum and silently ignores a callable), and ``accelerate config`` files
+have no keys for one. So, after ``accelerator.prepare(...)``::
+
+    from lightning_gaussk.accelerate import register_gaussk
+
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    state = register_gaussk(accelerator, model, density=0.01)   # or GAUSSK_DENSITY=0.01
+
+``register_gaussk``
+
+- finds the ``DistributedDataParallel`` module (through ``torch.compile``'s ``OptimizedModule``
+  and other ``.module`` wrappers, or among the accelerator's prepared models);
+- registers :func:`~lightning_gaussk.gaussk_hook` on it, once, with a :class:`GaussKState` bound
+  to the parameter names;
+- adds the state to ``accelerator.save_state()`` / ``load_state()``: every rank writes and reads
+  its OWN file ``gaussk_state_rank{r}.pt`` in the checkpoint folder (Accelerate writes objects
+  registered with ``register_for_checkpointing`` on the main process only, which would lose
+  every other rank's residuals);
+- reads its settings from keyword arguments, then ``GAUSSK_*`` environment variables, then the
+  defaults (see :data:`ENV_VARS`).
+
+Optimizer steps: the hook counts synchronising backward passes. Under
+``accelerator.accumulate(model)`` non-final micro-batches run in ``no_sync``, so this equals the
+number of optimizer steps. With ``GradientAccumulationPlugin(sync_each_batch=True)`` every
+micro-batch synchronises; then the step is counted by a post-step hook on the (first) prepared
+optimizer that holds the model's parameters instead.
+"""
+
+import os
+import re
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from lightning_gaussk.hook import GaussKState, gaussk_hook, validate_config
+
+try:
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+except ImportError as err:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        "lightning_gaussk.accelerate needs Hugging Face Accelerate: pip install 'lightning-gaussk[accelerate]'"
+    ) from err
+
+__all__ = [
+    "DISABLE_VAR",
+    "ENV_VARS",
+    "STATE_FILE",
+    "config_from_env",
+    "find_ddp_module",
+    "register_gaussk",
+    "resolve_config",
+    "state_file",
+]
+
+#: configuration key -> environment variable read by :func:`register_gaussk`
+ENV_VARS: dict[str, str] = {
+    "density": "GAUSSK_DENSITY",
+    "selector": "GAUSSK_SELECTOR",
+    "error_feedback": "GAUSSK_ERROR_FEEDBACK",
+    "warmup_steps": "GAUSSK_WARMUP_STEPS",
+    "warmup_density": "GAUSSK_WARMUP_DENSITY",
+    "seed": "GAUSSK_SEED",
+}
+#: set to a true value (1, true, yes, on) to skip registration: plain DDP allreduce, same script
+DISABLE_VAR = "GAUSSK_DISABLE"
+#: per-rank file written into the ``accelerator.save_state()`` folder (first registered model;
+#: the i-th further one, i >= 1, writes ``gaussk_state_{i}_rank{rank}.pt``, as Accelerate numbers models)
+STATE_FILE = "gaussk_state_rank{rank}.pt"
+FILE_FORMAT = "lightning_gaussk.accelerate/1"
+
+_DEFAULTS: dict[str, Any] = {
+    "density": 0.001,
+    "selector": "gaussk",
+    "error_feedback": True,
+    "warmup_steps": 0,
+    "warmup_density": None,
+    "seed": 0,
+}
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+_NONE = {"", "none", "null"}
+_UNSUPPORTED = {"FSDP", "DEEPSPEED", "MEGATRON_LM", "XLA"}
+
+
+# ------------------------------------------------------------------------------- configuration
+def _parse(key: str, var: str, raw: str) -> Any:
+    text = raw.strip()
+    try:
+        if key == "density":
+            return float(text)
+        if key == "warmup_density":
+            return None if text.lower() in _NONE else float(text)
+        if key in ("warmup_steps", "seed"):
+            return int(text)
+        if key == "error_feedback":
+            if text.lower() in _TRUE:
+                return True
+            if text.lower() in _FALSE:
+                return False
+            raise ValueError
+        return text  # selector
+    except ValueError:
+        expected = {
+            "density": "a float in (0, 1]",
+            "warmup_density": "a float in [density, 1] or 'none'",
+            "warmup_steps": "an int >= 0",
+            "seed": "an int",
+            "error_feedback": "one of 1/0, true/false, yes/no, on/off",
+        }[key]
+        raise ValueError(f"environment variable {var}={raw!r} is invalid: expected {expected}") from None
+
+
+def config_from_env(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The settings given by ``GAUSSK_*`` environment variables (only those that are set).
+
+    Raises ``ValueError`` naming the variable for a value that does not parse; warns about
+    unknown ``GAUSSK_*`` names (likely typos).
+    """
+    environ = os.environ if environ is None else environ
+    out = {key: _parse(key, var, environ[var]) for key, var in ENV_VARS.items() if var in environ}
+    known = set(ENV_VARS.values()) | {DISABLE_VAR}
+    unknown = sorted(v for v in environ if v.startswith("GAUSSK_") and v not in known)
+    if unknown:
+        warnings.warn(
+            f"Unknown GaussK environment variable(s) {unknown} ignored; known: {sorted(known)}", stacklevel=2
+        )
+    return out
+
+
+def resolve_config(environ: Mapping[str, str] | None = None, **config: Any) -> dict[str, Any]:
+    """Merge keyword arguments > ``GAUSSK_*`` environment variables > defaults, and validate.
+
+    ``process_group`` may be given as a keyword only. Invalid values raise ``TypeError`` /
+    ``ValueError``; when a value came from the environment the message names the variable.
+    """
+    unknown = set(config) - set(_DEFAULTS) - {"process_group"}
+    if unknown:
+        raise TypeError(
+            f"register_gaussk() got unknown argument(s) {sorted(unknown)}; allowed: {sorted(_DEFAULTS)} and process_group"
+        )
+    environ = os.environ if environ is None else environ
+    from_env = {k: v for k, v in config_from_env(environ).items() if k not in config}
+    merged = {**_DEFAULTS, **from_env, **config}
+    try:
+        validate_config(*(merged[k] for k in _DEFAULTS))
+    except (TypeError, ValueError) as err:
+        if not from_env:
+            raise
+        where = ", ".join(f"{ENV_VARS[k]}={environ[ENV_VARS[k]]!r}" for k in from_env)
+        raise type(err)(f"{err} (settings from the environment: {where})") from err
+    return merged
+
+
+def _env_true(var: str, environ: Mapping[str, str]) -> bool:
+    raw = environ.get(var)
+    if raw is None or raw.strip().lower() in _FALSE | {""}:
+        return False
+    if raw.strip().lower() in _TRUE:
+        return True
+    raise ValueError(f"environment variable {var}={raw!r} is invalid: expected one of 1/0, true/false, yes/no, on/off")
+
+
+# ------------------------------------------------------------------------------- finding DDP
+def _is_unsupported_wrapper(module: Any) -> str | None:
+    name = type(module).__name__
+    if name in ("FullyShardedDataParallel", "DeepSpeedEngine", "PipelineEngine"):
+        return name
+    if any(c.__name__ == "FSDPModule" for c in type(module).__mro__):  # FSDP2 (fully_shard)
+        return "FSDP2 (fully_shard)"
+    return None
+
+
+def find_ddp_module(model: Any, max_depth: int = 8) -> DistributedDataParallel | None:
+    """The ``DistributedDataParallel`` inside ``model``, looking through ``torch.compile``
+    (``_orig_mod``) and wrappers exposing ``.module``; None if there is none.
+
+    Raises ``ValueError`` on FSDP / DeepSpeed wrappers (no DDP buckets to hook).
+    """
+    seen = model
+    for _ in range(max_depth):
+        if isinstance(seen, DistributedDataParallel):
+            return seen
+        bad = _is_unsupported_wrapper(seen)
+        if bad:
+            raise ValueError(
+                f"register_gaussk: the model is wrapped by {bad}, which does not use DDP gradient buckets; "
+                "GaussK sparsification needs DistributedDataParallel (Accelerate's MULTI_GPU / MULTI_CPU modes)."
+            )
+        inner = getattr(seen, "_orig_mod", None)  # torch.compile's OptimizedModule
+        if not isinstance(inner, nn.Module):
+            inner = seen.__dict__.get("_modules", {}).get("module") if isinstance(seen, nn.Module) else None
+        if not isinstance(inner, nn.Module):
+            return None
+        seen = inner
+    return None
+
+
+def _unwrapped(module: nn.Module) -> nn.Module:
+    while True:
+        inner = getattr(module, "_orig_mod", None)
+        if isinstance(module, DistributedDataParallel):
+            inner = module.module
+        if not isinstance(inner, nn.Module):
+            return module
+        module = inner
+
+
+# ------------------------------------------------------------------------------- registration
+def register_gaussk(accelerator: Accelerator, model: nn.Module, **config: Any) -> GaussKState | None:
+    """Register TopK-SGD gradient sparsification on a model prepared by Accelerate.
+
+    Call after ``accelerator.prepare(...)``, with the model it returned (the unwrapped model
+    passed to ``prepare`` is found too), on every process.
+
+    Args:
+        accelerator: the ``accelerate.Accelerator`` that prepared ``model``.
+        model: the prepared model (``DistributedDataParallel``, possibly inside ``torch.compile``).
+        **config: ``density``, ``selector``, ``error_feedback``, ``warmup_steps``,
+            ``warmup_density``, ``seed`` (as for :class:`GaussKState`) and ``process_group``.
+            Settings not given here are read from ``GAUSSK_DENSITY``, ``GAUSSK_SELECTOR``,
+            ``GAUSSK_ERROR_FEEDBACK``, ``GAUSSK_WARMUP_STEPS``, ``GAUSSK_WARMUP_DENSITY``,
+            ``GAUSSK_SEED``; then the defaults apply.
+
+    Returns:
+        This rank's :class:`GaussKState` (``state.telemetry`` counts hook calls and bytes), or
+        ``None`` when nothing was registered: a single process (with a warning) or
+        ``GAUSSK_DISABLE=1`` (plain DDP allreduce, with a warning).
+
+    Raises:
+        TypeError / ValueError: invalid settings (naming the argument or environment variable);
+            an FSDP / DeepSpeed / Megatron / XLA accelerator; a model that was not prepared (no
+            DDP module while distributed); a comm hook already registered on the model.
+    """
+    if not isinstance(accelerator, Accelerator):
+        raise TypeError(f"register_gaussk: `accelerator` must be an accelerate.Accelerator, got {type(accelerator).__name__}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"register_gaussk: `model` must be the nn.Module returned by accelerator.prepare, got {type(model).__name__}")
+    resolved = resolve_config(**config)  # validate first: a bad setting fails even on one process
+    kind = accelerator.distributed_type
+    kind_name = getattr(kind, "name", str(kind))
+    if kind_name in _UNSUPPORTED:
+        raise ValueError(
+            f"register_gaussk: Accelerate distributed type {kind_name} is not supported; GaussK sparsification "
+            "hooks DistributedDataParallel gradient buckets (use MULTI_GPU / MULTI_CPU, i.e. plain DDP)."
+        )
+    if _env_true(DISABLE_VAR, os.environ):
+        warnings.warn(f"{DISABLE_VAR} is set: GaussK is not registered; gradients use DDP's dense allreduce.", stacklevel=2)
+        return None
+    if accelerator.num_processes <= 1:
+        warnings.warn(
+            "register_gaussk: a single process (not distributed): there is no gradient communication to "
+            "sparsify; nothing registered, returning None.",
+            stacklevel=2,
+        )
+        return None
+
+    ddp = find_ddp_module(model)
+    if ddp is None:  # the user may have passed the module given to prepare(): find its wrapper
+        for prepared in accelerator._models:
+            cand = find_ddp_module(prepared)
+            if cand is not None and _unwrapped(cand) is _unwrapped(model):
+                ddp = cand
+                break
+    if ddp is None:
+        prepared_flag = getattr(model, "_is_accelerate_prepared", False)
+        raise ValueError(
+            "register_gaussk: no DistributedDataParallel module found in "
+            f"{type(model).__name__} while running on {accelerator.num_processes} processes"
+            + (
+                " (it was prepared, but Accelerate did not wrap it in DDP: evaluation_mode=True or no trainable parameters?)."
+                if prepared_flag
+                else ". Call `model = accelerator.prepare(model)` first and pass the model it returns."
+            )
+        )
+    registered = getattr(ddp, "_comm_hooks", [])  # DDP keeps (hook, state) pairs here
+    if registered or getattr(ddp, "_gaussk_state", None) is not None:
+        hooks = [getattr(h, "__qualname__", repr(h)) for h, _ in registered]
+        raise ValueError(
+            f"register_gaussk: a DDP comm hook is already registered on this model ({hooks}); DDP allows one. "
+            "Call register_gaussk once per model, and do not also pass DistributedDataParallelKwargs(comm_hook=...)."
+        )
+
+    state = GaussKState(**resolved).bind(ddp)
+    ddp.register_comm_hook(state, gaussk_hook)
+    ddp._gaussk_state = state  # marks the module; found again by a second call
+    _attach_checkpointing(accelerator, state)
+    _attach_step_counter(accelerator, ddp, state)
+    return state
+
+
+def _attach_step_counter(accelerator: Accelerator, ddp: DistributedDataParallel, state: GaussKState) -> None:
+    gs = accelerator.gradient_state
+    if not (gs.num_steps > 1 and gs.plugin_kwargs.get("sync_each_batch", False)):
+        return  # the hook's own count of synchronising backward passes is the optimizer step
+    params = {id(p) for p in ddp.parameters()}
+    owners = [
+        opt for opt in accelerator._optimizers
+        if any(id(p) in params for group in opt.param_groups for p in group["params"])
+    ]
+    if not owners:
+        warnings.warn(
+            "register_gaussk: sync_each_batch=True synchronises every micro-batch and no prepared optimizer holds "
+            "this model's parameters: the hook's step counter counts micro-batches (affects warm-up and randomised "
+            "selectors).",
+            stacklevel=3,
+        )
+        return
+    state.set_step(state.step)  # the counter below owns the step from now on
+    inner = getattr(owners[0], "optimizer", owners[0])
+
+    def count(optimizer: Any, args: Any, kwargs: Any) -> None:
+        state.set_step(state.step + 1)
+
+    inner.register_step_post_hook(count)
+
+
+# ------------------------------------------------------------------------------- checkpoints
+def state_file(rank: int, index: int = 0) -> str:
+    """Name of rank ``rank``'s file for the ``index``-th model registered on an accelerator."""
+    return STATE_FILE.format(rank=rank) if index == 0 else f"gaussk_state_{index}_rank{rank}.pt"
+
+
+def _attach_checkpointing(accelerator: Accelerator, state: GaussKState) -> None:
+    rank, world = accelerator.process_index, accelerator.num_processes
+    index = getattr(accelerator, "_gaussk_registrations", 0)  # several models: one file set each
+    accelerator._gaussk_registrations = index + 1
+
+    def save(models: list[Any], weights: list[Any], output_dir: str) -> None:
+        payload = {"format": FILE_FORMAT, "rank": rank, "world_size": world, "index": index, "state": state.state_dict()}
+        torch.save(payload, Path(output_dir) / state_file(rank, index))
+
+    def load(models: list[Any], input_dir: str) -> None:
+        _load_into(state, Path(input_dir), rank, world, index)
+
+    accelerator.register_save_state_pre_hook(save)
+    accelerator.register_load_state_pre_hook(load)
+
+
+def _read(path: Path) -> dict[str, Any]:
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != FILE_FORMAT:
+        raise ValueError(f"{path} is not a GaussK state file ({FILE_FORMAT!r})")
+    return payload
+
+
+def _load_into(state: GaussKState, folder: Path, rank: int, world: int, index: int = 0) -> None:
+    pattern = re.compile("^" + re.escape(state_file(0, index)).replace("rank0", r"rank(\d+)") + "$")
+    found = {int(m.group(1)): folder / f for f in os.listdir(folder) if (m := pattern.match(f))}
+    if not found:
+        warnings.warn(
+            f"{folder} has no {state_file(0, index).replace('rank0', 'rank*')} (not saved with register_gaussk?): "
+            "residuals start from zero.",
+            stacklevel=3,
+        )
+        return
+    own = found.get(rank)
+    saved_world = _read(own)["world_size"] if own is not None else _read(next(iter(found.values())))["world_size"]
+    missing = sorted(set(range(saved_world)) - set(found))
+    if saved_world == world:
+        if own is None:
+            raise FileNotFoundError(
+                f"{folder / state_file(rank, index)} is missing (ranks with a file: {sorted(found)}): was "
+                "accelerator.save_state() called on every process? Refusing to resume with silently reset residuals."
+            )
+        state.load_state_dict(_read(own)["state"])
+        return
+    if missing:
+        raise FileNotFoundError(
+            f"{folder}: state saved by {saved_world} processes, files for ranks {missing} are missing; "
+            "resuming on another world size needs every rank's file."
+        )
+    warnings.warn(
+        f"Resuming GaussK state saved with world size {saved_world} on world size {world}: each rank starts from "
+        "the mean of the saved residuals (this preserves the pending averaged update).",
+        stacklevel=3,
+    )
+    per_rank = [_read(found[r])["state"] for r in range(saved_world)]
+    merged = dict(per_rank[0])
+    names = set().union(*(sd["residuals"] for sd in per_rank))
+    merged["residuals"] = {
+        n: torch.stack([sd["residuals"][n] for sd in per_rank if n in sd["residuals"]]).sum(0) / saved_world
+        for n in names
+    }
+    state.load_state_dict(merged)
