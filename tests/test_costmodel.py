@@ -1,0 +1,240 @@
+"""The alpha-beta cost model: formulas, the per-bucket decision, fits on synthetic figures.
+
+Loads ``lightning_gaussk/costmodel.py`` by path: the module is pure (standard library only), and
+importing the package would import Lightning (seconds) for nothing.
+"""
+
+import importlib.util
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+_PATH = os.path.join(os.path.dirname(__file__), "..", "lightning_gaussk", "costmodel.py")
+
+
+def _load():
+    name = "_gaussk_costmodel_under_test"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, _PATH)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules[name]
+
+
+cm = _load()
+CPU = cm.HostCosts.for_device("cpu")
+GPU = cm.HostCosts.for_device("cuda")
+
+
+def test_module_is_pure_standard_library():
+    code = f"import importlib.util, sys; s = importlib.util.spec_from_file_location('m', {_PATH!r}); " \
+           "m = importlib.util.module_from_spec(s); sys.modules['m'] = m; s.loader.exec_module(m); " \
+           "assert 'torch' not in sys.modules and 'numpy' not in sys.modules, sorted(sys.modules)"  # fmt: skip
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ------------------------------------------------------------------------------------- links
+def test_link_validation_and_units():
+    with pytest.raises(ValueError, match="alpha"):
+        cm.Link(alpha=-1.0, bandwidth=1.0)
+    with pytest.raises(ValueError, match="bandwidth"):
+        cm.Link(alpha=0.0, bandwidth=0.0)
+    with pytest.raises(ValueError, match="bandwidth"):
+        cm.Link(alpha=0.0, bandwidth=float("nan"))
+    with pytest.raises(ValueError):
+        cm.Link.from_gbit(0.0)
+    link = cm.Link.from_gbit(10.0, latency_us=20.0, efficiency=1.0)
+    assert link.bandwidth == pytest.approx(1.25e9)
+    assert link.alpha == pytest.approx(20e-6)
+    assert link.gbit == pytest.approx(10.0)
+    assert link.beta == pytest.approx(1 / 1.25e9)
+
+
+def test_collective_formulas():
+    link = cm.Link(alpha=1e-4, bandwidth=1e8)
+    assert cm.allreduce_time(1e6, 1, link) == 0.0
+    assert cm.allgather_time(1e6, 1, link) == 0.0
+    # W = 2: ring all-reduce = 2 alpha + nbytes * beta
+    assert cm.allreduce_time(1e6, 2, link) == pytest.approx(2e-4 + 1e-2)
+    # W = 4: 6 alpha + 1.5 nbytes beta
+    assert cm.allreduce_time(1e6, 4, link) == pytest.approx(6e-4 + 1.5e-2)
+    assert cm.allgather_time(1e3, 4, link) == pytest.approx(3 * (1e-4 + 1e-5))
+    assert cm.sparse_message_bytes(10) == 84
+    with pytest.raises(ValueError, match="world"):
+        cm.allreduce_time(1.0, 0, link)
+
+
+def test_wire_bytes_match_the_issue_formulas():
+    d, k = 25_000_000, 25_000
+    assert cm.wire_bytes("dense", d, 2) == pytest.approx(2 * 1 / 2 * 4 * d)
+    assert cm.wire_bytes("fp16", d, 4) == pytest.approx(cm.wire_bytes("dense", d, 4) / 2)
+    assert cm.wire_bytes("sparse", d, 4, k=k) == 3 * 4 * (2 * k + 1)
+    assert cm.wire_bytes("allreduce", d, 2, elements=1000) == pytest.approx(4000)
+    with pytest.raises(ValueError, match="elements"):
+        cm.wire_bytes("allreduce", d, 2)
+    with pytest.raises(ValueError, match="method"):
+        cm.wire_bytes("bogus", d, 2)
+
+
+@pytest.mark.parametrize("density", [0.1, 0.01, 0.001])
+def test_byte_break_even_near_one_over_density(density):
+    """Sparse sends more bytes than dense exactly when W (2k+1) > 2d, i.e. W > ~1/density
+    (peers-and-pitfalls point 5: break-even near W = 1 + 1/density)."""
+    d = 1_000_000
+    k = math.ceil(density * d)
+    for w in range(2, int(3 / density)):
+        more = cm.wire_bytes("sparse", d, w, k=k) > cm.wire_bytes("dense", d, w)
+        assert more == (w * (2 * k + 1) > 2 * d), w
+
+
+# ------------------------------------------------------------------------------------- decision
+def test_prefer_dense_when_gathered_messages_outgrow_the_bucket():
+    slow = cm.Link(alpha=0.0, bandwidth=1e3)  # a link so slow that bytes are all that matters
+    free = cm.HostCosts(pass_s=0, hook_passes=0, select_passes=0, select_per_k_s=0, scatter_s=0, call_s=0, dense_passes=0)
+    d, k = 10_000, 100
+    assert cm.prefer_dense(d, k, 49, slow, free) is False  # 49 * 201 = 9849 <= d
+    assert cm.prefer_dense(d, k, 50, slow, free) is True  # 50 * 201 = 10050 > d: always dense
+    dec = cm.decide(d, k, 50, slow, free)
+    assert dec.dense and dec.reason == "world*(2k+1) > d"
+    single = cm.decide(d, k, 1, slow, free)
+    assert single.dense and single.reason == "single rank" and single.t_dense == 0.0
+
+
+def test_prefer_dense_depends_on_link_and_host():
+    d, k = 16_000_000, 16_000
+    one_gbit = cm.Link.from_gbit(1.0)
+    assert cm.prefer_dense(d, k, 2, one_gbit, CPU) is False  # 64 MB over 1 Gbit/s: sparse wins
+    assert cm.decide(d, k, 2, one_gbit, CPU).reason == "sparse faster"
+    very_fast = cm.Link(alpha=1e-6, bandwidth=1e13)
+    dec = cm.decide(d, k, 2, very_fast, CPU)  # the CPU's selection now costs more than the link
+    assert dec.dense and dec.reason == "sparse slower" and dec.t_sparse > dec.t_dense
+    assert cm.prefer_dense(d, k, 2, cm.Link.from_gbit(100.0), GPU) is False  # cheap GPU selection
+
+
+def test_decision_flips_once_as_the_world_grows():
+    d, k = 4_000_000, 4_000
+    link = cm.Link.from_gbit(1.0)
+    host = cm.HostCosts(pass_s=0.5e-9, hook_passes=7.0, select_passes=3.0, select_per_k_s=0.3e-6, scatter_s=5e-9, call_s=0.3e-3)
+    flags = [cm.prefer_dense(d, k, w, link, host) for w in range(2, 2000)]
+    assert not flags[0] and flags[-1]
+    first = flags.index(True)
+    assert all(flags[first:]), "once dense, dense for every larger world"
+
+
+def test_bucket_argument_checks():
+    link = cm.Link.from_gbit(1.0)
+    for d, k in ((0, 1), (10, 0), (10, 11), (10.0, 1), (True, 1)):
+        with pytest.raises(ValueError):
+            cm.prefer_dense(d, k, 2, link, CPU)
+    with pytest.raises(ValueError, match="world"):
+        cm.prefer_dense(10, 1, 0, link, CPU)
+    with pytest.raises(ValueError, match="HostCosts"):
+        cm.HostCosts(pass_s=-1.0)
+    with pytest.raises(ValueError, match="device_type"):
+        cm.HostCosts.for_device("tpu")
+
+
+def test_default_host_is_the_cpu_fit():
+    link = cm.Link.from_gbit(1.0)
+    assert cm.decide(1000, 10, 2, link) == cm.decide(1000, 10, 2, link, CPU)
+
+
+# ------------------------------------------------------------------------------------- steps
+def test_step_time_composition_and_auto():
+    work = cm.Workload(compute_s=0.3, buckets=(4_000_000, 16_000_000, 4_000_000))
+    link = cm.Link.from_gbit(1.0)
+    dense = cm.step_time(work, "dense", 2, link, CPU)
+    sparse = cm.step_time(work, "sparse", 2, link, CPU, density=0.001)
+    manual = 0.3 + sum(cm.dense_bucket_time(d, 2, link, CPU) for d in work.buckets)
+    assert dense == pytest.approx(manual)
+    assert sparse < dense
+    for w in (2, 16, 256, 1024):
+        for g in (1, 10, 100):
+            ln = cm.Link.from_gbit(g)
+            d_ = cm.step_time(work, "dense", w, ln, CPU)
+            s_ = cm.step_time(work, "sparse", w, ln, CPU, density=0.001)
+            a_ = cm.step_time(work, "sparse", w, ln, CPU, density=0.001, auto=True)
+            assert 0.3 < a_ <= min(d_, s_) + 1e-12 and math.isfinite(a_)
+    fp16 = cm.step_time(work, "fp16", 2, link, CPU)
+    assert 0.3 < fp16 < dense
+    assert cm.step_time(work, "allreduce", 2, link, elements=1000) == pytest.approx(0.3 + cm.allreduce_time(4000, 2, link))
+    overlapped = cm.Workload(compute_s=0.3, buckets=work.buckets, overlap_s=0.2)
+    assert cm.step_time(overlapped, "dense", 2, link, CPU) == pytest.approx(dense - 0.2)
+    with pytest.raises(ValueError):
+        cm.step_time(work, "bogus", 2, link)
+    with pytest.raises(ValueError):
+        cm.Workload(compute_s=0.1, buckets=())
+
+
+def test_hierarchical_reduces_to_its_parts():
+    d, rho = 8_000_000, 0.001
+    intra = cm.Link(alpha=5e-6, bandwidth=150e9)
+    inter = cm.Link.from_gbit(25.0)
+    # one GPU per node: exactly the flat sparse all-gather across the nodes
+    flat = cm.sparse_bucket_time(d, math.ceil(rho * d), 16, inter, GPU)
+    assert cm.hierarchical_bucket_time(d, rho, 16, 1, intra, inter, GPU) == pytest.approx(flat)
+    # one node: reduce-scatter + all-gather inside the node = one ring all-reduce on the intra link
+    assert cm.hierarchical_bucket_time(d, rho, 1, 8, intra, inter, GPU) == pytest.approx(cm.allreduce_time(4 * d, 8, intra))
+    # many nodes: far less than a flat dense all-reduce through the NICs
+    assert cm.hierarchical_bucket_time(d, rho, 64, 8, intra, inter, GPU) < cm.dense_bucket_time(d, 512, inter, GPU)
+
+
+# ------------------------------------------------------------------------------------- fits
+def test_least_squares_exact_and_nonnegative():
+    rows = [[1.0, x] for x in range(8)]
+    a, b = cm.least_squares(rows, [2.0 + 3.0 * x for x in range(8)])
+    assert a == pytest.approx(2.0) and b == pytest.approx(3.0)
+    a, b = cm.least_squares(rows, [-5.0 + 3.0 * x for x in range(8)])  # intercept would be < 0
+    assert a == 0.0 and b > 0
+    with pytest.raises(ValueError):
+        cm.least_squares([], [])
+
+
+def _samples(link, worlds=(2, 4)):
+    out = []
+    for w in worlds:
+        for n in (4096, 262144, 4 << 20, 16 << 20):
+            out.append(cm.Sample("allreduce", w, n, cm.allreduce_time(n, w, link)))
+        for n in (4096, 65536, 1 << 20):
+            out.append(cm.Sample("allgather", w, n, cm.allgather_time(n, w, link)))
+    return out
+
+
+def test_fit_link_recovers_a_link_from_exact_figures():
+    true = cm.Link(alpha=150e-6, bandwidth=118e6)
+    fit = cm.fit_link(_samples(true))
+    assert fit.alpha == pytest.approx(true.alpha, rel=1e-6)
+    assert fit.bandwidth == pytest.approx(true.bandwidth, rel=1e-6)
+
+
+def test_fit_link_tolerates_noise():
+    true = cm.Link(alpha=300e-6, bandwidth=950e6)
+    noisy = [cm.Sample(s.kind, s.world, s.nbytes, s.seconds * (1 + 0.08 * math.sin(7 * i))) for i, s in enumerate(_samples(true))]
+    fit = cm.fit_link(noisy)
+    assert fit.bandwidth == pytest.approx(true.bandwidth, rel=0.1)
+    assert fit.alpha == pytest.approx(true.alpha, rel=0.3)
+    with pytest.raises(ValueError):
+        cm.fit_link(noisy[:1])
+    with pytest.raises(ValueError, match="kind"):
+        cm.Sample("broadcast", 2, 1, 1.0).features()
+
+
+def test_fit_host_costs_recovers_synthetic_costs():
+    true = cm.HostCosts(pass_s=0.8e-9, hook_passes=7.0, select_passes=3.5, select_per_k_s=0.4e-6, scatter_s=5e-9, call_s=0.2e-3)
+    sel, rest = [], []
+    for d in (6_000_000, 750_000):
+        for rho in (0.01, 0.001):
+            k = math.ceil(rho * d)
+            sel.append(cm.HostSample(d, k, 2, true.pass_s * d * true.select_passes + true.select_per_k_s * k))
+            rest.append(cm.HostSample(d, k, 2, true.call_s + true.pass_s * d * true.hook_passes + true.scatter_s * 2 * k))
+    fit = cm.fit_host_costs(true.pass_s, sel, rest, base=true)
+    for name in ("select_passes", "select_per_k_s", "hook_passes", "call_s"):
+        assert getattr(fit, name) == pytest.approx(getattr(true, name), rel=1e-6), name
+    d, k = 16_000_000, 16_000
+    assert cm.sparse_host_time(d, k, 4, fit) == pytest.approx(cm.sparse_host_time(d, k, 4, true), rel=1e-6)
+    with pytest.raises(ValueError):
+        cm.fit_host_costs(true.pass_s, [])
