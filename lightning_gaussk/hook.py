@@ -34,6 +34,7 @@ from lightning_gaussk.select import available_selectors, get_selector, select
 __all__ = ["GaussKState", "gaussk_hook", "validate_config"]
 
 STATE_FORMAT = "lightning_gaussk.state/1"
+DENSE_FALLBACKS = ("auto", "never")
 # torch >= 2.6 renamed all_gather_into_tensor; the old name warns on every call
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 # communication callbacks may complete on a backend thread: their counter updates take this lock
@@ -48,8 +49,16 @@ def validate_config(
     warmup_steps: Any,
     warmup_density: Any,
     seed: Any,
+    dense_fallback: Any = "auto",
+    link_gbit: Any = None,
 ) -> None:
     """Raise ``TypeError``/``ValueError`` naming the argument, the value and what is allowed."""
+    if dense_fallback not in DENSE_FALLBACKS:
+        raise ValueError(f"`dense_fallback` must be one of {DENSE_FALLBACKS}, got {dense_fallback!r}")
+    if link_gbit is not None and (
+        isinstance(link_gbit, bool) or not isinstance(link_gbit, (int, float)) or not 0 < link_gbit < math.inf
+    ):
+        raise ValueError(f"`link_gbit` must be a number of Gbit/s > 0 or None, got {link_gbit!r}")
     if isinstance(density, bool) or not isinstance(density, (int, float)):
         raise TypeError(f"`density` must be a float in (0, 1], got {type(density).__name__} {density!r}")
     if not (0.0 < density <= 1.0):  # also rejects NaN
@@ -113,6 +122,12 @@ class GaussKState:
             ``warmup_density`` to ``density`` (0 = no warm-up).
         warmup_density: density at step 0 when ``warmup_steps > 0``.
         seed: seeds randomised selectors together with the step and bucket index.
+        dense_fallback: "auto" sends a bucket dense (allreduce of ``grad + residual``, residual
+            reset) when sparse would not be cheaper: always when the all-gather moves at least as
+            many bytes as a ring allreduce (``W (2k + 1) >= 2 d``: tiny buckets, high densities);
+            with ``link_gbit`` also when :mod:`lightning_gaussk.costmodel` predicts dense faster.
+            "never" always sparsifies.
+        link_gbit: link bandwidth in Gbit/s for the cost model (None: byte rule only).
         process_group: the group to communicate in (default: the world).
 
     ``state_dict()`` holds tensors and plain Python values only (``torch.load(weights_only=True)``
@@ -128,15 +143,20 @@ class GaussKState:
         warmup_steps: int = 0,
         warmup_density: float | None = None,
         seed: int = 0,
+        dense_fallback: str = "auto",
+        link_gbit: float | None = None,
         process_group: dist.ProcessGroup | None = None,
     ) -> None:
-        validate_config(density, selector, error_feedback, warmup_steps, warmup_density, seed)
+        validate_config(density, selector, error_feedback, warmup_steps, warmup_density, seed, dense_fallback, link_gbit)
         self.density = float(density)
         self.selector = selector
         self.error_feedback = error_feedback
         self.warmup_steps = warmup_steps
         self.warmup_density = None if warmup_density is None else float(warmup_density)
         self.seed = seed
+        self.dense_fallback = dense_fallback
+        self.link_gbit = None if link_gbit is None else float(link_gbit)
+        self._dense_cache: dict[tuple[int, int, int, str], bool] = {}
         self.process_group = process_group
         self.step = 0  # optimizer steps; set by the owner (set_step) or counted per backward
         self._external_step = False
@@ -157,6 +177,7 @@ class GaussKState:
             "select_ns": 0,  # time in select() (CPU buckets only)
             "comm_ns": 0,  # issue of the all-gather -> its completion callback (CPU buckets only)
             "hook_ns": 0,  # time in the hook body, select included (CPU buckets only)
+            "dense_buckets": 0,  # buckets sent dense by dense_fallback
         }
         self._capture_next = False
         self.captured: dict[int, dict[str, Any]] = {}
@@ -189,6 +210,24 @@ class GaussKState:
     def k_for(self, d: int) -> int:
         """Entries sent for a bucket of ``d`` entries at the current step: ``ceil(density * d)``."""
         return min(d, max(1, math.ceil(self.density_at(self.step) * d - 1e-9)))
+
+    def prefer_dense(self, d: int, k: int, world: int, device_type: str) -> bool:
+        """Whether a bucket of ``d`` entries goes dense at ``k`` (see ``dense_fallback``).
+
+        A pure function of configuration and shapes, so every rank takes the same branch (they
+        must: the two branches call different collectives)."""
+        key = (d, k, world, device_type)
+        if key not in self._dense_cache:
+            dense = False
+            if self.dense_fallback == "auto":
+                dense = world * (2 * k + 1) >= 2 * d  # sparse moves no fewer bytes than a ring allreduce
+                if not dense and self.link_gbit is not None:
+                    from lightning_gaussk import costmodel
+
+                    link = costmodel.Link.from_gbit(self.link_gbit)
+                    dense = costmodel.prefer_dense(d, k, world, link, costmodel.HostCosts.for_device(device_type))
+            self._dense_cache[key] = dense
+        return self._dense_cache[key]
 
     def capture_next_step(self) -> None:
         """Ask the hook to keep a copy of every bucket's ``u`` and selection on the next step:
@@ -252,6 +291,8 @@ class GaussKState:
                 "warmup_steps": self.warmup_steps,
                 "warmup_density": self.warmup_density,
                 "seed": self.seed,
+                "dense_fallback": self.dense_fallback,
+                "link_gbit": self.link_gbit,
             },
             "step": self.step,
             "telemetry": dict(self.telemetry),
@@ -323,6 +364,8 @@ def gaussk_hook(state: GaussKState, bucket: dist.GradBucket) -> torch.futures.Fu
         torch.add(slot.residual, buf, out=u)  # fp32 whatever the bucket dtype
     else:
         u.copy_(buf)
+    if state.prefer_dense(d, k, world, buf.device.type):
+        return _dense_bucket(state, bucket, slot, buf, group, world)
     t1 = time.perf_counter_ns() if timed else 0
     values, indices = select(u, k, state.selector, seed=state.seed + bucket.index(), step=state.step)
     t2 = time.perf_counter_ns() if timed else 0
@@ -339,11 +382,7 @@ def gaussk_hook(state: GaussKState, bucket: dist.GradBucket) -> torch.futures.Fu
     tel["bytes_dense"] += d * buf.element_size()
     tel["entries_sent"] += k
     tel["entries_total"] += d
-    if bucket.is_last():
-        state._capture_next = False
-        state._norms_next = False
-        if not state._external_step:
-            state.step += 1
+    _end_bucket(state, bucket)
 
     t3 = time.perf_counter_ns() if timed else 0
     fut = _all_gather(gathered, msg, group=group, async_op=True).get_future()
@@ -357,6 +396,7 @@ def gaussk_hook(state: GaussKState, bucket: dist.GradBucket) -> torch.futures.Fu
             dt = time.perf_counter_ns() - t3
             with _TELEMETRY_LOCK:
                 tel["comm_ns"] += dt
+        fut.value()  # re-raises a failed all-gather (peer died, timeout): never decode a stale buffer
         rows = gathered.view(world, 2 * k + 1)
         vals = rows[:, :k].reshape(-1)
         idx = rows[:, k : 2 * k].reshape(-1).view(torch.int32)
@@ -372,6 +412,49 @@ def gaussk_hook(state: GaussKState, bucket: dist.GradBucket) -> torch.futures.Fu
         return buf
 
     return fut.then(decode)
+
+
+def _end_bucket(state: GaussKState, bucket: dist.GradBucket) -> None:
+    """After the last bucket of a backward pass: requests are served, one more optimizer step."""
+    if bucket.is_last():
+        state._capture_next = False
+        state._norms_next = False
+        if not state._external_step:
+            state.step += 1
+
+
+def _dense_bucket(
+    state: GaussKState, bucket: dist.GradBucket, slot: _Slot, buf: Tensor, group: Any, world: int
+) -> torch.futures.Future[Tensor]:
+    """``dense_fallback``: allreduce ``u = grad + residual`` (in ``slot.work``); on success the
+    residual is all sent, so it becomes zero; a non-finite result (any rank) leaves it untouched."""
+    d = buf.numel()
+    tel = state.telemetry
+    tel["hook_calls"] += 1
+    tel["dense_buckets"] += 1
+    tel["bytes_sent"] += d * 4
+    tel["bytes_dense"] += d * buf.element_size()
+    tel["entries_sent"] += d
+    tel["entries_total"] += d
+    _end_bucket(state, bucket)
+    u = slot.work
+    fut = dist.all_reduce(u, group=group, async_op=True).get_future()
+
+    def finish(fut: torch.futures.Future[Any]) -> Tensor:
+        fut.value()  # re-raises a failed allreduce
+        buf.copy_(u.div_(world))
+        if state.error_feedback:
+            ok = torch.isfinite(u.sum())  # one pass: NaN/inf anywhere in the averaged bucket
+            if u.device.type == "cpu":
+                if bool(ok):
+                    slot.residual.zero_()
+                else:
+                    tel["skipped_buckets"] += 1
+            else:
+                torch.where(ok, 0.0, slot.residual, out=slot.residual)  # no host sync
+        return buf
+
+    return fut.then(finish)
 
 
 def _record(state: GaussKState, bucket: dist.GradBucket, slot: _Slot, buf: Tensor, u: Tensor, indices: Tensor, k: int) -> None:

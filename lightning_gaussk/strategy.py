@@ -43,6 +43,11 @@ class GaussKDDPStrategy(DDPStrategy):
         warmup_steps: optimizer steps of density warm-up (geometric decay from ``warmup_density``).
         warmup_density: density at step 0 when ``warmup_steps > 0``.
         seed: seed of randomised selectors (combined with the step and bucket index).
+        dense_fallback: "auto" sends a bucket dense when sparse cannot be cheaper (the all-gather
+            would move at least the bytes of a ring allreduce: tiny buckets, high densities; with
+            ``link_gbit`` also when the alpha-beta cost model predicts dense faster); "never" always
+            sparsifies.
+        link_gbit: link bandwidth in Gbit/s for the cost model of ``dense_fallback`` (None: byte rule only).
         find_unused_parameters: passed to ``DistributedDataParallel``.
         static_graph: passed to ``DistributedDataParallel``.
         gradient_as_bucket_view: passed to ``DistributedDataParallel``.
@@ -73,6 +78,8 @@ class GaussKDDPStrategy(DDPStrategy):
         warmup_steps: int = 0,
         warmup_density: float | None = None,
         seed: int = 0,
+        dense_fallback: Literal["auto", "never"] = "auto",
+        link_gbit: float | None = None,
         find_unused_parameters: bool = False,
         static_graph: bool = False,
         gradient_as_bucket_view: bool = False,
@@ -93,7 +100,7 @@ class GaussKDDPStrategy(DDPStrategy):
                     f"GaussKDDPStrategy registers its own comm hook; `{name}` would add a second one. "
                     "Use DDPStrategy for other hooks."
                 )
-        validate_config(density, selector, error_feedback, warmup_steps, warmup_density, seed)
+        validate_config(density, selector, error_feedback, warmup_steps, warmup_density, seed, dense_fallback, link_gbit)
         _validate_ddp_args(
             kwargs,
             find_unused_parameters=find_unused_parameters,
@@ -127,6 +134,8 @@ class GaussKDDPStrategy(DDPStrategy):
             "warmup_steps": warmup_steps,
             "warmup_density": warmup_density,
             "seed": seed,
+            "dense_fallback": dense_fallback,
+            "link_gbit": link_gbit,
         }
         self._gaussk_state: GaussKState | None = None
         self._gaussk_loaded: dict[str, Any] | None = None  # from a checkpoint, before the state exists

@@ -42,19 +42,28 @@ def _dense_equivalence(rank: int, world: int) -> None:
     torch.manual_seed(0)
     base = Net()
     plain = DDP(copy.deepcopy(base))
-    sparse = DDP(copy.deepcopy(base), bucket_cap_mb=0.002)  # several buckets
-    sparse.register_comm_hook(GaussKState(density=1.0).bind(sparse), gaussk_hook)
-    opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (plain, sparse)]
+    sparse = DDP(copy.deepcopy(base), bucket_cap_mb=0.002)  # several buckets, all through the sparse path
+    sparse_state = GaussKState(density=1.0, dense_fallback="never").bind(sparse)
+    sparse.register_comm_hook(sparse_state, gaussk_hook)
+    auto = DDP(copy.deepcopy(base), bucket_cap_mb=0.002)  # k = d: dense_fallback="auto" allreduces
+    auto_state = GaussKState(density=1.0).bind(auto)
+    auto.register_comm_hook(auto_state, gaussk_hook)
+    models = (plain, sparse, auto)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in models]
     for step in range(6):
-        for m, opt in zip((plain, sparse), opts):
+        for m, opt in zip(models, opts):
             opt.zero_grad()
             m(batch(step, rank)).pow(2).mean().backward()
             opt.step()
-    for p, q in zip(plain.parameters(), sparse.parameters()):
+    for p, q, r in zip(plain.parameters(), sparse.parameters(), auto.parameters()):
         torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(r, p, rtol=1e-5, atol=1e-6)
+    assert sparse_state.telemetry["dense_buckets"] == 0
+    assert auto_state.telemetry["dense_buckets"] == auto_state.telemetry["hook_calls"] > 0
+    assert all(int(r.count_nonzero()) == 0 for r in auto_state.residuals().values())  # all of u was sent
 
 
-def test_density_one_matches_plain_ddp_allreduce():
+def test_density_one_matches_plain_ddp_allreduce_on_sparse_and_dense_paths():
     run_distributed(_dense_equivalence)
 
 
@@ -138,11 +147,16 @@ def test_bf16_buckets_keep_fp32_residuals():
 
 
 # --------------------------------------------------------------------------------------------
-def _nonfinite(rank: int, world: int) -> None:
+def _nonfinite_cases(rank: int, world: int) -> None:
+    _nonfinite(rank, world, 0.05)  # sparse path
+    _nonfinite(rank, world, 1.0)  # dense_fallback path
+
+
+def _nonfinite(rank: int, world: int, density: float) -> None:
     torch.manual_seed(0)
     model = Net()
     ddp = DDP(model)
-    state = GaussKState(density=0.05).bind(ddp)
+    state = GaussKState(density=density).bind(ddp)
     ddp.register_comm_hook(state, gaussk_hook)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
     for step in range(6):
@@ -166,7 +180,7 @@ def _nonfinite(rank: int, world: int) -> None:
 
 
 def test_nonfinite_gradient_on_one_rank_is_seen_everywhere_and_spares_residuals():
-    run_distributed(_nonfinite)
+    run_distributed(_nonfinite_cases)
 
 
 # --------------------------------------------------------------------------------------------
@@ -211,3 +225,19 @@ def test_load_state_dict_rejects_foreign_dicts():
     state = GaussKState()
     with pytest.raises(ValueError, match="state_dict"):
         state.load_state_dict({"residuals": {}})
+
+
+def test_dense_fallback_rule_is_a_pure_function_of_shapes_and_config():
+    from lightning_gaussk import costmodel
+
+    auto, never = GaussKState(density=0.01), GaussKState(density=0.01, dense_fallback="never")
+    # all-gather of W (2k + 1) words vs ring allreduce of 2 d (W - 1) / W: sparse only if fewer bytes
+    assert auto.prefer_dense(100, 50, 2, "cpu") and auto.prefer_dense(100, 1, 128, "cpu")
+    assert not auto.prefer_dense(100_000, 1000, 2, "cpu")
+    assert not never.prefer_dense(100, 50, 2, "cpu")
+    linked = GaussKState(density=0.01, link_gbit=100.0)
+    for d, k, w in [(10_000, 100, 2), (1_000_000, 1000, 8), (25_000_000, 25_000, 2)]:
+        expect = costmodel.prefer_dense(d, k, w, costmodel.Link.from_gbit(100.0), costmodel.HostCosts.for_device("cpu"))
+        assert linked.prefer_dense(d, k, w, "cpu") == (expect or w * (2 * k + 1) >= 2 * d)
+    with pytest.raises(ValueError, match="dense_fallback"):
+        GaussKState(dense_fallback="sometimes")
