@@ -143,7 +143,7 @@ def calibrate_host(sizes: list[int], world: int, densities: list[float], methods
     """Times on bucket-sized vectors: read pass, selectors, and a replica of the hook's other work."""
     import torch
 
-    from lightning_gaussk.select import select
+    from lightning_gaussk.selectors import select
 
     g = torch.Generator().manual_seed(0)
     res: dict[str, Any] = {"pass": [], "select": [], "hook_rest": []}

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from lightning_gaussk.select import available_selectors, get_selector, select
+from lightning_gaussk.selectors import available_selectors, get_selector, select
 
 __all__ = ["GaussKState", "gaussk_hook", "validate_config"]
 

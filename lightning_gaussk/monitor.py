@@ -33,7 +33,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from lightning_gaussk.select import gaussian_threshold, get_selector, select
+from lightning_gaussk.selectors import gaussian_threshold, get_selector, select
 
 __all__ = [
     "SNAPSHOT_FORMAT",

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from lightning_gaussk import available_selectors, get_selector, register_selector, select
-from lightning_gaussk.select import _SELECTORS, _lane_size
+from lightning_gaussk.selectors import _SELECTORS, _lane_size
 
-SELECT_MODULE = sys.modules["lightning_gaussk.select"]  # the package's `select` attribute is the function
+SELECT_MODULE = sys.modules["lightning_gaussk.selectors"]
 
 BUILTIN = ("topk", "gaussk", "dgc", "randk")
 EXACT = ("topk", "gaussk", "dgc")  # exact top-k on CPU tensors (up to ties)
