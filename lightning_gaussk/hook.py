@@ -19,10 +19,12 @@ Residuals are kept per parameter (the bucket buffer is the concatenation of
 ``static_graph``, ``find_unused_parameters`` and any ``bucket_cap_mb``.
 """
 
+import atexit
 import math
 import threading
 import time
 import warnings
+import weakref
 from typing import Any
 
 import torch
@@ -40,6 +42,37 @@ _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_t
 # communication callbacks may complete on a backend thread: their counter updates take this lock
 # (module level, so a GaussKState stays picklable/deep-copyable)
 _TELEMETRY_LOCK = threading.Lock()
+# states whose communication callbacks may not be released yet (see GaussKState.wait_idle)
+_LIVE: "weakref.WeakSet[GaussKState]" = weakref.WeakSet()
+_PENDING_LOCK = threading.Lock()
+
+
+class _Pending:
+    """Lives exactly as long as one communication callback (it is a default argument of it).
+
+    torch's communication thread releases a ``.then()`` callback just *after* the future the hook
+    returned is complete, and it needs the GIL to do so. A process that tears down right then
+    (interpreter exit, or a gloo group destroyed while the GIL is held) aborts with "terminate
+    called without an active exception" or deadlocks. ``GaussKState.wait_idle`` waits until every
+    callback is released; it runs at exit and in the strategy's teardown."""
+
+    __slots__ = ("state",)
+
+    def __init__(self, state: "GaussKState") -> None:
+        self.state = state
+        with _PENDING_LOCK:
+            state._inflight = getattr(state, "_inflight", 0) + 1
+        _LIVE.add(state)
+
+    def __del__(self) -> None:
+        with _PENDING_LOCK:
+            self.state._inflight -= 1
+
+
+@atexit.register
+def _drain_at_exit() -> None:
+    for state in list(_LIVE):
+        state.wait_idle(timeout=2.0)
 
 
 def validate_config(
@@ -101,6 +134,11 @@ class _Slot:
         self.out: Tensor | None = None  # fp32 decode buffer for non-fp32 buckets
         self.k = -1
         self.msg = self.gathered = torch.empty(0, device=device)
+        # The last collective's Work. Holding it means the backend thread never drops the last
+        # reference to a Work that owns these Python-created tensors: that drop needs the GIL, and
+        # at interpreter exit the main thread holds the GIL while joining that very thread
+        # (deadlock seen with gloo). It is released here, on the Python side, at the next step.
+        self.handle: Any = None
 
     def message_buffers(self, k: int, world: int) -> tuple[Tensor, Tensor]:
         if k != self.k:  # only changes during density warm-up
@@ -160,6 +198,7 @@ class GaussKState:
         self.process_group = process_group
         self.step = 0  # optimizer steps; set by the owner (set_step) or counted per backward
         self._external_step = False
+        self._inflight = 0  # communication callbacks not yet released (see wait_idle)
         self._names: dict[int, str] = {}  # id(parameter) -> name
         self._sizes: dict[str, int] = {}  # name -> numel, to check loaded residuals
         self._slots: dict[int, _Slot] = {}  # bucket index -> buffers
@@ -200,6 +239,19 @@ class GaussKState:
         """
         self.step = int(step)
         self._external_step = True
+
+    def wait_idle(self, timeout: float = 5.0) -> bool:
+        """Wait until torch's communication threads have released every callback of this hook
+        (they need the GIL for it, just after a step's gradients are ready). Call it before
+        ``dist.destroy_process_group()`` in a raw-DDP script: tearing a gloo group down while a
+        release is pending can deadlock or abort the process. It runs by itself at interpreter
+        exit and in ``GaussKDDPStrategy.teardown``. Returns False if ``timeout`` seconds passed."""
+        deadline = time.monotonic() + timeout
+        while getattr(self, "_inflight", 0) > 0:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.001)  # releases the GIL, so the communication thread can finish
+        return True
 
     def density_at(self, step: int) -> float:
         """``density`` after warm-up; before it ``warmup_density * (density / warmup_density)^(step / warmup_steps)``."""
@@ -385,13 +437,14 @@ def gaussk_hook(state: GaussKState, bucket: dist.GradBucket) -> torch.futures.Fu
     _end_bucket(state, bucket)
 
     t3 = time.perf_counter_ns() if timed else 0
-    fut = _all_gather(gathered, msg, group=group, async_op=True).get_future()
+    slot.handle = _all_gather(gathered, msg, group=group, async_op=True)  # see _Slot.handle
+    fut = slot.handle.get_future()
     if timed:
         with _TELEMETRY_LOCK:
             tel["select_ns"] += t2 - t1
             tel["hook_ns"] += time.perf_counter_ns() - t0
 
-    def decode(fut: torch.futures.Future[Any]) -> Tensor:
+    def decode(fut: torch.futures.Future[Any], _pending: _Pending = _Pending(state)) -> Tensor:
         if timed:
             dt = time.perf_counter_ns() - t3
             with _TELEMETRY_LOCK:
@@ -438,9 +491,10 @@ def _dense_bucket(
     tel["entries_total"] += d
     _end_bucket(state, bucket)
     u = slot.work
-    fut = dist.all_reduce(u, group=group, async_op=True).get_future()
+    slot.handle = dist.all_reduce(u, group=group, async_op=True)  # see _Slot.handle
+    fut = slot.handle.get_future()
 
-    def finish(fut: torch.futures.Future[Any]) -> Tensor:
+    def finish(fut: torch.futures.Future[Any], _pending: _Pending = _Pending(state)) -> Tensor:
         fut.value()  # re-raises a failed allreduce
         buf.copy_(u.div_(world))
         if state.error_feedback:
