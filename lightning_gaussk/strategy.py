@@ -160,6 +160,13 @@ class GaussKDDPStrategy(DDPStrategy):
             self._gaussk_state.set_step(self.lightning_module.trainer.global_step)
         return super().training_step(*args, **kwargs)
 
+    def teardown(self) -> None:
+        if self._gaussk_state is not None:
+            # local, no collective (safe after an error): let torch's communication threads
+            # release the hook's last callbacks before the DDP wrapper and process go away
+            self._gaussk_state.wait_idle()
+        super().teardown()
+
     # ---------------------------------------------------------------- checkpoints
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:
         """Gather every rank's hook state into ``checkpoint["gaussk"]`` (a collective: Lightning
