@@ -2,7 +2,7 @@
 
 from lightning_gaussk.hook import GaussKState, gaussk_hook
 from lightning_gaussk.monitor import GradientDistributionMonitor
-from lightning_gaussk.selectors import available_selectors, get_selector, register_selector, select
+from lightning_gaussk.selectors import accumulate_select, available_selectors, get_selector, register_selector, select
 from lightning_gaussk.strategy import GaussKDDPStrategy
 from lightning_gaussk.telemetry import GaussKTelemetry, telemetry_figures
 
@@ -17,6 +17,7 @@ __all__ = [
     "GaussKState",
     "GaussKTelemetry",
     "GradientDistributionMonitor",
+    "accumulate_select",
     "available_selectors",
     "gaussk_hook",
     "get_selector",

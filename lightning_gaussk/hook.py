@@ -4,12 +4,14 @@ One bucket, one step (``d`` entries, ``W`` ranks, ``k = ceil(density * d)``)::
 
     u        = grad + residual                      fp32 work buffer, reused between steps
     idx, val = select(u, k)                         exactly k entries (selector by name)
+                                                    (one fused pass on CPU: accumulate_select)
     msg      = [val | idx as int32 bits | flag]     ONE fp32 tensor of 2k + 1 entries
     all_gather(msg)                                 ONE async collective of fixed size
     grad     = scatter_add(idx_r, val_r) / W        duplicate indices across ranks add up
     residual = u with u[idx] := 0                   so sent + residual == u, bit for bit
 
-``flag`` is ``0 * sum(u)``: 0 when ``u`` is finite, NaN otherwise. The gathered flags are added
+``flag`` is 0 when ``u`` is finite, NaN otherwise (``0 * sum(u)``, or ``0 * sum(val)`` where
+the selection is an exact top-k, which always picks non-finite entries first). The gathered flags are added
 to the first entry of the result, so a non-finite gradient on any rank shows up on every rank
 (as with plain DDP, letting a GradScaler skip the step), and no rank commits its residual for
 that step: one bad step cannot poison the error feedback.
@@ -31,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from lightning_gaussk.selectors import available_selectors, get_selector, select
+from lightning_gaussk.selectors import accumulate_select, available_selectors, get_selector, select
 
 __all__ = ["GaussKState", "gaussk_hook", "validate_config"]
 
@@ -213,7 +215,7 @@ class GaussKState:
             "skipped_buckets": 0,
             "entries_sent": 0,  # sum of k
             "entries_total": 0,  # sum of d
-            "select_ns": 0,  # time in select() (CPU buckets only)
+            "select_ns": 0,  # time forming u = grad + residual and selecting (CPU buckets only)
             "comm_ns": 0,  # issue of the all-gather -> its completion callback (CPU buckets only)
             "hook_ns": 0,  # time in the hook body, select included (CPU buckets only)
             "dense_buckets": 0,  # buckets sent dense by dense_fallback
@@ -412,21 +414,30 @@ def gaussk_hook(state: GaussKState, bucket: dist.GradBucket) -> torch.futures.Fu
     slot = state._slot_for(bucket.index(), bucket.parameters(), d, buf.device)
     k = state.k_for(d)
     u = slot.work
+    if state.prefer_dense(d, k, world, buf.device.type):
+        _accumulate(state, slot, buf)
+        return _dense_bucket(state, bucket, slot, buf, group, world)
+    monitored = state._capture_next or state._norms_next  # _record reads the gradient: keep it
+    # the result overwrites the bucket: an fp32 one can be zeroed now, while it is read anyway
+    zeroed = buf.dtype == torch.float32 and not monitored
+    t1 = time.perf_counter_ns() if timed else 0
     if state.error_feedback:
-        torch.add(slot.residual, buf, out=u)  # fp32 whatever the bucket dtype
+        values, indices, flag = accumulate_select(
+            slot.residual, buf, u, k, state.selector, seed=state.seed + bucket.index(), step=state.step,
+            zero_grad=zeroed,
+        )  # u = residual + grad and its top-k (fused on CPU), flag = 0 or NaN
     else:
         u.copy_(buf)
-    if state.prefer_dense(d, k, world, buf.device.type):
-        return _dense_bucket(state, bucket, slot, buf, group, world)
-    t1 = time.perf_counter_ns() if timed else 0
-    values, indices = select(u, k, state.selector, seed=state.seed + bucket.index(), step=state.step)
+        zeroed = False
+        values, indices = select(u, k, state.selector, seed=state.seed + bucket.index(), step=state.step)
+        flag = u.sum() * 0.0
     t2 = time.perf_counter_ns() if timed else 0
 
     msg, gathered = slot.message_buffers(k, world)
     msg[:k].copy_(values)
     msg[k : 2 * k].view(torch.int32).copy_(indices)  # int32 bits ride in the fp32 message
-    torch.mul(u.sum(), 0.0, out=msg[2 * k])  # 0 if u is finite, NaN otherwise
-    if state._capture_next or state._norms_next:  # only on steps a monitor asked for
+    msg[2 * k].copy_(flag)  # 0 if u is finite, NaN otherwise
+    if monitored:  # only on steps a monitor asked for
         _record(state, bucket, slot, buf, u, indices, k)
     tel = state.telemetry
     tel["hook_calls"] += 1
@@ -455,7 +466,8 @@ def gaussk_hook(state: GaussKState, bucket: dist.GradBucket) -> torch.futures.Fu
         idx = rows[:, k : 2 * k].reshape(-1).view(torch.int32)
         flag = rows[:, 2 * k].sum()  # NaN if any rank's u was non-finite
         out = buf if buf.dtype == torch.float32 else _fp32_out(slot, d)
-        out.zero_()
+        if not zeroed:
+            out.zero_()
         out.index_add_(0, idx, vals, alpha=1.0 / world)  # accumulating: duplicates add up
         out[:1].add_(flag)  # propagate non-finiteness to every rank, no host sync
         if out is not buf:
@@ -465,6 +477,14 @@ def gaussk_hook(state: GaussKState, bucket: dist.GradBucket) -> torch.futures.Fu
         return buf
 
     return fut.then(decode)
+
+
+def _accumulate(state: GaussKState, slot: _Slot, buf: Tensor) -> None:
+    """``slot.work := grad + residual`` (fp32 whatever the bucket dtype), or just ``grad``."""
+    if state.error_feedback:
+        torch.add(slot.residual, buf, out=slot.work)
+    else:
+        slot.work.copy_(buf)
 
 
 def _end_bucket(state: GaussKState, bucket: dist.GradBucket) -> None:

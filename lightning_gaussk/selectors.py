@@ -42,6 +42,7 @@ __all__ = [
     "get_selector",
     "gaussian_threshold",
     "register_selector",
+    "accumulate_select",
     "select",
 ]
 
@@ -137,6 +138,70 @@ def select(x: Tensor, k: int, method: str = "gaussk", *, seed: int = 0, step: in
     return values, indices
 
 
+def accumulate_select(
+    residual: Tensor,
+    grad: Tensor,
+    out: Tensor,
+    k: int,
+    method: str = "gaussk",
+    *,
+    seed: int = 0,
+    step: int = 0,
+    zero_grad: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``out := residual + grad``, then ``select(out, k, method)``, and a non-finite flag.
+
+    The error-feedback step of TopK-SGD, ``u = g + r`` and the top-k of ``u``, as one call so
+    that it can be one pass over memory.
+
+    Args:
+        residual, grad, out: 1-D tensors of the same size on the same device; ``out`` (fp32 or
+            ``residual``'s dtype) receives ``u = residual + grad`` and may not alias either.
+        k, method, seed, step: as in :func:`select`.
+        zero_grad: also set ``grad`` to zero (the DDP hook overwrites the bucket with the decoded
+            result, so zeroing it here, while it is in cache, saves a write pass later).
+
+    Returns:
+        ``(values, indices, flag)``: ``select(out, k, method)`` and a 0-d fp32 tensor that is 0
+        when every entry of ``u`` is finite and NaN otherwise (on the tensors' device: no sync).
+
+    Fast path (CPU, fp32, the built-in ``"gaussk"`` or ``"dgc"``, lane refinement applicable): the
+    threshold estimate samples ``residual + grad`` directly, and the lane scan forms ``u`` chunk
+    by chunk, reducing each chunk while it is in L2 cache and zeroing ``grad``'s chunk with it:
+    read ``r`` and ``g`` once, write ``u`` once. Its selection is an exact top-k of magnitude keys,
+    which rank inf and NaN above every finite value, so ``u`` has a non-finite entry exactly when
+    the selected values do: the flag is ``0 * sum(values)``, over ``k`` entries instead of ``d``.
+    Otherwise: ``torch.add``, :func:`select`, and ``0 * sum(u)``. Both give the same results.
+    """
+    for name, t in (("residual", residual), ("grad", grad), ("out", out)):
+        if not isinstance(t, Tensor) or t.dim() != 1:
+            raise ValueError(f"accumulate_select: `{name}` must be a 1-D tensor, got {t!r:.60}")
+    if not residual.numel() == grad.numel() == out.numel():
+        raise ValueError(
+            f"accumulate_select: sizes differ: residual {residual.numel()}, grad {grad.numel()}, out {out.numel()}"
+        )
+    d = out.numel()
+    fast = (
+        out.device.type == "cpu"
+        and out.dtype == residual.dtype == grad.dtype == torch.float32
+        and out.is_contiguous() and residual.is_contiguous() and grad.is_contiguous()
+        and isinstance(k, int) and not isinstance(k, bool) and 1 <= k < d
+        and _lane_size(d, k) is not None
+        and _FUSABLE.get(method) is _SELECTORS.get(method)  # a user override is called as is
+    )
+    if not fast:
+        torch.add(residual, grad, out=out)
+        if zero_grad:
+            grad.zero_()
+        values, indices = select(out, k, method, seed=seed, step=step)
+        return values, indices, out.sum(dtype=torch.float32) * 0.0
+    rho = min(1.0, _AIM * k / d)  # aim the first guess at 1.25 k so that one count usually brackets k
+    pair = (residual, grad)
+    t = _gaussk_estimate(pair, k, rho) if method == "gaussk" else _dgc_estimate(pair, k, rho, seed, step)
+    values, indices = _cpu_refine(out, k, t, fuse=(residual, grad, zero_grad))
+    return values, indices, values.sum() * 0.0
+
+
 # --------------------------------------------------------------------------------------------
 # threshold estimates
 # --------------------------------------------------------------------------------------------
@@ -151,6 +216,12 @@ _SAMPLE_ROW = 2048  # contiguous run length of the sample: whole cache lines, ve
 _SAMPLE_ROWS = 64  # 64 evenly spaced runs = 131,072 entries: std known to ~0.2%
 
 
+def _take(src: "Tensor | tuple[Tensor, Tensor]", pick: Callable[[Tensor], Tensor]) -> Tensor:
+    """``pick(x)``, where ``src`` is ``x`` or a pair ``(r, g)`` standing for ``x = r + g``
+    (``pick(r) + pick(g)``: the same fp32 sums as ``pick(r + g)``, without forming ``r + g``)."""
+    return pick(src) if isinstance(src, Tensor) else pick(src[0]) + pick(src[1])
+
+
 def _sample(x: Tensor) -> Tensor:
     """A systematic sample of ``x``: evenly spaced contiguous runs (the whole ``x`` if small)."""
     d = x.numel()
@@ -160,9 +231,10 @@ def _sample(x: Tensor) -> Tensor:
     return rows[:: rows.shape[0] // _SAMPLE_ROWS][:_SAMPLE_ROWS]
 
 
-def _gaussk_estimate(x: Tensor, k: int, density: float) -> float:
-    """Gaussian-k threshold from the sample's mean and unbiased std (fp32 accumulation)."""
-    s = _sample(x.detach()).float()
+def _gaussk_estimate(x: "Tensor | tuple[Tensor, Tensor]", k: int, density: float) -> float:
+    """Gaussian-k threshold from the sample's mean and unbiased std (fp32 accumulation);
+    ``x`` may be a pair ``(r, g)`` standing for ``r + g``."""
+    s = _take(x, lambda t: _sample(t.detach())).float()
     n = s.numel()
     total = float(s.sum())
     sumsq = float(torch.linalg.vector_norm(s, dim=-1).square().sum())  # per row: 6x faster on a 2-D view
@@ -171,14 +243,16 @@ def _gaussk_estimate(x: Tensor, k: int, density: float) -> float:
     return gaussian_threshold(mean, math.sqrt(var), density)
 
 
-def _dgc_estimate(x: Tensor, k: int, density: float, seed: int, step: int) -> float:
-    """DGC: the ``ceil(density * s)``-th largest magnitude of a uniform random sample."""
-    d = x.numel()
+def _dgc_estimate(x: "Tensor | tuple[Tensor, Tensor]", k: int, density: float, seed: int, step: int) -> float:
+    """DGC: the ``ceil(density * s)``-th largest magnitude of a uniform random sample; ``x`` may
+    be a pair ``(r, g)`` standing for ``r + g``."""
+    ref = x if isinstance(x, Tensor) else x[0]
+    d = ref.numel()
     s = min(d, max(1024, d // 100))
-    g = torch.Generator(device=x.device).manual_seed(_mix(seed, step))
-    idx = torch.randint(0, d, (s,), generator=g, device=x.device)
+    g = torch.Generator(device=ref.device).manual_seed(_mix(seed, step))
+    idx = torch.randint(0, d, (s,), generator=g, device=ref.device)
     m = max(1, math.ceil(density * s))
-    return float(torch.topk(x.detach()[idx].abs().float(), m, sorted=False).values.min())
+    return float(torch.topk(_take(x, lambda t: t.detach()[idx]).abs().float(), m, sorted=False).values.min())
 
 
 def _mix(seed: int, step: int) -> int:
@@ -245,7 +319,9 @@ def _halve_to(a: Tensor, width: int) -> Tensor:
     return a
 
 
-def _lane_absmax(x: Tensor, body: Tensor, s: int, sign_off: int) -> Tensor:
+def _lane_absmax(
+    x: Tensor, body: Tensor, s: int, sign_off: int, fuse: "tuple[Tensor, Tensor, bool] | None" = None
+) -> Tensor:
     """Key of ``max |x|`` of every lane, ``(nb * 64 / s,)``; ``body`` is the (nb, 64) integer view
     of ``x``.
 
@@ -253,6 +329,11 @@ def _lane_absmax(x: Tensor, body: Tensor, s: int, sign_off: int) -> Tensor:
     it is still in cache. Long lanes (``s >= 32``) use an integer ``amax``; short ones
     ``max_pool1d`` on floats (torch's reductions over short rows are several times slower).
     The keys of the float maxima are their bits, as ``|x| >= 0``.
+
+    ``fuse = (r, g, zero_g)``: first write ``x := r + g`` chunk by chunk in the same loop, so the
+    scan reads each chunk of ``x`` from cache rather than memory, and with ``zero_g`` zero each
+    chunk of ``g`` while it is cached (the caller overwrites ``g`` later). Covers the first
+    ``nb * 64`` entries; the caller does the tail.
     """
     nb = body.shape[0]
     n = _BLOCK // s
@@ -260,15 +341,29 @@ def _lane_absmax(x: Tensor, body: Tensor, s: int, sign_off: int) -> Tensor:
     rows = min(_CHUNK_BLOCKS, nb)
     # chunk views from one split() call and a 0-d mask tensor: per-chunk Python slicing and scalar
     # wrapping cost as much as a fifth of the scan
+    xs = x[: nb * _BLOCK].view(nb, _BLOCK).split(rows)
+    if fuse is None:
+        adds: list[tuple[Tensor, Tensor]] = []
+    else:
+        r, g, zero_g = fuse
+        adds = list(zip(r[: nb * _BLOCK].view(nb, _BLOCK).split(rows), g[: nb * _BLOCK].view(nb, _BLOCK).split(rows)))
     if s >= 32:
         scratch = torch.empty(rows, _BLOCK, dtype=body.dtype)  # reused: no allocation per chunk
         mask = torch.tensor(sign_off, dtype=body.dtype)
-        for part, o in zip(body.split(rows), out.split(rows)):
+        for i, (part, o) in enumerate(zip(body.split(rows), out.split(rows))):
+            if adds:
+                torch.add(*adds[i], out=xs[i])
+                if zero_g:
+                    adds[i][1].zero_()
             a = torch.bitwise_and(part, mask, out=scratch if len(part) == rows else scratch[: len(part)])
             torch.amax(a.view(-1, n, s), 2, out=o)
     else:
         scratch = torch.empty(rows, _BLOCK, dtype=x.dtype)
-        for part, o in zip(x[: nb * _BLOCK].view(nb, _BLOCK).split(rows), out.view(x.dtype).split(rows)):
+        for i, (part, o) in enumerate(zip(xs, out.view(x.dtype).split(rows))):
+            if adds:
+                torch.add(*adds[i], out=part)
+                if zero_g:
+                    adds[i][1].zero_()
             a = torch.abs(part, out=scratch if len(part) == rows else scratch[: len(part)])
             o.copy_(F.max_pool1d(a.view(1, 1, -1), s).view(-1, n))
     return out.view(-1)
@@ -360,7 +455,7 @@ def _keep_largest(k: int, pos: Tensor, mags: Tensor, bits: Tensor) -> tuple[Tens
     return pos[top], bits[top]
 
 
-def _cpu_refine(x: Tensor, k: int, t: float) -> tuple[Tensor, Tensor]:
+def _cpu_refine(x: Tensor, k: int, t: float, fuse: "tuple[Tensor, Tensor, bool] | None" = None) -> tuple[Tensor, Tensor]:
     """Exact top-k of a contiguous 1-D CPU tensor, using the threshold guess ``t`` to prune.
 
     Why it is exact: let ``M_l`` be the max magnitude of lane ``l`` and ``m_k`` the k-th largest
@@ -371,6 +466,9 @@ def _cpu_refine(x: Tensor, k: int, t: float) -> tuple[Tensor, Tensor]:
 
     Cost: one read of ``x`` for the lane maxima (about twice ``torch.dot(x, x)``), then a count
     and a nonzero over the ``d / s`` lane maxima and work on about ``k`` lanes.
+
+    ``fuse = (r, g, zero_g)`` (see :func:`_lane_absmax`): ``x := r + g`` is formed during the scan,
+    and ``g`` zeroed if ``zero_g``; the caller checked that the lanes apply.
     """
     d = x.numel()
     s = _lane_size(d, k)
@@ -380,7 +478,11 @@ def _cpu_refine(x: Tensor, k: int, t: float) -> tuple[Tensor, Tensor]:
     keys = x.view(key_dtype)
     nb = d // _BLOCK
     body = keys[: nb * _BLOCK].view(nb, _BLOCK)
-    lane_max = _lane_absmax(x, body, s, sign_off)
+    if fuse is not None and nb * _BLOCK < d:  # the tail the scan does not cover
+        torch.add(fuse[0][nb * _BLOCK :], fuse[1][nb * _BLOCK :], out=x[nb * _BLOCK :])
+        if fuse[2]:
+            fuse[1][nb * _BLOCK :].zero_()
+    lane_max = _lane_absmax(x, body, s, sign_off, fuse)
     mk, lanes = _kth_lane(lane_max, k, _to_key(t, x.dtype))
     if mk == 0:  # fewer than k lanes hold a nonzero
         return _mostly_zero(x, k, keys, body, lane_max, s, sign_off)
@@ -487,3 +589,7 @@ def randk_selector(x: Tensor, k: int, *, seed: int = 0, step: int = 0) -> tuple[
     u = torch.rand(k, generator=g, device=x.device, dtype=torch.float64)
     idx = edges[:-1] + (u * width).long().minimum(width - 1)  # u < 1, but guard the rounding
     return x[idx], idx
+
+
+# the selectors accumulate_select fuses with the add (its fast path calls their estimate directly)
+_FUSABLE: dict[str, Selector] = {"gaussk": gaussk_selector, "dgc": dgc_selector}

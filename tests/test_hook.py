@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from _dist import run_distributed
-from lightning_gaussk import GaussKState, gaussk_hook
+from lightning_gaussk import GaussKState, gaussk_hook, register_selector
 
 
 class Net(nn.Module):
@@ -181,6 +181,47 @@ def _nonfinite(rank: int, world: int, density: float) -> None:
 
 def test_nonfinite_gradient_on_one_rank_is_seen_everywhere_and_spares_residuals():
     run_distributed(_nonfinite_cases)
+
+
+# --------------------------------------------------------------------------------------------
+def _fused_vs_unfused(rank: int, world: int) -> None:
+    import lightning_gaussk.selectors as sel
+
+    fused_scans = []
+    scan = sel._lane_absmax
+    sel._lane_absmax = lambda x, body, s, off, fuse=None: fused_scans.append(fuse is not None) or scan(x, body, s, off, fuse)
+    register_selector("gaussk_unfused", sel.gaussk_selector)  # same selector, not fused with the add
+    for density in (0.001, 0.01):  # 64- and 8-entry lanes
+        torch.manual_seed(0)
+        base = nn.Sequential(nn.Linear(12, 600), nn.Tanh(), nn.Linear(600, 300), nn.Tanh(), nn.Linear(300, 3))
+        models, states = [], []
+        for selector in ("gaussk", "gaussk_unfused"):
+            ddp = DDP(copy.deepcopy(base))
+            states.append(GaussKState(density=density, selector=selector).bind(ddp))
+            ddp.register_comm_hook(states[-1], gaussk_hook)
+            models.append(ddp)
+        opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in models]
+        fused_scans.clear()
+        for step in range(5):
+            x = batch(step, rank)
+            if step == 2 and rank == 1:
+                x[3, 4] = float("nan")  # a skipped step in the middle
+            for m, opt in zip(models, opts):
+                opt.zero_grad()
+                m(x).pow(2).mean().backward()
+                if step != 2:
+                    opt.step()
+        assert True in fused_scans and False in fused_scans  # both paths really ran
+        for p, q in zip(*(m.parameters() for m in models)):
+            assert torch.equal(p, q)
+        ra, rb = (s.residuals() for s in states)
+        assert all(torch.equal(ra[n], rb[n]) for n in ra)
+        assert states[0].telemetry == {**states[1].telemetry, **{t: states[0].telemetry[t] for t in ("select_ns", "comm_ns", "hook_ns")}}
+        assert states[0].telemetry["skipped_buckets"] > 0
+
+
+def test_fused_accumulate_and_select_trains_bit_for_bit_like_add_then_select():
+    run_distributed(_fused_vs_unfused)
 
 
 # --------------------------------------------------------------------------------------------
