@@ -294,7 +294,22 @@ def register_gaussk(accelerator: Accelerator, model: nn.Module, **config: Any) -
     ddp._gaussk_state = state  # marks the module; found again by a second call
     _attach_checkpointing(accelerator, state)
     _attach_step_counter(accelerator, ddp, state)
+    _attach_loss_scale(accelerator, model, state)
     return state
+
+
+def _attach_loss_scale(accelerator: Accelerator, model: nn.Module, state: GaussKState) -> None:
+    """fp16 mixed precision: before each forward, tell the hook the GradScaler's current scale
+    (its backward sees gradients scaled by it; see ``GaussKState.set_loss_scale``)."""
+    scaler = getattr(accelerator, "scaler", None)
+    if scaler is None or not scaler.is_enabled():
+        return
+
+    def follow(module: nn.Module, args: Any) -> None:
+        if module.training:
+            state.set_loss_scale(scaler.get_scale())
+
+    model.register_forward_pre_hook(follow)  # on the outermost module: runs eagerly, also around torch.compile
 
 
 def _attach_step_counter(accelerator: Accelerator, ddp: DistributedDataParallel, state: GaussKState) -> None:

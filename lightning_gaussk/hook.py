@@ -134,6 +134,8 @@ class _Slot:
         self.residual = torch.zeros(d, dtype=torch.float32, device=device)
         self.work = torch.empty(d, dtype=torch.float32, device=device)  # u, reused every step
         self.out: Tensor | None = None  # fp32 decode buffer for non-fp32 buckets
+        # the loss scale the residual is expressed in (see GaussKState.set_loss_scale)
+        self.scale = torch.ones((), dtype=torch.float32, device=device)
         self.k = -1
         self.msg = self.gathered = torch.empty(0, device=device)
         # The last collective's Work. Holding it means the backend thread never drops the last
@@ -200,6 +202,8 @@ class GaussKState:
         self.process_group = process_group
         self.step = 0  # optimizer steps; set by the owner (set_step) or counted per backward
         self._external_step = False
+        self.loss_scale = 1.0  # the loss scale of the gradients of the coming backward
+        self._scaled = False  # set_loss_scale was called with a scale other than 1
         self._inflight = 0  # communication callbacks not yet released (see wait_idle)
         self._names: dict[int, str] = {}  # id(parameter) -> name
         self._sizes: dict[str, int] = {}  # name -> numel, to check loaded residuals
@@ -241,6 +245,24 @@ class GaussKState:
         """
         self.step = int(step)
         self._external_step = True
+
+    def set_loss_scale(self, scale: float) -> None:
+        """Tell the hook the loss scale ``S`` of the coming backward (``GradScaler.get_scale()``).
+
+        With a GradScaler the hook sees scaled gradients ``S g``. Each bucket's residual is kept
+        in the scale it was committed at, ``S_r``, and brought to the current one when used::
+
+            u = S g + (S / S_r) r
+
+        so a scale change (GradScaler's growth or back-off) never mixes units, and a skipped step
+        (non-finite) leaves residual and ``S_r`` untouched. ``state_dict()`` stores residuals
+        unscaled (``r / S_r``). ``GaussKDDPStrategy`` and ``register_gaussk`` call this every
+        step when a scaler is active; call it yourself before ``backward`` in raw DDP.
+        """
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+            raise ValueError(f"GaussKState.set_loss_scale: `scale` must be a finite number > 0, got {scale!r}")
+        self.loss_scale = float(scale)
+        self._scaled = self._scaled or self.loss_scale != 1.0
 
     def wait_idle(self, timeout: float = 5.0) -> bool:
         """Wait until torch's communication threads have released every callback of this hook
@@ -306,24 +328,32 @@ class GaussKState:
             return slot
         # new or rebuilt bucket: carry each parameter's residual over from wherever it lived
         new = _Slot(key, params, device, d)
+        new.scale.fill_(self.loss_scale)
         offset = 0
         for p in params:
             n = p.numel()
             home = self._home.get(id(p))
+            seg = new.residual[offset : offset + n]
             if home is not None:
                 old, off, _ = home
-                new.residual[offset : offset + n].copy_(old.residual[off : off + n])
+                if self._scaled:  # the new slot's residual is in the current loss scale
+                    torch.mul(old.residual[off : off + n], self.loss_scale / old.scale, out=seg)
+                else:
+                    seg.copy_(old.residual[off : off + n])
             else:
                 loaded = self._pending.pop(self._names.get(id(p), ""), None)
-                if loaded is not None:
-                    new.residual[offset : offset + n].copy_(loaded.reshape(-1))
+                if loaded is not None:  # saved unscaled
+                    torch.mul(loaded.reshape(-1), self.loss_scale, out=seg)
             self._home[id(p)] = (new, offset, n)
             offset += n
         self._slots[index] = new
         return new
 
     def residuals(self) -> dict[str, Tensor]:
-        """This rank's residual per parameter name (views into live buffers; do not modify)."""
+        """This rank's residual per parameter name (views into live buffers; do not modify).
+
+        With a loss scale (:meth:`set_loss_scale`) they are in their bucket's loss scale;
+        :meth:`state_dict` holds them unscaled."""
         by_id: dict[int, Tensor] = {pid: slot.residual[off : off + n] for pid, (slot, off, n) in self._home.items()}
         out = {self._names[pid]: r for pid, r in by_id.items() if pid in self._names}
         if len(out) != len(by_id):
@@ -334,6 +364,9 @@ class GaussKState:
     def state_dict(self) -> dict[str, Any]:
         """This rank's state: config, step, counters and fp32 CPU residuals keyed by parameter name."""
         residuals = {n: r.detach().to("cpu", copy=True) for n, r in self.residuals().items()}
+        if self._scaled:  # saved unscaled: r / S_r of its bucket
+            scales = {self._names[pid]: slot.scale for pid, (slot, _, _) in self._home.items() if pid in self._names}
+            residuals = {n: r.div_(scales[n].cpu()) for n, r in residuals.items()}
         for n, r in self._pending.items():  # loaded but not yet placed: still owed to training
             residuals.setdefault(n, r.detach().to("cpu", copy=True))
         return {
@@ -393,7 +426,7 @@ class GaussKState:
                 slot, off, n = home
                 if tensor.numel() != n:
                     raise ValueError(f"GaussKState.load_state_dict: residual {name!r} has {tensor.numel()} entries, parameter has {n}")
-                slot.residual[off : off + n].copy_(tensor.reshape(-1))
+                torch.mul(tensor.reshape(-1).to(slot.residual), slot.scale, out=slot.residual[off : off + n])  # to S_r
             else:
                 if self._names and name not in by_name:
                     raise ValueError(f"GaussKState.load_state_dict: no parameter named {name!r} in the bound model")
@@ -422,10 +455,11 @@ def gaussk_hook(state: GaussKState, bucket: dist.GradBucket) -> torch.futures.Fu
     zeroed = buf.dtype == torch.float32 and not monitored
     t1 = time.perf_counter_ns() if timed else 0
     if state.error_feedback:
+        scale = slot.scale.reciprocal().mul_(state.loss_scale) if state._scaled else None  # S / S_r, on the device
         values, indices, flag = accumulate_select(
             slot.residual, buf, u, k, state.selector, seed=state.seed + bucket.index(), step=state.step,
-            zero_grad=zeroed,
-        )  # u = residual + grad and its top-k (fused on CPU), flag = 0 or NaN
+            zero_grad=zeroed, scale=scale,
+        )  # u = grad + (S / S_r) residual and its top-k (fused on CPU), flag = 0 or NaN
     else:
         u.copy_(buf)
         zeroed = False
@@ -480,8 +514,10 @@ def gaussk_hook(state: GaussKState, bucket: dist.GradBucket) -> torch.futures.Fu
 
 
 def _accumulate(state: GaussKState, slot: _Slot, buf: Tensor) -> None:
-    """``slot.work := grad + residual`` (fp32 whatever the bucket dtype), or just ``grad``."""
-    if state.error_feedback:
+    """``slot.work := grad + (S / S_r) residual`` (fp32 whatever the bucket dtype), or just ``grad``."""
+    if state.error_feedback and state._scaled:
+        torch.addcmul(buf, slot.residual, slot.scale.reciprocal().mul_(state.loss_scale), out=slot.work)
+    elif state.error_feedback:
         torch.add(slot.residual, buf, out=slot.work)
     else:
         slot.work.copy_(buf)
@@ -562,8 +598,12 @@ def _commit_residual(state: GaussKState, slot: _Slot, indices: Tensor, flag: Ten
         if bool(torch.isfinite(flag)):  # a host value already: no sync to avoid
             u.index_fill_(0, indices, 0.0)
             slot.residual, slot.work = u, slot.residual  # swap instead of copying d entries
+            slot.scale.fill_(state.loss_scale)
         else:
             state.telemetry["skipped_buckets"] += 1
     else:
         u.index_fill_(0, indices, 0.0)
-        torch.where(torch.isfinite(flag), u, slot.residual, out=slot.residual)  # stays on the device
+        ok = torch.isfinite(flag)
+        torch.where(ok, u, slot.residual, out=slot.residual)  # stays on the device
+        if state._scaled:
+            torch.where(ok, state.loss_scale, slot.scale, out=slot.scale)

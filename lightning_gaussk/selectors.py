@@ -148,8 +148,9 @@ def accumulate_select(
     seed: int = 0,
     step: int = 0,
     zero_grad: bool = False,
+    scale: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``out := residual + grad``, then ``select(out, k, method)``, and a non-finite flag.
+    """``out := grad + scale * residual``, then ``select(out, k, method)``, and a non-finite flag.
 
     The error-feedback step of TopK-SGD, ``u = g + r`` and the top-k of ``u``, as one call so
     that it can be one pass over memory.
@@ -160,6 +161,10 @@ def accumulate_select(
         k, method, seed, step: as in :func:`select`.
         zero_grad: also set ``grad`` to zero (the DDP hook overwrites the bucket with the decoded
             result, so zeroing it here, while it is in cache, saves a write pass later).
+        scale: None (``u = residual + grad``) or a 0-d fp32 tensor on the tensors' device, the
+            factor that brings the residual to the gradient's loss scale (``u`` is then
+            ``torch.addcmul(grad, residual, scale)``; with a power-of-two ratio, as GradScaler's,
+            the rescaling is exact).
 
     Returns:
         ``(values, indices, flag)``: ``select(out, k, method)`` and a 0-d fp32 tensor that is 0
@@ -190,15 +195,15 @@ def accumulate_select(
         and _FUSABLE.get(method) is _SELECTORS.get(method)  # a user override is called as is
     )
     if not fast:
-        torch.add(residual, grad, out=out)
+        _accumulate(residual, grad, scale, out=out)
         if zero_grad:
             grad.zero_()
         values, indices = select(out, k, method, seed=seed, step=step)
         return values, indices, out.sum(dtype=torch.float32) * 0.0
     rho = min(1.0, _AIM * k / d)  # aim the first guess at 1.25 k so that one count usually brackets k
-    pair = (residual, grad)
-    t = _gaussk_estimate(pair, k, rho) if method == "gaussk" else _dgc_estimate(pair, k, rho, seed, step)
-    values, indices = _cpu_refine(out, k, t, fuse=(residual, grad, zero_grad))
+    src = (residual, grad, scale)
+    t = _gaussk_estimate(src, k, rho) if method == "gaussk" else _dgc_estimate(src, k, rho, seed, step)
+    values, indices = _cpu_refine(out, k, t, fuse=(residual, grad, scale, zero_grad))
     return values, indices, values.sum() * 0.0
 
 
@@ -216,10 +221,20 @@ _SAMPLE_ROW = 2048  # contiguous run length of the sample: whole cache lines, ve
 _SAMPLE_ROWS = 64  # 64 evenly spaced runs = 131,072 entries: std known to ~0.2%
 
 
-def _take(src: "Tensor | tuple[Tensor, Tensor]", pick: Callable[[Tensor], Tensor]) -> Tensor:
-    """``pick(x)``, where ``src`` is ``x`` or a pair ``(r, g)`` standing for ``x = r + g``
-    (``pick(r) + pick(g)``: the same fp32 sums as ``pick(r + g)``, without forming ``r + g``)."""
-    return pick(src) if isinstance(src, Tensor) else pick(src[0]) + pick(src[1])
+_Sum = tuple[Tensor, Tensor, "Tensor | None"]  # (r, g, scale) standing for g + scale * r (scale None: 1)
+
+
+def _accumulate(r: Tensor, g: Tensor, scale: Tensor | None, out: Tensor | None = None) -> Tensor:
+    """``g + scale * r`` (``r + g`` when ``scale`` is None), the one formula of ``u`` everywhere."""
+    if scale is None:
+        return torch.add(r, g, out=out) if out is not None else r + g
+    return torch.addcmul(g, r, scale, out=out) if out is not None else torch.addcmul(g, r, scale)
+
+
+def _take(src: "Tensor | _Sum", pick: Callable[[Tensor], Tensor]) -> Tensor:
+    """``pick(x)``, where ``src`` is ``x`` or ``(r, g, scale)`` standing for ``x = g + scale * r``
+    (the same fp32 arithmetic as ``pick(x)``, without forming ``x``)."""
+    return pick(src) if isinstance(src, Tensor) else _accumulate(pick(src[0]), pick(src[1]), src[2])
 
 
 def _sample(x: Tensor) -> Tensor:
@@ -231,9 +246,9 @@ def _sample(x: Tensor) -> Tensor:
     return rows[:: rows.shape[0] // _SAMPLE_ROWS][:_SAMPLE_ROWS]
 
 
-def _gaussk_estimate(x: "Tensor | tuple[Tensor, Tensor]", k: int, density: float) -> float:
+def _gaussk_estimate(x: "Tensor | _Sum", k: int, density: float) -> float:
     """Gaussian-k threshold from the sample's mean and unbiased std (fp32 accumulation);
-    ``x`` may be a pair ``(r, g)`` standing for ``r + g``."""
+    ``x`` may be ``(r, g, scale)`` standing for ``g + scale * r``."""
     s = _take(x, lambda t: _sample(t.detach())).float()
     n = s.numel()
     total = float(s.sum())
@@ -243,9 +258,9 @@ def _gaussk_estimate(x: "Tensor | tuple[Tensor, Tensor]", k: int, density: float
     return gaussian_threshold(mean, math.sqrt(var), density)
 
 
-def _dgc_estimate(x: "Tensor | tuple[Tensor, Tensor]", k: int, density: float, seed: int, step: int) -> float:
+def _dgc_estimate(x: "Tensor | _Sum", k: int, density: float, seed: int, step: int) -> float:
     """DGC: the ``ceil(density * s)``-th largest magnitude of a uniform random sample; ``x`` may
-    be a pair ``(r, g)`` standing for ``r + g``."""
+    be ``(r, g, scale)`` standing for ``g + scale * r``."""
     ref = x if isinstance(x, Tensor) else x[0]
     d = ref.numel()
     s = min(d, max(1024, d // 100))
@@ -320,7 +335,7 @@ def _halve_to(a: Tensor, width: int) -> Tensor:
 
 
 def _lane_absmax(
-    x: Tensor, body: Tensor, s: int, sign_off: int, fuse: "tuple[Tensor, Tensor, bool] | None" = None
+    x: Tensor, body: Tensor, s: int, sign_off: int, fuse: "tuple[Tensor, Tensor, Tensor | None, bool] | None" = None
 ) -> Tensor:
     """Key of ``max |x|`` of every lane, ``(nb * 64 / s,)``; ``body`` is the (nb, 64) integer view
     of ``x``.
@@ -330,7 +345,7 @@ def _lane_absmax(
     ``max_pool1d`` on floats (torch's reductions over short rows are several times slower).
     The keys of the float maxima are their bits, as ``|x| >= 0``.
 
-    ``fuse = (r, g, zero_g)``: first write ``x := r + g`` chunk by chunk in the same loop, so the
+    ``fuse = (r, g, scale, zero_g)``: first write ``x := g + scale * r`` chunk by chunk in the same loop, so the
     scan reads each chunk of ``x`` from cache rather than memory, and with ``zero_g`` zero each
     chunk of ``g`` while it is cached (the caller overwrites ``g`` later). Covers the first
     ``nb * 64`` entries; the caller does the tail.
@@ -345,14 +360,14 @@ def _lane_absmax(
     if fuse is None:
         adds: list[tuple[Tensor, Tensor]] = []
     else:
-        r, g, zero_g = fuse
+        r, g, scale, zero_g = fuse
         adds = list(zip(r[: nb * _BLOCK].view(nb, _BLOCK).split(rows), g[: nb * _BLOCK].view(nb, _BLOCK).split(rows)))
     if s >= 32:
         scratch = torch.empty(rows, _BLOCK, dtype=body.dtype)  # reused: no allocation per chunk
         mask = torch.tensor(sign_off, dtype=body.dtype)
         for i, (part, o) in enumerate(zip(body.split(rows), out.split(rows))):
             if adds:
-                torch.add(*adds[i], out=xs[i])
+                _accumulate(*adds[i], scale, out=xs[i])
                 if zero_g:
                     adds[i][1].zero_()
             a = torch.bitwise_and(part, mask, out=scratch if len(part) == rows else scratch[: len(part)])
@@ -361,7 +376,7 @@ def _lane_absmax(
         scratch = torch.empty(rows, _BLOCK, dtype=x.dtype)
         for i, (part, o) in enumerate(zip(xs, out.view(x.dtype).split(rows))):
             if adds:
-                torch.add(*adds[i], out=part)
+                _accumulate(*adds[i], scale, out=part)
                 if zero_g:
                     adds[i][1].zero_()
             a = torch.abs(part, out=scratch if len(part) == rows else scratch[: len(part)])
@@ -455,7 +470,9 @@ def _keep_largest(k: int, pos: Tensor, mags: Tensor, bits: Tensor) -> tuple[Tens
     return pos[top], bits[top]
 
 
-def _cpu_refine(x: Tensor, k: int, t: float, fuse: "tuple[Tensor, Tensor, bool] | None" = None) -> tuple[Tensor, Tensor]:
+def _cpu_refine(
+    x: Tensor, k: int, t: float, fuse: "tuple[Tensor, Tensor, Tensor | None, bool] | None" = None
+) -> tuple[Tensor, Tensor]:
     """Exact top-k of a contiguous 1-D CPU tensor, using the threshold guess ``t`` to prune.
 
     Why it is exact: let ``M_l`` be the max magnitude of lane ``l`` and ``m_k`` the k-th largest
@@ -467,8 +484,8 @@ def _cpu_refine(x: Tensor, k: int, t: float, fuse: "tuple[Tensor, Tensor, bool] 
     Cost: one read of ``x`` for the lane maxima (about twice ``torch.dot(x, x)``), then a count
     and a nonzero over the ``d / s`` lane maxima and work on about ``k`` lanes.
 
-    ``fuse = (r, g, zero_g)`` (see :func:`_lane_absmax`): ``x := r + g`` is formed during the scan,
-    and ``g`` zeroed if ``zero_g``; the caller checked that the lanes apply.
+    ``fuse = (r, g, scale, zero_g)`` (see :func:`_lane_absmax`): ``x := g + scale * r`` is formed
+    during the scan, and ``g`` zeroed if ``zero_g``; the caller checked that the lanes apply.
     """
     d = x.numel()
     s = _lane_size(d, k)
@@ -479,9 +496,10 @@ def _cpu_refine(x: Tensor, k: int, t: float, fuse: "tuple[Tensor, Tensor, bool] 
     nb = d // _BLOCK
     body = keys[: nb * _BLOCK].view(nb, _BLOCK)
     if fuse is not None and nb * _BLOCK < d:  # the tail the scan does not cover
-        torch.add(fuse[0][nb * _BLOCK :], fuse[1][nb * _BLOCK :], out=x[nb * _BLOCK :])
-        if fuse[2]:
-            fuse[1][nb * _BLOCK :].zero_()
+        r, g, scale, zero_g = fuse
+        _accumulate(r[nb * _BLOCK :], g[nb * _BLOCK :], scale, out=x[nb * _BLOCK :])
+        if zero_g:
+            g[nb * _BLOCK :].zero_()
     lane_max = _lane_absmax(x, body, s, sign_off, fuse)
     mk, lanes = _kth_lane(lane_max, k, _to_key(t, x.dtype))
     if mk == 0:  # fewer than k lanes hold a nonzero

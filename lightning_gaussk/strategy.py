@@ -158,6 +158,9 @@ class GaussKDDPStrategy(DDPStrategy):
         if self._gaussk_state is not None:
             # runs before this micro-batch's backward: the hook sees the optimizer step it serves
             self._gaussk_state.set_step(self.lightning_module.trainer.global_step)
+            scaler = getattr(self.precision_plugin, "scaler", None)
+            if scaler is not None and scaler.is_enabled():  # "16-mixed": the gradients arrive scaled
+                self._gaussk_state.set_loss_scale(scaler.get_scale())  # one read per step (GradScaler reads found_inf too)
         return super().training_step(*args, **kwargs)
 
     def teardown(self) -> None:

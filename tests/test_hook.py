@@ -225,6 +225,56 @@ def test_fused_accumulate_and_select_trains_bit_for_bit_like_add_then_select():
 
 
 # --------------------------------------------------------------------------------------------
+def _grad_scaler_run(rank: int, scaled: bool, density: float) -> tuple[list[torch.Tensor], dict, list[float]]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 600), nn.Tanh(), nn.Linear(600, 300), nn.Tanh(), nn.Linear(300, 3))
+    ddp = DDP(model, bucket_cap_mb=0.5)  # a large bucket (fused path) and a small one
+    state = GaussKState(density=density).bind(ddp)
+    ddp.register_comm_hook(state, gaussk_hook)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    # grows the scale after every finite step, halves it after a non-finite one
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1) if scaled else None
+    scales = []
+    for step in range(7):
+        x = batch(step, rank)
+        if step == 3 and rank == 1:
+            x[0, 0] = float("nan")  # one rank, one step: every bucket skipped everywhere
+        opt.zero_grad()
+        loss = ddp(x).pow(2).mean()
+        if scaler is None:
+            loss.backward()
+            if all(bool(torch.isfinite(p.grad).all()) for p in model.parameters()):
+                opt.step()
+        else:
+            scales.append(scaler.get_scale())
+            state.set_loss_scale(scales[-1])
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        if step == 3:
+            assert state.telemetry["skipped_buckets"] == len(state._slots)
+    return [p.detach().clone() for p in model.parameters()], state.state_dict()["residuals"], scales
+
+
+def _grad_scaler(rank: int, world: int) -> None:
+    for density in (0.01, 0.3):  # the sparse path, and dense_fallback for the small bucket
+        plain, plain_res, _ = _grad_scaler_run(rank, False, density)
+        scaled, scaled_res, scales = _grad_scaler_run(rank, True, density)
+        assert len(set(scales)) >= 4 and scales[4] == scales[3] / 2  # it grew, backed off, grew
+        # powers of two scale exactly: a scaled run equals the unscaled one bit for bit
+        for p, q in zip(plain, scaled):
+            assert torch.equal(p, q)
+        assert plain_res.keys() == scaled_res.keys()
+        for n in plain_res:  # state_dict holds residuals unscaled
+            assert torch.equal(plain_res[n], scaled_res[n])
+        assert any(int(r.count_nonzero()) > 0 for r in scaled_res.values())
+
+
+def test_grad_scaler_scale_changes_and_skipped_steps_leave_training_identical_to_unscaled():
+    run_distributed(_grad_scaler)
+
+
+# --------------------------------------------------------------------------------------------
 def _state_roundtrip(rank: int, world: int) -> None:
     torch.manual_seed(0)
     model = Net()
