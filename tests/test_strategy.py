@@ -151,6 +151,18 @@ def test_accumulation_and_bf16_mixed_compress_once_per_optimizer_step(tmp_path):
         assert max(rec["grad_nnz"]) <= 2 * math.ceil(0.05 * NUMEL)
 
 
+def test_fp16_grad_scaler_scale_reaches_the_hook_every_step(tmp_path):
+    records, _ = fit(tmp_path, "fp16", "--density", "0.05", "--strategy", "gaussk_ddp_spawn", "--precision", "16-mixed-cpu",
+                     "--max-steps", "6", "--momentum", "0")  # fmt: skip
+    for rec in records:
+        scales = rec["loss_scales"]
+        assert len(scales) == 6 and all(hook == scaler for scaler, hook in scales)
+        assert len({s for s, _ in scales}) >= 3  # the scale changed during the run
+        assert all(bool(torch.isfinite(p).all()) for p in rec["params"].values())
+        assert all(bool(torch.isfinite(r).all()) for r in rec["state"]["residuals"].values())
+        assert any(int(r.count_nonzero()) > 0 for r in rec["state"]["residuals"].values())
+
+
 def test_bf16_true_buckets_train_with_fp32_residuals(tmp_path):
     records, _ = fit(tmp_path, "bf16", "--strategy", "gaussk_ddp_spawn", "--density", "0.05", "--max-steps", "10",
                      "--precision", "bf16-true")

@@ -22,6 +22,7 @@ class Regression(L.LightningModule):
         self.batch_sums: list[float] = []
         self.grad_nnz: list[int] = []
         self.hook_calls: list[int] = []
+        self.loss_scales: list[tuple[float, float]] = []  # (GradScaler's scale, the hook's), per step
 
     def training_step(self, batch, batch_idx):
         # the batch is a function of (optimizer step, micro-batch, rank) only, so a resumed run
@@ -31,6 +32,10 @@ class Regression(L.LightningModule):
         loss = torch.nn.functional.mse_loss(self.net(x).float(), y.float())
         self.losses.append(float(loss))
         self.batch_sums.append(float(x.sum()))
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        state = getattr(self.trainer.strategy, "gaussk_state", None)
+        if scaler is not None and state is not None:
+            self.loss_scales.append((scaler.get_scale(), state.loss_scale))
         return loss
 
     def on_before_optimizer_step(self, optimizer):
@@ -49,6 +54,7 @@ class Regression(L.LightningModule):
                 "batch_sums": self.batch_sums,
                 "grad_nnz": self.grad_nnz,
                 "hook_calls": self.hook_calls,
+                "loss_scales": self.loss_scales,
                 "params": {n: p.detach().float().clone() for n, p in self.named_parameters()},
                 "numel": sum(p.numel() for p in self.parameters()),
                 "state": state.state_dict() if state is not None else None,
@@ -79,7 +85,7 @@ def main() -> None:
     p.add_argument("--devices", type=int, default=2)
     p.add_argument("--max-steps", type=int, default=40)
     p.add_argument("--accumulate", type=int, default=1)
-    p.add_argument("--precision", default="32-true")
+    p.add_argument("--precision", default="32-true", help="or 16-mixed-cpu: fp16 autocast with a CPU GradScaler")
     p.add_argument("--save-ckpt", default=None)
     p.add_argument("--resume", default=None)
     p.add_argument("--lr", type=float, default=0.05)
@@ -92,13 +98,20 @@ def main() -> None:
     if a.density is not None:  # the class form, with explicit arguments
         start = "spawn" if strategy.endswith("_spawn") else "popen"
         strategy = lightning_gaussk.GaussKDDPStrategy(density=a.density, selector=a.selector, start_method=start)
+    plugins, precision = [], a.precision
+    if a.precision == "16-mixed-cpu":  # a GradScaler that grows every step, so the scale keeps changing
+        from lightning.pytorch.plugins.precision import MixedPrecision
+
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=1)
+        plugins, precision = [MixedPrecision("16-mixed", "cpu", scaler=scaler)], None
     trainer = L.Trainer(
         strategy=strategy,
+        plugins=plugins,
         accelerator="cpu",
         devices=a.devices,
         max_steps=a.max_steps,
         accumulate_grad_batches=a.accumulate,
-        precision=a.precision,
+        precision=precision,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
