@@ -576,10 +576,12 @@ def targets(results: list[dict[str, Any]]) -> str:
         "",
         f"Where the time goes (gaussk@0.001): compute-only step {c * 1e3:.0f} ms, distributed step "
         f"{g['step_s'] * 1e3:.0f} ms, so the sparse path adds {over * 1e3:.0f} ms per step: the hook body "
-        f"{g['hook_ms']:.0f} ms (selection {g['select_ms']:.0f} ms of it, 3 buckets, 25.3M entries) and "
-        f"{(over - g['hook_ms'] / 1e3) * 1e3:.0f} ms outside it (the decode callback zeroes and scatters every bucket, "
-        "the residual commit, DDP's own work); the link carries 0.2 MB. These are memory-bound passes over 100 MB of "
-        "fp32 on one shared core. The two unmet targets pull against each other on this CPU: efficiency 0.8 needs "
+        f"{g['hook_ms']:.0f} ms (of it {g['select_ms']:.0f} ms in `accumulate_select`: forming u = g + r, its top-k "
+        "and zeroing the bucket in one fused pass; 3 buckets, 25.3M entries) and "
+        f"{(over - g['hook_ms'] / 1e3) * 1e3:.0f} ms outside it (the decode callback's scatter, the residual commit, "
+        "DDP's own work with a hook); the link carries 0.2 MB. Reading r and g and writing u is already 3 x 100 MB "
+        "of memory traffic per step on one shared core, and the machine's memory is slow (a read pass over 100 MB "
+        "takes about 10 ms here). The two unmet targets pull against each other on this CPU: efficiency 0.8 needs "
         f"that overhead below C/4 = {c / 4 * 1e3:.0f} ms, and 4x plain DDP ({d * 1e3:.0f} ms per step, at most "
         f"{d / c:.1f}x over the bare compute) needs compute plus overhead below {d / 4 * 1e3:.0f} ms; a larger batch "
         "raises the efficiency and lowers the speedup, a smaller one the reverse.",

@@ -176,12 +176,13 @@ class HostCosts:
     """
 
     # defaults: this project's benchmark machine (Xeon, one core per rank, torch 2.13 CPU), fitted in
-    # the 2-host 1 Gbit/s throughput run (docs/benchmarks.md, "Cost model"); call_s from the CNN run's
-    # hook telemetry (whole hook minus the fitted passes, per call)
-    pass_s: float = 0.31e-9
-    hook_passes: float = 6.4
-    select_passes: float = 2.8
-    select_per_k_s: float = 0.31e-6
+    # the 2-host 1 Gbit/s throughput run (docs/benchmarks.md, "Cost model"; since the fused
+    # accumulate_select, nearly all passes are in "select"); call_s from the CNN run's hook
+    # telemetry (whole hook minus the fitted passes, per call)
+    pass_s: float = 0.40e-9
+    hook_passes: float = 0.1
+    select_passes: float = 9.3
+    select_per_k_s: float = 0.48e-6
     scatter_s: float = 5e-9
     call_s: float = 1e-3
     dense_passes: float = 1.0
