@@ -7,3 +7,17 @@ import sys
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests/_dist.py, also for spawned workers
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def registry():
+    """Selector names registered (or overridden) by a test are restored afterwards."""
+    from lightning_gaussk.selectors import _SELECTORS
+
+    before = dict(_SELECTORS)
+    yield
+    _SELECTORS.clear()
+    _SELECTORS.update(before)

@@ -11,7 +11,7 @@ import torch
 from test_select import SELECT_MODULE, make
 
 from lightning_gaussk import register_selector, select
-from lightning_gaussk.selectors import _SELECTORS, accumulate_select
+from lightning_gaussk.selectors import accumulate_select
 
 D = 300_007  # not a multiple of 64: a 39-entry tail outside the lane scan
 
@@ -28,14 +28,6 @@ def fused_calls(monkeypatch):
 
     monkeypatch.setattr(SELECT_MODULE, "_lane_absmax", spy)
     return calls
-
-
-@pytest.fixture
-def registry():
-    before = dict(_SELECTORS)
-    yield
-    _SELECTORS.clear()
-    _SELECTORS.update(before)
 
 
 def _inputs(family: str, d: int = D) -> tuple[torch.Tensor, torch.Tensor]:

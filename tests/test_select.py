@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lightning_gaussk import available_selectors, get_selector, register_selector, select
-from lightning_gaussk.selectors import _SELECTORS, _lane_size
+from lightning_gaussk.selectors import _lane_size
 
 SELECT_MODULE = sys.modules["lightning_gaussk.selectors"]
 
@@ -304,15 +304,6 @@ def test_bad_input_raises_naming_the_argument(x, k, method, exc, names):
 
 
 # ------------------------------------------------------------------------- registry
-@pytest.fixture
-def registry():
-    """Names registered by a test are removed afterwards."""
-    before = dict(_SELECTORS)
-    yield
-    _SELECTORS.clear()
-    _SELECTORS.update(before)
-
-
 def test_builtin_selectors_are_registered():
     assert set(BUILTIN) <= set(available_selectors())
     assert available_selectors() == sorted(available_selectors())
