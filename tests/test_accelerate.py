@@ -25,6 +25,7 @@ from lightning_gaussk import GaussKState  # noqa: E402
 from lightning_gaussk.accelerate import (  # noqa: E402
     ENV_VARS,
     STATE_FILE,
+    _attach_loss_scale,
     _load_into,
     config_from_env,
     find_ddp_module,
@@ -188,6 +189,30 @@ def test_single_process_is_a_noop_with_a_warning(monkeypatch):
         register_gaussk(accelerator, model)
     with pytest.raises(TypeError, match="Accelerator"):
         register_gaussk(object(), model)
+
+
+def test_fp16_grad_scaler_scale_reaches_the_hook_before_every_training_forward():
+    accelerator = Accelerator(cpu=True)
+    model, state = nn.Linear(4, 2), GaussKState(density=0.5)
+    _attach_loss_scale(accelerator, model, state)  # no scaler (fp32): nothing attached
+    assert not model._forward_pre_hooks
+    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**6, growth_interval=1)  # as with fp16
+    _attach_loss_scale(accelerator, model, state)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    seen = []
+    for step in range(4):
+        opt.zero_grad()
+        x = torch.full((1, 4), float("nan") if step == 2 else 1.0)  # a NaN step: the scale backs off
+        loss = model(x).sum()
+        seen.append((state.loss_scale, accelerator.scaler.get_scale()))
+        accelerator.scaler.scale(loss).backward()
+        accelerator.scaler.step(opt)
+        accelerator.scaler.update()
+    assert all(hook == scaler for hook, scaler in seen)
+    assert [s for s, _ in seen] == [64.0, 128.0, 256.0, 128.0]
+    model.eval()
+    model(torch.ones(1, 4))  # evaluation forwards leave the training scale alone
+    assert state.loss_scale == 128.0
 
 
 @pytest.mark.parametrize("kind", [DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM])
