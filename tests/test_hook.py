@@ -253,7 +253,11 @@ def _grad_scaler_run(rank: int, scaled: bool, density: float) -> tuple[list[torc
             scaler.update()
         if step == 3:
             assert state.telemetry["skipped_buckets"] == len(state._slots)
-    return [p.detach().clone() for p in model.parameters()], state.state_dict()["residuals"], scales
+    raw = {n: r.clone() for n, r in state.residuals().items()}  # in each bucket's loss scale
+    saved = state.state_dict()
+    state.load_state_dict(saved)  # unscaled on disk, back to each bucket's scale on load
+    assert all(torch.equal(state.residuals()[n], raw[n]) for n in raw)
+    return [p.detach().clone() for p in model.parameters()], saved["residuals"], scales
 
 
 def _grad_scaler(rank: int, world: int) -> None:
