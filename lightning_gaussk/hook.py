@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from lightning_gaussk.selectors import _accumulate as accumulate  # the one formula of u
 from lightning_gaussk.selectors import accumulate_select, available_selectors, get_selector, select
 
 __all__ = ["GaussKState", "gaussk_hook", "validate_config"]
@@ -447,15 +448,18 @@ def gaussk_hook(state: GaussKState, bucket: dist.GradBucket) -> torch.futures.Fu
     slot = state._slot_for(bucket.index(), bucket.parameters(), d, buf.device)
     k = state.k_for(d)
     u = slot.work
+    scale = slot.scale.reciprocal().mul_(state.loss_scale) if state._scaled else None  # S / S_r, on the device
     if state.prefer_dense(d, k, world, buf.device.type):
-        _accumulate(state, slot, buf)
+        if state.error_feedback:
+            accumulate(slot.residual, buf, scale, out=u)  # u = grad + (S / S_r) residual, fp32
+        else:
+            u.copy_(buf)
         return _dense_bucket(state, bucket, slot, buf, group, world)
     monitored = state._capture_next or state._norms_next  # _record reads the gradient: keep it
     # the result overwrites the bucket: an fp32 one can be zeroed now, while it is read anyway
     zeroed = buf.dtype == torch.float32 and not monitored
     t1 = time.perf_counter_ns() if timed else 0
     if state.error_feedback:
-        scale = slot.scale.reciprocal().mul_(state.loss_scale) if state._scaled else None  # S / S_r, on the device
         values, indices, flag = accumulate_select(
             slot.residual, buf, u, k, state.selector, seed=state.seed + bucket.index(), step=state.step,
             zero_grad=zeroed, scale=scale,
@@ -511,16 +515,6 @@ def gaussk_hook(state: GaussKState, bucket: dist.GradBucket) -> torch.futures.Fu
         return buf
 
     return fut.then(decode)
-
-
-def _accumulate(state: GaussKState, slot: _Slot, buf: Tensor) -> None:
-    """``slot.work := grad + (S / S_r) residual`` (fp32 whatever the bucket dtype), or just ``grad``."""
-    if state.error_feedback and state._scaled:
-        torch.addcmul(buf, slot.residual, slot.scale.reciprocal().mul_(state.loss_scale), out=slot.work)
-    elif state.error_feedback:
-        torch.add(slot.residual, buf, out=slot.work)
-    else:
-        slot.work.copy_(buf)
 
 
 def _end_bucket(state: GaussKState, bucket: dist.GradBucket) -> None:

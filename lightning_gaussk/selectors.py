@@ -192,7 +192,7 @@ def accumulate_select(
         and out.is_contiguous() and residual.is_contiguous() and grad.is_contiguous()
         and isinstance(k, int) and not isinstance(k, bool) and 1 <= k < d
         and _lane_size(d, k) is not None
-        and _FUSABLE.get(method) is _SELECTORS.get(method)  # a user override is called as is
+        and _FUSABLE.get(method, (None,))[0] is _SELECTORS.get(method)  # a user override is called as is
     )
     if not fast:
         _accumulate(residual, grad, scale, out=out)
@@ -200,9 +200,7 @@ def accumulate_select(
             grad.zero_()
         values, indices = select(out, k, method, seed=seed, step=step)
         return values, indices, out.sum(dtype=torch.float32) * 0.0
-    rho = min(1.0, _AIM * k / d)  # aim the first guess at 1.25 k so that one count usually brackets k
-    src = (residual, grad, scale)
-    t = _gaussk_estimate(src, k, rho) if method == "gaussk" else _dgc_estimate(src, k, rho, seed, step)
+    t = _first_guess(_FUSABLE[method][1], (residual, grad, scale), k, d, seed, step)
     values, indices = _cpu_refine(out, k, t, fuse=(residual, grad, scale, zero_grad))
     return values, indices, values.sum() * 0.0
 
@@ -246,9 +244,10 @@ def _sample(x: Tensor) -> Tensor:
     return rows[:: rows.shape[0] // _SAMPLE_ROWS][:_SAMPLE_ROWS]
 
 
-def _gaussk_estimate(x: "Tensor | _Sum", k: int, density: float) -> float:
+def _gaussk_estimate(x: "Tensor | _Sum", k: int, density: float, seed: int = 0, step: int = 0) -> float:
     """Gaussian-k threshold from the sample's mean and unbiased std (fp32 accumulation);
-    ``x`` may be ``(r, g, scale)`` standing for ``g + scale * r``."""
+    ``x`` may be ``(r, g, scale)`` standing for ``g + scale * r``; deterministic (``seed`` and
+    ``step`` only match :func:`_dgc_estimate`'s signature)."""
     s = _take(x, lambda t: _sample(t.detach())).float()
     n = s.numel()
     total = float(s.sum())
@@ -555,6 +554,22 @@ def _refine(x: Tensor, k: int, t0: float | Tensor) -> tuple[Tensor, Tensor]:
     return hist_select(x, k, t)
 
 
+_Estimate = Callable[..., float]  # (x or (r, g, scale), k, density, seed, step) -> threshold
+
+
+def _first_guess(estimate: _Estimate, src: "Tensor | _Sum", k: int, d: int, seed: int, step: int) -> float:
+    """The estimate aimed at 1.25 k entries, so that one count usually brackets k."""
+    return estimate(src, k, min(1.0, _AIM * k / d), seed, step)
+
+
+def _cpu_threshold_select(x: Tensor, k: int, estimate: _Estimate, seed: int, step: int) -> tuple[Tensor, Tensor]:
+    """CPU path of the threshold selectors: the exact top-k, pruned by ``estimate``'s guess."""
+    d = x.numel()
+    if _lane_size(d, k) is None or x.dtype not in _KEY:  # ranked exactly: no estimate needed
+        return _exact_topk(x, k)
+    return _refine(x, k, _first_guess(estimate, x, k, d, seed, step))
+
+
 # --------------------------------------------------------------------------------------------
 # the built-in selectors
 # --------------------------------------------------------------------------------------------
@@ -567,12 +582,8 @@ def topk_selector(x: Tensor, k: int, *, seed: int = 0, step: int = 0) -> tuple[T
 @register_selector("gaussk")
 def gaussk_selector(x: Tensor, k: int, *, seed: int = 0, step: int = 0) -> tuple[Tensor, Tensor]:
     """Gaussian-k: the paper's normal-quantile threshold, refined to exactly ``k``."""
-    d = x.numel()
     if x.device.type == "cpu":
-        if _lane_size(d, k) is None or x.dtype not in _KEY:  # ranked exactly: no estimate needed
-            return _exact_topk(x, k)
-        # aim the first guess at 1.25 k so that one count usually brackets k
-        return _refine(x, k, _gaussk_estimate(x, k, min(1.0, _AIM * k / d)))
+        return _cpu_threshold_select(x, k, _gaussk_estimate, seed, step)
     from lightning_gaussk._histselect import gaussian_threshold as device_threshold
 
     return _refine(x, k, device_threshold(x, k))  # stays on the device: no sync
@@ -581,11 +592,9 @@ def gaussk_selector(x: Tensor, k: int, *, seed: int = 0, step: int = 0) -> tuple
 @register_selector("dgc")
 def dgc_selector(x: Tensor, k: int, *, seed: int = 0, step: int = 0) -> tuple[Tensor, Tensor]:
     """Deep Gradient Compression's sampled threshold, refined to exactly ``k``."""
-    d = x.numel()
     if x.device.type == "cpu":
-        if _lane_size(d, k) is None or x.dtype not in _KEY:  # ranked exactly: no estimate needed
-            return _exact_topk(x, k)
-        return _refine(x, k, _dgc_estimate(x, k, min(1.0, _AIM * k / d), seed, step))
+        return _cpu_threshold_select(x, k, _dgc_estimate, seed, step)
+    d = x.numel()
     s = min(d, max(1024, d // 100))
     g = torch.Generator(device=x.device).manual_seed(_mix(seed, step))
     sample = x[torch.randint(0, d, (s,), generator=g, device=x.device)].abs().float()
@@ -609,5 +618,8 @@ def randk_selector(x: Tensor, k: int, *, seed: int = 0, step: int = 0) -> tuple[
     return x[idx], idx
 
 
-# the selectors accumulate_select fuses with the add (its fast path calls their estimate directly)
-_FUSABLE: dict[str, Selector] = {"gaussk": gaussk_selector, "dgc": dgc_selector}
+# the selectors accumulate_select fuses with the add, and their threshold estimates
+_FUSABLE: dict[str, tuple[Selector, _Estimate]] = {
+    "gaussk": (gaussk_selector, _gaussk_estimate),
+    "dgc": (dgc_selector, _dgc_estimate),
+}
