@@ -185,6 +185,10 @@ def accumulate_select(
         raise ValueError(
             f"accumulate_select: sizes differ: residual {residual.numel()}, grad {grad.numel()}, out {out.numel()}"
         )
+    if scale is not None and not (isinstance(scale, Tensor) and scale.numel() == 1 and scale.device == out.device):
+        raise TypeError(
+            f"accumulate_select: `scale` must be None or a one-element tensor on {out.device}, got {scale!r:.60}"
+        )
     d = out.numel()
     fast = (
         out.device.type == "cpu"

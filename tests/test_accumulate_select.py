@@ -147,6 +147,12 @@ def test_bad_input_raises_naming_the_argument(args, match):
         accumulate_select(*args, 3)
 
 
+@pytest.mark.parametrize("scale", [2.0, torch.ones(2), "2"])
+def test_a_scale_that_is_not_a_one_element_tensor_is_refused(scale):
+    with pytest.raises(TypeError, match="`scale` must be None or a one-element tensor"):
+        accumulate_select(torch.zeros(10), torch.zeros(10), torch.empty(10), 3, scale=scale)
+
+
 def test_k_out_of_range_raises_like_select():
     with pytest.raises(ValueError, match="1 <= k <= x.numel"):
         accumulate_select(torch.zeros(D), torch.zeros(D), torch.empty(D), 0)
