@@ -321,6 +321,14 @@ class GaussKState:
         self._norms_next = True
         self.norms = {}
 
+    def cancel_requests(self) -> None:
+        """Withdraw pending :meth:`capture_next_step` / :meth:`measure_norms_next_step` requests
+        and drop what was captured (a monitor calls this at teardown)."""
+        self._capture_next = False
+        self._norms_next = False
+        self.captured = {}
+        self.norms = {}
+
     # ---------------------------------------------------------------- residual store
     def _slot_for(self, index: int, params: list[Tensor], d: int, device: torch.device) -> _Slot:
         key = tuple(id(p) for p in params)
