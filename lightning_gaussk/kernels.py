@@ -15,6 +15,12 @@ three passes over ``x`` with no host sync:
    ``a + slot`` from atomic counter 1 and are written only if
    ``a + slot < k``.
 
+:func:`triton_accumulate_select` is the error-feedback step ``u = g + s r``
+with its selection: its first pass reads ``r`` and ``g``, writes ``u`` and
+accumulates the moments of ``u`` (and a non-finite count) in the same loop,
+so the separate ``u = g + r`` pass of :func:`torch.add` disappears; passes 2
+and 3 are the histogram and compaction above, on ``u``.
+
 Triton is imported on first use, so this module imports without it, and
 ``TRITON_INTERPRET`` (read when kernels are decorated) may be set any time
 before the first :func:`triton_select` call.
@@ -34,7 +40,7 @@ from lightning_gaussk._histselect import (
     threshold_from_moments,
 )
 
-__all__ = ["triton_available", "triton_select"]
+__all__ = ["fusable", "triton_accumulate_select", "triton_available", "triton_select"]
 
 BLOCK = 1024  # elements per tile on a GPU
 INTERPRET_BLOCK = 8192  # the interpreter pays per op, not per element: fewer, larger tiles
@@ -54,7 +60,7 @@ def triton_available() -> bool:
 
 @functools.cache
 def _kernels():
-    """Define the kernels on first use; returns ``(moments, hist, compact)``."""
+    """Define the kernels on first use; returns ``(moments, hist, compact, accumulate)``."""
     global triton, tl, _to_f32, _bin_of  # jit resolves names in module globals
     import triton
     import triton.language as tl
@@ -133,7 +139,41 @@ def _kernels():
             tl.store(idx_ptr + pos, o, mask=keep)
             tl.store(val_ptr + pos, xv, mask=keep)
 
-    return moments_kernel, hist_kernel, compact_kernel
+    @triton.jit
+    def accumulate_kernel(r_ptr, g_ptr, s_ptr, u_ptr, part_ptr, d, tiles, BLOCK: tl.constexpr,
+                          G_BF16: tl.constexpr, HAS_SCALE: tl.constexpr, ZERO_G: tl.constexpr):
+        # u = g + s * r (one rounding: an fma, as torch.addcmul on CPU) or g + r, stored as fp32;
+        # the moments of u exactly as moments_kernel would accumulate them reading u back;
+        # a count of non-finite u; and, with ZERO_G, g := 0 while it is in registers.
+        pid = tl.program_id(0)
+        start = pid.to(tl.int64) * tiles * BLOCK
+        offs = tl.arange(0, BLOCK)
+        acc = tl.zeros([BLOCK], tl.float32)
+        acc2 = tl.zeros([BLOCK], tl.float32)
+        bad = tl.zeros([BLOCK], tl.int32)
+        if HAS_SCALE:
+            s = tl.load(s_ptr).to(tl.float32)
+        for t in range(tiles):
+            o = start + t * BLOCK + offs
+            m = o < d
+            rv = tl.load(r_ptr + o, mask=m, other=0.0)
+            gv = tl.load(g_ptr + o, mask=m, other=0.0)
+            if HAS_SCALE:
+                v = tl.fma(rv, s, _to_f32(gv, G_BF16))
+            else:
+                v = rv + _to_f32(gv, G_BF16)
+            tl.store(u_ptr + o, v, mask=m)
+            if ZERO_G:
+                tl.store(g_ptr + o, tl.zeros([BLOCK], dtype=gv.dtype), mask=m)
+            acc += v
+            acc2 += v * v
+            bad += (~(tl.abs(v) <= 3.4028234663852886e38)).to(tl.int32)  # NaN compares false
+        tl.store(part_ptr + pid, tl.sum(acc, 0))
+        tl.store(part_ptr + tl.num_programs(0) + pid, tl.sum(acc2, 0))
+        nbad = tl.sum(bad, 0)
+        tl.store(part_ptr + 2 * tl.num_programs(0) + pid, tl.where(nbad > 0, float("nan"), 0.0))
+
+    return moments_kernel, hist_kernel, compact_kernel, accumulate_kernel
 
 
 def _interpreted(kernel) -> bool:
@@ -175,7 +215,7 @@ def triton_select(
     """
     if not triton_available():
         raise RuntimeError("triton_select needs triton, which is not installed")
-    moments_kernel, hist_kernel, compact_kernel = _kernels()
+    moments_kernel, hist_kernel, compact_kernel, _ = _kernels()
     x = x.reshape(-1).contiguous()
     d = x.numel()
     _check_k(d, k)
@@ -208,3 +248,105 @@ def triton_select(
     indices = torch.empty(k, dtype=torch.int64, device=dev)
     compact_kernel[(programs,)](x, t0, bstar, a, counters, values, indices, d, k, tiles, **consts)
     return values, indices
+
+
+_GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def fusable(residual: Tensor, grad: Tensor, out: Tensor, k: int) -> bool:
+    """Whether :func:`triton_accumulate_select` applies: Triton importable, CUDA tensors, 1-D
+    contiguous, ``residual`` and ``out`` fp32, ``grad`` fp32/bf16/fp16, ``1 <= k < d``.
+
+    ``lightning_gaussk.accumulate_select`` takes the fused kernels for "gaussk" exactly when this
+    is true (and the "gaussk" selector is the built-in one).
+    """
+    d = out.numel()
+    return (
+        triton_available()
+        and out.device.type == "cuda"
+        and residual.device == grad.device == out.device
+        and residual.dtype == out.dtype == torch.float32
+        and grad.dtype in _GRAD_DTYPES
+        and residual.dim() == grad.dim() == out.dim() == 1
+        and residual.numel() == grad.numel() == d
+        and residual.is_contiguous() and grad.is_contiguous() and out.is_contiguous()
+        and isinstance(k, int) and not isinstance(k, bool) and 1 <= k < d
+    )
+
+
+def triton_accumulate_select(
+    residual: Tensor,
+    grad: Tensor,
+    out: Tensor,
+    k: int,
+    scale: Tensor | None = None,
+    *,
+    zero_grad: bool = False,
+    hist: Tensor | None = None,
+    counters: Tensor | None = None,
+    block: int | None = None,
+    max_programs: int = _MAX_PROGRAMS,
+) -> tuple[Tensor, Tensor, Tensor]:
+    r"""``out := grad + scale * residual``, its Gaussian-k selection and a non-finite flag, fused.
+
+    With ``u = out``, in fp32 (``grad`` upcast exactly from bf16/fp16)::
+
+        u = g + r                       (scale None)
+        u = fma(r, scale, g)            (one rounding, as torch.addcmul on CPU; exact for a
+                                         power-of-two scale, as GradScaler's ratios are)
+
+    The first kernel reads ``r`` and ``g`` once, writes ``u`` once and accumulates
+    ``sum(u)``, ``sum(u^2)`` per program (the same per-lane order as the moments kernel reading
+    ``u``, so ``t0 = threshold_from_moments(...)`` is bit for bit that of ``triton_select(u, k)``)
+    and a count of non-finite entries; ``zero_grad`` also stores ``g := 0`` in the same loop.
+    Then the histogram and compaction kernels of :func:`triton_select` run on ``u``. Memory
+    traffic: read ``r``, ``g``, write ``u``, read ``u`` twice (and write ``g`` with
+    ``zero_grad``), against one more read-and-write pass for ``torch.add`` and two more reads
+    for ``gaussian_threshold`` in the unfused path.
+
+    Args:
+        residual, out: 1-D contiguous fp32 tensors of ``d`` entries (``out`` aliases neither input).
+        grad: 1-D contiguous fp32, bf16 or fp16, ``d`` entries.
+        k: ``1 <= k <= d``.
+        scale: None or a one-element tensor on the same device (read as fp32 on the device).
+        zero_grad, hist, counters, block, max_programs: as in :func:`triton_select`.
+
+    Returns:
+        ``(values, indices, flag)``: ``triton_select(u, k)``'s ``k`` distinct int64 indices and
+        ``values = u[indices]`` (fp32), and a 0-d fp32 tensor that is 0 when every ``u`` is
+        finite and NaN otherwise. No host synchronisation.
+    """
+    if not triton_available():
+        raise RuntimeError("triton_accumulate_select needs triton, which is not installed")
+    accumulate_kernel = _kernels()[3]
+    for name, t in (("residual", residual), ("grad", grad), ("out", out)):
+        if not isinstance(t, Tensor) or t.dim() != 1 or not t.is_contiguous():
+            raise ValueError(f"triton_accumulate_select: `{name}` must be a 1-D contiguous tensor")
+    d = out.numel()
+    if not residual.numel() == grad.numel() == d:
+        raise ValueError(f"triton_accumulate_select: sizes differ: {residual.numel()}, {grad.numel()}, {d}")
+    if residual.dtype != torch.float32 or out.dtype != torch.float32 or grad.dtype not in _GRAD_DTYPES:
+        raise TypeError(
+            "triton_accumulate_select: needs fp32 `residual` and `out` and fp32/bf16/fp16 `grad`, got "
+            f"{residual.dtype}, {out.dtype}, {grad.dtype}"
+        )
+    if not residual.device == grad.device == out.device:
+        raise ValueError("triton_accumulate_select: tensors on different devices")
+    _check_k(d, k)
+    dev = out.device
+    if dev.type == "cpu" and not _interpreted(accumulate_kernel):
+        raise RuntimeError("triton_accumulate_select on CPU tensors needs TRITON_INTERPRET=1 set before its first call")
+    if block is None:
+        block = INTERPRET_BLOCK if dev.type == "cpu" else BLOCK
+    programs, tiles = _grid(d, block, max_programs)
+    part = torch.empty(3, programs, dtype=torch.float32, device=dev)
+    s = part if scale is None else scale.reshape(()).to(device=dev, dtype=torch.float32).contiguous()
+    accumulate_kernel[(programs,)](
+        residual, grad, s, out, part, d, tiles, BLOCK=block, G_BF16=grad.dtype == torch.bfloat16,
+        HAS_SCALE=scale is not None, ZERO_G=bool(zero_grad),
+    )
+    s1, s2 = part[:2].sum(1).unbind(0)  # the (2, programs) reduction of triton_select: the same t0
+    flag = part[2].sum()  # NaN if any program saw a non-finite u
+    t0 = threshold_from_moments(s1, s2, d, k)
+    values, indices = triton_select(out, k, t0, hist=hist, counters=counters, block=block, max_programs=max_programs)
+    return values, indices, flag
