@@ -198,6 +198,11 @@ def accumulate_select(
         and _lane_size(d, k) is not None
         and _FUSABLE.get(method, (None,))[0] is _SELECTORS.get(method)  # a user override is called as is
     )
+    if out.device.type == "cuda" and method == "gaussk" and _SELECTORS.get(method) is gaussk_selector:
+        from lightning_gaussk import kernels  # lazy: Triton is optional
+
+        if kernels.fusable(residual, grad, out, k):  # u = g + scale * r inside the kernels' first pass
+            return kernels.triton_accumulate_select(residual, grad, out, k, scale, zero_grad=zero_grad)
     if not fast:
         _accumulate(residual, grad, scale, out=out)
         if zero_grad:
