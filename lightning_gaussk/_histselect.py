@@ -35,7 +35,7 @@ __all__ = [
     "NUM_BINS",
     "bin_index",
     "boundary",
-    "gaussian_threshold",
+    "estimate_threshold",
     "hist_select",
     "histogram",
     "scatter_histogram",
@@ -70,8 +70,8 @@ def threshold_from_moments(s: Tensor, s2: Tensor, d: int, k: int) -> Tensor:
     return (mu.abs() + var.sqrt() * z).clamp_min(MIN_THRESHOLD)
 
 
-def gaussian_threshold(x: Tensor, k: int) -> Tensor:
-    r"""Gaussian-k threshold ``|mu| + sigma * ndtri(1 - k / (2 d))`` of ``x``.
+def estimate_threshold(x: Tensor, k: int) -> Tensor:
+    r"""Gaussian-k threshold ``|mu| + sigma * ndtri(1 - k / (2 d))`` estimated from ``x`` on its device.
 
     Moments are accumulated in fp32 and the result is a 0-dim fp32 device
     tensor (never read back to the host).
@@ -141,7 +141,7 @@ def hist_select(x: Tensor, k: int, t0: Tensor | None = None) -> tuple[Tensor, Te
     d = x.numel()
     _check_k(d, k)
     if t0 is None:
-        t0 = gaussian_threshold(x, k)
+        t0 = estimate_threshold(x, k)
     b = bin_index(x, t0)
     bstar, a = boundary(histogram(b), k)
 

@@ -185,11 +185,12 @@ def test_nonfinite_gradient_on_one_rank_is_seen_everywhere_and_spares_residuals(
 
 # --------------------------------------------------------------------------------------------
 def _fused_vs_unfused(rank: int, world: int) -> None:
+    import lightning_gaussk._cputopk as cpu
     import lightning_gaussk.selectors as sel
 
     fused_scans = []
-    scan = sel._lane_absmax
-    sel._lane_absmax = lambda x, body, s, off, fuse=None: fused_scans.append(fuse is not None) or scan(x, body, s, off, fuse)
+    scan = cpu._lane_absmax
+    cpu._lane_absmax = lambda x, body, s, off, fuse=None: fused_scans.append(fuse is not None) or scan(x, body, s, off, fuse)
     register_selector("gaussk_unfused", sel.gaussk_selector)  # same selector, not fused with the add
     for density in (0.001, 0.01):  # 64- and 8-entry lanes
         torch.manual_seed(0)

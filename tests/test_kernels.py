@@ -23,7 +23,7 @@ from lightning_gaussk._histselect import (
     NUM_BINS,
     bin_index,
     boundary,
-    gaussian_threshold,
+    estimate_threshold,
     hist_select,
     histogram,
     scatter_histogram,
@@ -135,19 +135,19 @@ def test_gaussian_threshold_matches_formula():
         std = xd.std() if d > 1 else torch.zeros((), dtype=torch.float64)
         z = torch.special.ndtri(torch.tensor(1 - k / (2 * d), dtype=torch.float64))
         expect = float(xd.mean().abs() + std * z)
-        t0 = gaussian_threshold(x, k)
+        t0 = estimate_threshold(x, k)
         assert t0.dtype == torch.float32 and t0.dim() == 0
         assert math.isclose(float(t0), expect, rel_tol=1e-4)
 
 
 def test_gaussian_threshold_is_positive_on_zero_input():
-    assert float(gaussian_threshold(torch.zeros(1000), 10)) == pytest.approx(1e-30)
-    assert float(gaussian_threshold(torch.zeros(1), 1)) > 0
+    assert float(estimate_threshold(torch.zeros(1000), 10)) == pytest.approx(1e-30)
+    assert float(estimate_threshold(torch.zeros(1), 1)) > 0
 
 
 def test_gaussian_threshold_finite_for_tiny_k_over_d():
     # 1 - k/(2d) rounds to 1 in fp32; the estimate must still be finite.
-    t0 = gaussian_threshold(torch.randn(10_000_000), 1)
+    t0 = estimate_threshold(torch.randn(10_000_000), 1)
     assert math.isfinite(float(t0)) and 5 < float(t0) < 6
 
 
@@ -202,7 +202,7 @@ def test_hist_select_returns_k_distinct_indices_and_exact_values(family, d, k):
     x = make(family, d)
     values, indices = hist_select(x, k)
     assert_valid(x, k, values, indices)
-    split(x, k, indices, gaussian_threshold(x, k))
+    split(x, k, indices, estimate_threshold(x, k))
 
 
 @needs_triton
@@ -251,7 +251,7 @@ def test_hist_select_band_takes_lowest_indices():
 @pytest.mark.parametrize("family", FAMILIES)
 def test_above_part_bit_identical_and_band_from_boundary_bin(family, d, k, t0_scale):
     x = make(family, d, seed=3)
-    t0 = gaussian_threshold(x, k) * t0_scale  # 1e+-15: everything lands in an edge bin
+    t0 = estimate_threshold(x, k) * t0_scale  # 1e+-15: everything lands in an edge bin
     vt, it = hist_select(x, k, t0)
     vk, ik = triton_select(x, k, t0)
     assert_valid(x, k, vt, it)
@@ -268,7 +268,7 @@ def test_above_part_bit_identical_and_band_from_boundary_bin(family, d, k, t0_sc
 def test_triton_many_programs_and_tiles_agree_with_torch(family, block, max_programs):
     x = make(family, 20_001, seed=4)  # not a multiple of any block
     k = 300
-    t0 = gaussian_threshold(x, k)
+    t0 = estimate_threshold(x, k)
     hist = torch.empty(NUM_BINS, dtype=torch.int32)
     _, ik = triton_select(x, k, t0, hist=hist, block=block, max_programs=max_programs)
     assert torch.equal(hist.long(), histogram(bin_index(x, t0)))  # Triton bins == torch bins
@@ -293,7 +293,7 @@ def test_triton_reuses_buffers():
     counters = torch.full((2,), 99, dtype=torch.int32)
     for seed in range(3):
         x = make("laplace", 30_000, seed=seed)
-        t0 = gaussian_threshold(x, 100)
+        t0 = estimate_threshold(x, 100)
         values, indices = triton_select(x, 100, t0, hist=hist, counters=counters)
         assert_valid(x, 100, values, indices)
         assert torch.equal(hist.long(), histogram(bin_index(x, t0)))
@@ -311,7 +311,7 @@ def test_triton_moments_kernel_threshold_matches_torch():
     assert math.isclose(float(s), float(x.double().sum()), rel_tol=1e-4, abs_tol=1e-2)
     assert math.isclose(float(s2), float(x.double().pow(2).sum()), rel_tol=1e-5)
     t0 = threshold_from_moments(s.float(), s2.float(), x.numel(), 100)
-    assert math.isclose(float(t0), float(gaussian_threshold(x, 100)), rel_tol=1e-4)
+    assert math.isclose(float(t0), float(estimate_threshold(x, 100)), rel_tol=1e-4)
 
 
 # ---------------------------------------------------------------- quality
@@ -355,7 +355,7 @@ def test_hist_select_is_sync_free(monkeypatch, family, d, k, scatter):
     with pytest.raises(AssertionError, match="host sync"):
         bool(x.sum())  # the patch is live
     values, indices = hist_select(x, k)
-    t0 = gaussian_threshold(x, k)
+    t0 = estimate_threshold(x, k)
     values2, indices2 = hist_select(x, k, t0)
     monkeypatch.undo()
     assert_valid(x, k, values, indices)

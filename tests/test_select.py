@@ -13,7 +13,7 @@ import torch
 from lightning_gaussk import available_selectors, get_selector, register_selector, select
 from lightning_gaussk.selectors import _lane_size
 
-SELECT_MODULE = sys.modules["lightning_gaussk.selectors"]
+SELECT_MODULE = sys.modules["lightning_gaussk._cputopk"]  # the CPU lane machinery behind "gaussk" and "dgc"
 
 BUILTIN = ("topk", "gaussk", "dgc", "randk")
 EXACT = ("topk", "gaussk", "dgc")  # exact top-k on CPU tensors (up to ties)
