@@ -15,6 +15,8 @@ MODULES = [
     "lightning_gaussk.hook",
     "lightning_gaussk.strategy",
     "lightning_gaussk.monitor",
+    "lightning_gaussk.distribution_stats",
+    "lightning_gaussk.distribution_plots",
     "lightning_gaussk.telemetry",
     "lightning_gaussk.accelerate",
     "lightning_gaussk.costmodel",

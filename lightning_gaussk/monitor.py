@@ -14,10 +14,14 @@ be) sparsified on this rank:
   selector named by ``selector`` is run on it by the monitor.
 
 For each group (bucket, ``model``, and every parameter when ``per_parameter=True``) it computes
-the figures of :func:`group_statistics`, logs them through the trainer's loggers, saves a
-compact snapshot (histogram counts and a bounded random sample, never whole gradients) and, at
-the end of fit, draws PNG figures. The statistics are plain functions of tensors, usable
-without Lightning. Nothing is done, and nothing is asked of the hook, on steps that are not due.
+the figures of :func:`~lightning_gaussk.distribution_stats.group_statistics`, logs them through
+the trainer's loggers, saves a compact snapshot (histogram counts and a bounded random sample,
+never whole gradients; :func:`load_snapshot` reads it back) and, at the end of fit, draws PNG
+figures (:mod:`lightning_gaussk.distribution_plots`). The statistics are plain functions of
+tensors, usable without Lightning (:mod:`lightning_gaussk.distribution_stats`). Nothing is done,
+and nothing is asked of the hook, on steps that are not due.
+
+The statistics and figures were defined here before; they are still importable from this module.
 """
 
 import math
@@ -33,171 +37,26 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from lightning_gaussk.selectors import gaussian_threshold, get_selector, select
+from lightning_gaussk.config import bucket_k
+from lightning_gaussk.distribution_plots import plot_contraction, plot_distribution
+from lightning_gaussk.distribution_stats import (  # noqa: F401 - the others: their import path before the split
+    contraction,
+    group_statistics,
+    histogram,
+    ks_normal,
+    moments,
+    paper_bound,
+    random_k_bound,
+    selection_quality,
+    topk_threshold,
+)
+from lightning_gaussk.selectors import get_selector, select
 
-__all__ = [
-    "SNAPSHOT_FORMAT",
-    "GradientDistributionMonitor",
-    "contraction",
-    "group_statistics",
-    "histogram",
-    "ks_normal",
-    "load_snapshot",
-    "moments",
-    "paper_bound",
-    "plot_contraction",
-    "plot_distribution",
-    "random_k_bound",
-    "selection_quality",
-    "topk_threshold",
-]
+__all__ = ["SNAPSHOT_FORMAT", "GradientDistributionMonitor", "load_snapshot"]
 
 SNAPSHOT_FORMAT = "lightning_gaussk.monitor_snapshot/1"
 HISTORY_FORMAT = "lightning_gaussk.monitor_history/1"
 SUBDIR = "gaussk_monitor"
-
-
-# ============================================================================================
-# statistics: plain functions of tensors (float64 arithmetic, any device)
-# ============================================================================================
-def moments(x: Tensor) -> dict[str, float]:
-    """Mean, unbiased std, skewness and excess kurtosis of the entries of ``x``.
-
-    ``skewness = m3 / m2^1.5`` and ``kurtosis = m4 / m2^2 - 3`` with the central moments
-    ``m_j = mean((x - mean)^j)``: the same (biased) estimators as ``scipy.stats.skew`` and
-    ``scipy.stats.kurtosis`` with their defaults. A normal sample has both near 0; Laplace has
-    kurtosis 3. ``std`` is the unbiased one, as Gaussian-k uses it.
-    """
-    x = x.detach().reshape(-1).double()
-    n = x.numel()
-    if n == 0:
-        nan = float("nan")
-        return {"mean": nan, "std": nan, "skewness": nan, "kurtosis": nan}
-    mean = x.mean()
-    c = x - mean
-    c2 = c * c
-    m2 = c2.mean()
-    m3 = (c2 * c).mean()
-    m4 = (c2 * c2).mean()
-    out = torch.stack([mean, m2, m3, m4]).tolist()  # one host transfer
-    mean_f, m2_f, m3_f, m4_f = out
-    std = math.sqrt(m2_f * n / (n - 1)) if n > 1 else float("nan")
-    skew = m3_f / m2_f**1.5 if m2_f > 0 else float("nan")
-    kurt = m4_f / m2_f**2 - 3.0 if m2_f > 0 else float("nan")
-    return {"mean": mean_f, "std": std, "skewness": skew, "kurtosis": kurt}
-
-
-def ks_normal(x: Tensor, mean: float, std: float) -> float:
-    """Kolmogorov-Smirnov distance ``sup_t |F_n(t) - Phi((t - mean) / std)|`` between the
-    empirical distribution of ``x`` and ``N(mean, std^2)`` (``scipy.stats.kstest(x, "norm",
-    args=(mean, std)).statistic``). Sorts ``x``: pass a sample for large tensors."""
-    x = x.detach().reshape(-1).double()
-    n = x.numel()
-    if n == 0 or not std > 0 or not math.isfinite(std):
-        return float("nan")
-    s, _ = torch.sort(x)
-    cdf = torch.special.ndtr((s - mean) / std)
-    i = torch.arange(1, n + 1, dtype=torch.float64, device=s.device)
-    d_plus = (i / n - cdf).max()
-    d_minus = (cdf - (i - 1) / n).max()
-    return float(torch.maximum(d_plus, d_minus))
-
-
-def topk_threshold(u: Tensor, k: int) -> float:
-    """The exact top-k threshold: the ``k``-th largest ``|u|``."""
-    return float(torch.topk(u.detach().reshape(-1).abs(), k, sorted=False).values.min())
-
-
-def contraction(u: Tensor, k: int) -> float:
-    """``||u - topk(u)||^2 / ||u||^2``: the fraction of ``u``'s energy the exact Top-k operator
-    leaves behind (0 = all kept). NaN for ``u == 0``."""
-    u = u.detach().reshape(-1)
-    total = u.double().square().sum()
-    kept = torch.topk(u.abs(), k, sorted=False).values.double().square().sum()
-    total_f, kept_f = torch.stack([total, kept]).tolist()
-    return (total_f - kept_f) / total_f if total_f > 0 else float("nan")
-
-
-def random_k_bound(k: int, d: int) -> float:
-    """``1 - k/d``: Random-k's contraction in expectation, the classical bound for Top-k."""
-    return 1.0 - k / d
-
-
-def paper_bound(k: int, d: int) -> float:
-    """``(1 - k/d)^2``: Shi et al.'s bound for Top-k on bell-shaped ``u``."""
-    return (1.0 - k / d) ** 2
-
-
-def selection_quality(u: Tensor, indices: Tensor, k: int) -> tuple[float, float]:
-    """``(overlap, norm_capture)`` of a selection ``indices`` against the exact top-k ``T`` of
-    ``|u|``: ``|S & T| / k`` and ``||u_S||^2 / ||u_T||^2`` (1 and 1 for an exact top-k, up to ties)."""
-    u = u.detach().reshape(-1)
-    top = torch.topk(u.abs(), k, sorted=False).indices
-    mask = torch.zeros(u.numel(), dtype=torch.bool, device=u.device)
-    mask[top] = True
-    indices = indices.to(device=u.device, dtype=torch.long)
-    hit = mask[indices].sum()
-    num = u[indices].double().square().sum()
-    den = u[top].double().square().sum()
-    hit_f, num_f, den_f = torch.stack([hit.double(), num, den]).tolist()
-    return hit_f / max(indices.numel(), 1), (num_f / den_f if den_f > 0 else float("nan"))
-
-
-def histogram(x: Tensor, bins: int, lo: float, hi: float) -> tuple[Tensor, int, int]:
-    """``(counts, underflow, overflow)``: ``bins`` equal bins on ``[lo, hi]`` (int64 CPU counts,
-    as ``numpy.histogram(x, bins, (lo, hi))``) and the numbers of entries below ``lo`` / above ``hi``."""
-    x = x.detach().reshape(-1).float()
-    counts = torch.histc(x, bins=bins, min=lo, max=hi).to("cpu", torch.int64)
-    under, over = torch.stack([(x < lo).sum(), (x > hi).sum()]).tolist()
-    return counts, int(under), int(over)
-
-
-def group_statistics(
-    u: Tensor,
-    k: int,
-    *,
-    selected: Tensor | None = None,
-    grad: Tensor | None = None,
-    ks_sample: Tensor | None = None,
-) -> dict[str, float]:
-    """Every figure the monitor logs for one vector ``u`` (``d`` entries, ``k`` to keep).
-
-    Keys: ``density`` (k/d), ``mean``, ``std``, ``skewness``, ``kurtosis`` (:func:`moments`),
-    ``ks`` (:func:`ks_normal` against ``N(mean, std^2)``, on ``ks_sample`` if given),
-    ``threshold_topk`` (:func:`topk_threshold`), ``threshold_gauss`` (the Gaussian-k threshold
-    ``|mean| + std * PPF(1 - k/(2d))``), ``frac_above_gauss`` (fraction of ``|u|`` above it, to
-    compare with ``density``), ``contraction`` with ``bound_randk`` and ``bound_paper``; with
-    ``selected``: ``overlap`` and ``norm_capture`` (:func:`selection_quality`); with ``grad``
-    (``u = grad + residual``): ``residual_ratio = ||u - grad|| / ||grad||``.
-    """
-    u = u.detach().reshape(-1)
-    d = u.numel()
-    if not 1 <= k <= d:
-        raise ValueError(f"group_statistics: `k` must satisfy 1 <= k <= d = {d}, got {k}")
-    out: dict[str, float] = {"density": k / d}
-    out.update(moments(u))
-    out["ks"] = ks_normal(u if ks_sample is None else ks_sample, out["mean"], out["std"])
-    mags = u.abs()
-    top = torch.topk(mags, k, sorted=False)
-    std = out["std"] if math.isfinite(out["std"]) else 0.0
-    t_gauss = gaussian_threshold(out["mean"], std, k / d)
-    total = u.double().square().sum()
-    kept = top.values.double().square().sum()
-    above = (mags > t_gauss).sum()
-    t_top, total_f, kept_f, above_f = torch.stack([top.values.min().double(), total, kept, above.double()]).tolist()
-    out["threshold_topk"] = t_top
-    out["threshold_gauss"] = t_gauss
-    out["frac_above_gauss"] = above_f / d
-    out["contraction"] = (total_f - kept_f) / total_f if total_f > 0 else float("nan")
-    out["bound_randk"] = random_k_bound(k, d)
-    out["bound_paper"] = paper_bound(k, d)
-    if selected is not None:
-        out["overlap"], out["norm_capture"] = selection_quality(u, selected, k)
-    if grad is not None:
-        g = grad.detach().reshape(-1)
-        r2, g2 = torch.stack([(u.double() - g.double()).square().sum(), g.double().square().sum()]).tolist()
-        out["residual_ratio"] = math.sqrt(r2 / g2) if g2 > 0 else float("nan")
-    return out
 
 
 def load_snapshot(path: str | os.PathLike) -> dict[str, Any]:
@@ -409,8 +268,7 @@ class GradientDistributionMonitor(Callback):
         self._remove_handles()
         state = getattr(trainer.strategy, "gaussk_state", None)
         if state is not None:
-            state._capture_next = False
-            state.captured = {}
+            state.cancel_requests()
 
     def _remove_handles(self) -> None:
         for h in self._handles:
@@ -449,7 +307,7 @@ class GradientDistributionMonitor(Callback):
         u = torch.cat(parts)
         d = u.numel()
         density = self.density if self.density is not None else 0.001
-        k = _k_for(density, d)
+        k = bucket_k(density, d)
         selected = select(u, k, self.selector or "gaussk", seed=self.seed, step=trainer.global_step)[1] if k < d else None
         return [{"name": "model", "u": u, "k": k, "selected": selected, "grad": None, "params": layout}]
 
@@ -466,7 +324,7 @@ class GradientDistributionMonitor(Callback):
                 for pname, off, n in g["params"]:
                     up = u[off : off + n]
                     gp = g["grad"][off : off + n] if g["grad"] is not None else None
-                    rec = self._one(up, _k_for(rho, n), None, gp, gen, [pname])
+                    rec = self._one(up, bucket_k(rho, n), None, gp, gen, [pname])
                     if sel is not None and self.mode == "gaussk":
                         inside = ((sel >= off) & (sel < off + n)).sum()
                         rec["stats"]["selected_density"] = float(inside) / n
@@ -565,110 +423,3 @@ class GradientDistributionMonitor(Callback):
             if self.log_histograms and isinstance(logger, TensorBoardLogger):
                 for name, rec in named.items():
                     logger.experiment.add_histogram(f"{self.prefix}/{name}/u", rec["sample"].numpy(), global_step=step)
-
-
-def _k_for(density: float, d: int) -> int:
-    """``ceil(density * d)`` clamped to ``[1, d]``, as the hook computes ``k``."""
-    return min(d, max(1, math.ceil(density * d - 1e-9)))
-
-
-# ============================================================================================
-# figures (matplotlib's object API on an Agg canvas: no pyplot, no global backend change)
-# ============================================================================================
-def _figure(width: float, height: float) -> Any:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=100)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def plot_distribution(groups: dict[str, dict[str, Any]], path: str | os.PathLike, title: str = "") -> str:
-    """Histogram of ``u`` per group with the fitted normal ``N(mean, std^2)`` (the paper's
-    figure 1), from snapshot groups (``load_snapshot(f)["groups"]``). Writes a PNG; returns the path."""
-    names = list(groups)
-    n = max(len(names), 1)
-    cols = min(n, 4)
-    rows = math.ceil(n / cols)
-    fig = _figure(3.6 * cols, 2.8 * rows + 0.5)
-    for i, name in enumerate(names):
-        rec = groups[name]
-        st = rec["stats"]
-        ax = fig.add_subplot(rows, cols, i + 1)
-        counts = torch.as_tensor(rec["hist_counts"]).double()
-        lo, hi = float(rec["hist_lo"]), float(rec["hist_hi"])
-        nb = counts.numel()
-        width = (hi - lo) / nb
-        edges = torch.linspace(lo, hi, nb + 1, dtype=torch.float64)
-        total = float(rec["d"])
-        dens = (counts / (total * width)).tolist() if total > 0 and width > 0 else counts.tolist()
-        ax.bar(edges[:-1].tolist(), dens, width=width, align="edge", color="#4c72b0", alpha=0.75, label="u")
-        mean, std = st["mean"], st["std"]
-        if math.isfinite(std) and std > 0:
-            x = torch.linspace(lo, hi, 400, dtype=torch.float64)
-            pdf = torch.exp(-0.5 * ((x - mean) / std) ** 2) / (std * math.sqrt(2 * math.pi))
-            ax.plot(x.tolist(), pdf.tolist(), color="#dd4444", lw=1.4, label="N(mean, std)")
-        thr = st.get("threshold_topk")
-        if thr is not None and math.isfinite(thr) and lo < thr < hi:
-            for s in (-thr, thr):
-                ax.axvline(s, color="black", lw=0.8, ls=":")
-        outside = int(rec.get("underflow", 0)) + int(rec.get("overflow", 0))
-        ax.set_title(f"{name}  (d={rec['d']}, k={rec['k']})", fontsize=8)
-        ax.text(
-            0.02,
-            0.97,
-            f"kurt {st['kurtosis']:.2f}\nskew {st['skewness']:.2f}\nKS {st['ks']:.3f}\noutside {outside}",
-            transform=ax.transAxes,
-            va="top",
-            fontsize=7,
-        )
-        ax.tick_params(labelsize=6)
-        ax.ticklabel_format(axis="x", style="sci", scilimits=(-2, 3))
-        if i == 0:
-            ax.legend(fontsize=6, loc="upper right")
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(os.fspath(path))
-    return os.fspath(path)
-
-
-def plot_contraction(rows: Sequence[dict[str, Any]], path: str | os.PathLike, title: str = "") -> str:
-    """Contraction ``||u - topk(u)||^2 / ||u||^2`` over steps per group, next to the Random-k
-    bound ``1 - k/d`` and the paper's ``(1 - k/d)^2``; right: the kept energy ``1 -
-    contraction`` on a log scale (bounds ``k/d`` and ``1 - (1 - k/d)^2``). Rows as in
-    ``monitor.history`` (or ``history_rank{r}.pt``'s ``rows``). Writes a PNG; returns the path."""
-    fig = _figure(11, 4.2)
-    left = fig.add_subplot(1, 2, 1)
-    right = fig.add_subplot(1, 2, 2)
-    by_group: dict[str, list[dict[str, Any]]] = {}
-    for r in rows:
-        by_group.setdefault(r["group"], []).append(r)
-    colors = [f"C{i % 10}" for i in range(len(by_group))]
-    for (name, rs), c in zip(by_group.items(), colors):
-        rs = sorted(rs, key=lambda r: r["step"])
-        steps = [r["step"] for r in rs]
-        left.plot(steps, [r["contraction"] for r in rs], "o-", color=c, ms=3, lw=1.2, label=f"{name} top-k")
-        right.plot(steps, [1 - r["contraction"] for r in rs], "o-", color=c, ms=3, lw=1.2, label=f"{name} top-k")
-        rk = [r["bound_randk"] for r in rs]
-        pb = [r["bound_paper"] for r in rs]
-        left.plot(steps, rk, "--", color=c, lw=0.9, alpha=0.8)
-        left.plot(steps, pb, ":", color=c, lw=1.1, alpha=0.9)
-        right.plot(steps, [1 - v for v in rk], "--", color=c, lw=0.9, alpha=0.8)
-        right.plot(steps, [1 - v for v in pb], ":", color=c, lw=1.1, alpha=0.9)
-    left.plot([], [], "--", color="gray", label="Random-k bound 1 - k/d")
-    left.plot([], [], ":", color="gray", label="paper bound (1 - k/d)^2")
-    left.set_xlabel("optimizer step")
-    left.set_ylabel("||u - topk(u)||^2 / ||u||^2")
-    left.set_title("contraction (lower = Top-k keeps more)", fontsize=9)
-    left.legend(fontsize=7)
-    right.set_yscale("log")
-    right.set_xlabel("optimizer step")
-    right.set_ylabel("kept energy ||topk(u)||^2 / ||u||^2")
-    right.set_title("1 - contraction vs k/d (--) and 2k/d - (k/d)^2 (:)", fontsize=9)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(os.fspath(path))
-    return os.fspath(path)

@@ -22,18 +22,18 @@ import scipy.stats
 import torch
 
 from lightning_gaussk import GaussKState, GaussKTelemetry, GradientDistributionMonitor, select, telemetry_figures
-from lightning_gaussk.monitor import (
+from lightning_gaussk.distribution_stats import (
     contraction,
     group_statistics,
     histogram,
     ks_normal,
-    load_snapshot,
     moments,
     paper_bound,
     random_k_bound,
     selection_quality,
     topk_threshold,
 )
+from lightning_gaussk.monitor import load_snapshot
 
 SCRIPT = Path(__file__).parent / "scripts" / "monitor_fit.py"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -454,3 +454,12 @@ def test_single_device_fit_measures_the_gradient_and_draws(tmp_path):
                 _close(metrics[(step, f"gaussk/rank0/{name}/{key}")], value, f"{step} {name} {key}")
     assert len(mon.figure_paths) == 3 and all(Path(p).read_bytes()[:8] == PNG_MAGIC for p in mon.figure_paths)
     assert all(Path(p).parent.parent == tmp_path / "csv" / "version_0" for p in mon.figure_paths)
+
+
+def test_statistics_and_figures_are_still_importable_from_the_monitor_module():
+    """They moved to distribution_stats / distribution_plots; the old import path keeps working."""
+    from lightning_gaussk import distribution_plots, distribution_stats, monitor
+
+    for mod in (distribution_stats, distribution_plots):
+        for name in mod.__all__:
+            assert getattr(monitor, name) is getattr(mod, name), name
