@@ -40,7 +40,9 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from lightning_gaussk.hook import GaussKState, gaussk_hook, validate_config
+from lightning_gaussk.checkpoint import average_states, warn_layout_change
+from lightning_gaussk.config import GaussKConfig, config_fields, env_options, env_var, parse_env, warn_unknown_env_vars
+from lightning_gaussk.hook import GaussKState, gaussk_hook
 
 try:
     from accelerate import Accelerator
@@ -61,15 +63,9 @@ __all__ = [
     "state_file",
 ]
 
-#: configuration key -> environment variable read by :func:`register_gaussk`
-ENV_VARS: dict[str, str] = {
-    "density": "GAUSSK_DENSITY",
-    "selector": "GAUSSK_SELECTOR",
-    "error_feedback": "GAUSSK_ERROR_FEEDBACK",
-    "warmup_steps": "GAUSSK_WARMUP_STEPS",
-    "warmup_density": "GAUSSK_WARMUP_DENSITY",
-    "seed": "GAUSSK_SEED",
-}
+#: configuration key -> environment variable read by :func:`register_gaussk` (one per
+#: :class:`~lightning_gaussk.config.GaussKConfig` field: ``GAUSSK_`` + the upper-cased name)
+ENV_VARS: dict[str, str] = {name: env_var(name) for name in config_fields()}
 #: set to a true value (1, true, yes, on) to skip registration: plain DDP allreduce, same script
 DISABLE_VAR = "GAUSSK_DISABLE"
 #: per-rank file written into the ``accelerator.save_state()`` folder (first registered model;
@@ -77,48 +73,10 @@ DISABLE_VAR = "GAUSSK_DISABLE"
 STATE_FILE = "gaussk_state_rank{rank}.pt"
 FILE_FORMAT = "lightning_gaussk.accelerate/1"
 
-_DEFAULTS: dict[str, Any] = {
-    "density": 0.001,
-    "selector": "gaussk",
-    "error_feedback": True,
-    "warmup_steps": 0,
-    "warmup_density": None,
-    "seed": 0,
-}
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
-_NONE = {"", "none", "null"}
 _UNSUPPORTED = {"FSDP", "DEEPSPEED", "MEGATRON_LM", "XLA"}
 
 
 # ------------------------------------------------------------------------------- configuration
-def _parse(key: str, var: str, raw: str) -> Any:
-    text = raw.strip()
-    try:
-        if key == "density":
-            return float(text)
-        if key == "warmup_density":
-            return None if text.lower() in _NONE else float(text)
-        if key in ("warmup_steps", "seed"):
-            return int(text)
-        if key == "error_feedback":
-            if text.lower() in _TRUE:
-                return True
-            if text.lower() in _FALSE:
-                return False
-            raise ValueError
-        return text  # selector
-    except ValueError:
-        expected = {
-            "density": "a float in (0, 1]",
-            "warmup_density": "a float in [density, 1] or 'none'",
-            "warmup_steps": "an int >= 0",
-            "seed": "an int",
-            "error_feedback": "one of 1/0, true/false, yes/no, on/off",
-        }[key]
-        raise ValueError(f"environment variable {var}={raw!r} is invalid: expected {expected}") from None
-
-
 def config_from_env(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     """The settings given by ``GAUSSK_*`` environment variables (only those that are set).
 
@@ -126,47 +84,37 @@ def config_from_env(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     unknown ``GAUSSK_*`` names (likely typos).
     """
     environ = os.environ if environ is None else environ
-    out = {key: _parse(key, var, environ[var]) for key, var in ENV_VARS.items() if var in environ}
-    known = set(ENV_VARS.values()) | {DISABLE_VAR}
-    unknown = sorted(v for v in environ if v.startswith("GAUSSK_") and v not in known)
-    if unknown:
-        warnings.warn(
-            f"Unknown GaussK environment variable(s) {unknown} ignored; known: {sorted(known)}", stacklevel=2
-        )
+    out = env_options(environ)
+    warn_unknown_env_vars(environ, also_known=(DISABLE_VAR,))
     return out
 
 
 def resolve_config(environ: Mapping[str, str] | None = None, **config: Any) -> dict[str, Any]:
-    """Merge keyword arguments > ``GAUSSK_*`` environment variables > defaults, and validate.
+    """Merge keyword arguments > ``GAUSSK_*`` environment variables > defaults, and validate
+    (:meth:`GaussKConfig.from_env`): every :class:`~lightning_gaussk.config.GaussKConfig` field,
+    plus ``process_group`` when given (a keyword only).
 
-    ``process_group`` may be given as a keyword only. Invalid values raise ``TypeError`` /
-    ``ValueError``; when a value came from the environment the message names the variable.
+    Invalid values raise ``TypeError`` / ``ValueError``; when a value came from the environment
+    the message names the variable.
     """
-    unknown = set(config) - set(_DEFAULTS) - {"process_group"}
+    known = set(config_fields())
+    unknown = set(config) - known - {"process_group"}
     if unknown:
         raise TypeError(
-            f"register_gaussk() got unknown argument(s) {sorted(unknown)}; allowed: {sorted(_DEFAULTS)} and process_group"
+            f"register_gaussk() got unknown argument(s) {sorted(unknown)}; allowed: {sorted(known)} and process_group"
         )
     environ = os.environ if environ is None else environ
-    from_env = {k: v for k, v in config_from_env(environ).items() if k not in config}
-    merged = {**_DEFAULTS, **from_env, **config}
-    try:
-        validate_config(*(merged[k] for k in _DEFAULTS))
-    except (TypeError, ValueError) as err:
-        if not from_env:
-            raise
-        where = ", ".join(f"{ENV_VARS[k]}={environ[ENV_VARS[k]]!r}" for k in from_env)
-        raise type(err)(f"{err} (settings from the environment: {where})") from err
+    config_from_env(environ)  # warns about unknown GAUSSK_* names
+    options = {k: v for k, v in config.items() if k != "process_group"}
+    merged = GaussKConfig.from_env(environ, **options).to_dict()
+    if "process_group" in config:
+        merged["process_group"] = config["process_group"]
     return merged
 
 
 def _env_true(var: str, environ: Mapping[str, str]) -> bool:
-    raw = environ.get(var)
-    if raw is None or raw.strip().lower() in _FALSE | {""}:
-        return False
-    if raw.strip().lower() in _TRUE:
-        return True
-    raise ValueError(f"environment variable {var}={raw!r} is invalid: expected one of 1/0, true/false, yes/no, on/off")
+    raw = environ.get(var, "")
+    return bool(raw.strip()) and parse_env(var, raw, bool)
 
 
 # ------------------------------------------------------------------------------- finding DDP
@@ -224,11 +172,11 @@ def register_gaussk(accelerator: Accelerator, model: nn.Module, **config: Any) -
     Args:
         accelerator: the ``accelerate.Accelerator`` that prepared ``model``.
         model: the prepared model (``DistributedDataParallel``, possibly inside ``torch.compile``).
-        **config: ``density``, ``selector``, ``error_feedback``, ``warmup_steps``,
-            ``warmup_density``, ``seed`` (as for :class:`GaussKState`) and ``process_group``.
-            Settings not given here are read from ``GAUSSK_DENSITY``, ``GAUSSK_SELECTOR``,
-            ``GAUSSK_ERROR_FEEDBACK``, ``GAUSSK_WARMUP_STEPS``, ``GAUSSK_WARMUP_DENSITY``,
-            ``GAUSSK_SEED``; then the defaults apply.
+        **config: any :class:`~lightning_gaussk.config.GaussKConfig` option (``density``,
+            ``selector``, ``error_feedback``, ``warmup_steps``, ``warmup_density``, ``seed``,
+            ``dense_fallback``, ``link_gbit``, ...) and ``process_group``. Options not given
+            here are read from their ``GAUSSK_*`` variables (:data:`ENV_VARS`, e.g.
+            ``GAUSSK_DENSITY``, ``GAUSSK_DENSE_FALLBACK``); then the defaults apply.
 
     Returns:
         This rank's :class:`GaussKState` (``state.telemetry`` counts hook calls and bytes), or
@@ -289,7 +237,8 @@ def register_gaussk(accelerator: Accelerator, model: nn.Module, **config: Any) -
             "Call register_gaussk once per model, and do not also pass DistributedDataParallelKwargs(comm_hook=...)."
         )
 
-    state = GaussKState(**resolved).bind(ddp)
+    process_group = resolved.pop("process_group", None)
+    state = GaussKState(GaussKConfig(**resolved), process_group=process_group).bind(ddp)
     ddp.register_comm_hook(state, gaussk_hook)
     ddp._gaussk_state = state  # marks the module; found again by a second call
     _attach_checkpointing(accelerator, state)
@@ -393,16 +342,5 @@ def _load_into(state: GaussKState, folder: Path, rank: int, world: int, index: i
             f"{folder}: state saved by {saved_world} processes, files for ranks {missing} are missing; "
             "resuming on another world size needs every rank's file."
         )
-    warnings.warn(
-        f"Resuming GaussK state saved with world size {saved_world} on world size {world}: each rank starts from "
-        "the mean of the saved residuals (this preserves the pending averaged update).",
-        stacklevel=3,
-    )
-    per_rank = [_read(found[r])["state"] for r in range(saved_world)]
-    merged = dict(per_rank[0])
-    names = set().union(*(sd["residuals"] for sd in per_rank))
-    merged["residuals"] = {
-        n: torch.stack([sd["residuals"][n] for sd in per_rank if n in sd["residuals"]]).sum(0) / saved_world
-        for n in names
-    }
-    state.load_state_dict(merged)
+    warn_layout_change(f"world size {saved_world}", f"world size {world}")
+    state.load_state_dict(average_states(_read(found[r])["state"] for r in range(saved_world)))

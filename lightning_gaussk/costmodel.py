@@ -24,9 +24,10 @@ of ``torch.dot(x, x)`` divided by ``d``)::
     dense   H_d = p * d * r_d          r_d: passes of the reduction inside the all-reduce
 
 Per bucket, sparse is predicted faster when ``H_s + T_ag(k) < H_d + T_ar(d)``. Whatever the
-link, sparse is never chosen when ``W (2k + 1) > d``: the gathered messages would then hold more
-entries than the dense bucket (the break-even of ../shared/notes/peers-and-pitfalls.md point 5,
-``W ~ 1 + 1/density``, is where the bytes cross; the host costs move it lower).
+link, sparse is never chosen under the byte rule :func:`byte_rule_dense`, ``W (2k + 1) >= 2d``:
+each rank would then receive at least the bytes of a ring all-reduce, ``(W-1)(2k+1)`` entries
+against ``2 (W-1)/W d``. The bytes cross at ``W ~ 1/density``; the host costs move the break-even
+lower, which the timed comparison captures.
 
 A training step (``C`` = compute-only step time of one rank)::
 
@@ -68,6 +69,8 @@ __all__ = [
     "Workload",
     "allgather_time",
     "allreduce_time",
+    "bucket_k",
+    "byte_rule_dense",
     "decide",
     "dense_bucket_time",
     "dense_host_time",
@@ -240,15 +243,30 @@ class Decision:
     """Outcome of :func:`decide`: ``dense`` and why, with both predictions (seconds)."""
 
     dense: bool
-    reason: str  # "world*(2k+1) > d", "single rank", "sparse slower", "sparse faster"
+    reason: str  # "world*(2k+1) >= 2d", "single rank", "sparse slower", "sparse faster"
     t_sparse: float
     t_dense: float
+
+
+def bucket_k(density: float, d: int) -> int:
+    """Entries sent from a bucket (or shard) of ``d`` entries: ``ceil(density * d)`` clamped to
+    ``[1, d]`` (the ``- 1e-9`` keeps ``0.01 * 300`` at 3 despite rounding). The one formula of k,
+    used by the hook, the monitor and this model (here, so that this module stays pure)."""
+    return min(d, max(1, math.ceil(density * d - 1e-9)))
+
+
+def byte_rule_dense(d: int, k: int, world: int) -> bool:
+    """The one byte rule of the dense fallback: ``W (2k + 1) >= 2d``, i.e. the sparse all-gather
+    (``(W-1)(2k+1)`` entries received per rank) moves no fewer bytes than a ring all-reduce
+    (``2 (W-1)/W d``). ``world`` is the number of ranks that exchange messages: ``W`` in flat
+    mode, the number of nodes ``N`` in node mode (each shard of ``d`` entries then)."""
+    return world * (2 * k + 1) >= 2 * d
 
 
 def decide(d: int, k: int, world: int, link: Link, host: HostCosts | None = None) -> Decision:
     """Whether a bucket of ``d`` entries, ``k`` of them selected, is predicted faster dense.
 
-    Dense whenever ``W (2k + 1) > d`` (the gathered messages outgrow the bucket) or ``W == 1``;
+    Dense whenever :func:`byte_rule_dense` holds (``W (2k + 1) >= 2d``) or ``W == 1``;
     otherwise whichever of :func:`sparse_bucket_time` and :func:`dense_bucket_time` is smaller
     (ties go to sparse).
     """
@@ -259,8 +277,8 @@ def decide(d: int, k: int, world: int, link: Link, host: HostCosts | None = None
     t_sparse = sparse_bucket_time(d, k, world, link, host)
     if world == 1:
         return Decision(True, "single rank", t_sparse, t_dense)
-    if world * (2 * k + 1) > d:
-        return Decision(True, "world*(2k+1) > d", t_sparse, t_dense)
+    if byte_rule_dense(d, k, world):
+        return Decision(True, "world*(2k+1) >= 2d", t_sparse, t_dense)
     if t_sparse > t_dense:
         return Decision(True, "sparse slower", t_sparse, t_dense)
     return Decision(False, "sparse faster", t_sparse, t_dense)
@@ -268,7 +286,7 @@ def decide(d: int, k: int, world: int, link: Link, host: HostCosts | None = None
 
 def prefer_dense(d: int, k: int, world: int, link: Link, host: HostCosts | None = None) -> bool:
     """``True`` when bucket (``d`` entries, ``k`` sent per rank, ``world`` ranks) should be sent
-    dense: ``W (2k+1) > d``, or the sparse path is predicted slower (see :func:`decide`)."""
+    dense: ``W (2k+1) >= 2d``, or the sparse path is predicted slower (see :func:`decide`)."""
     return decide(d, k, world, link, host).dense
 
 
@@ -288,7 +306,7 @@ def hierarchical_bucket_time(d: int, density: float, nodes: int, gpus_per_node: 
     _check_world(gpus_per_node)
     g = gpus_per_node
     shard = math.ceil(d / g)
-    k = max(1, min(shard, math.ceil(density * shard)))
+    k = bucket_k(density, shard)
     half_ring = (g - 1) * intra.alpha + (g - 1) / g * BYTES_PER_ENTRY * d * intra.beta if g > 1 else 0.0
     shared = Link(inter.alpha, inter.bandwidth / g)
     inter_t = sparse_bucket_time(shard, k, nodes, shared, host) if nodes > 1 else 0.0
@@ -336,7 +354,7 @@ def step_time(work: Workload, method: str, world: int, link: Link, host: HostCos
                 hosts += dense_host_time(d, host)
                 comm += allreduce_time((BYTES_PER_ENTRY if method == "dense" else 2) * d, world, link)
             elif method == "sparse":
-                k = max(1, min(d, math.ceil(density * d - 1e-9)))
+                k = bucket_k(density, d)
                 if auto and decide(d, k, world, link, host).dense:
                     hosts += dense_host_time(d, host)
                     comm += allreduce_time(BYTES_PER_ENTRY * d, world, link)

@@ -33,13 +33,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from lightning_gaussk import costmodel
+from lightning_gaussk.config import DENSE_FALLBACKS, GaussKConfig, bucket_k  # noqa: F401 (DENSE_FALLBACKS: old import path)
 from lightning_gaussk.selectors import _accumulate as accumulate  # the one formula of u
-from lightning_gaussk.selectors import accumulate_select, available_selectors, get_selector, select
+from lightning_gaussk.selectors import accumulate_select, select
 
 __all__ = ["GaussKState", "gaussk_hook", "validate_config"]
 
 STATE_FORMAT = "lightning_gaussk.state/1"
-DENSE_FALLBACKS = ("auto", "never")
 # torch >= 2.6 renamed all_gather_into_tensor; the old name warns on every call
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 # communication callbacks may complete on a backend thread: their counter updates take this lock
@@ -87,43 +88,14 @@ def validate_config(
     seed: Any,
     dense_fallback: Any = "auto",
     link_gbit: Any = None,
+    **options: Any,
 ) -> None:
-    """Raise ``TypeError``/``ValueError`` naming the argument, the value and what is allowed."""
-    if dense_fallback not in DENSE_FALLBACKS:
-        raise ValueError(f"`dense_fallback` must be one of {DENSE_FALLBACKS}, got {dense_fallback!r}")
-    if link_gbit is not None and (
-        isinstance(link_gbit, bool) or not isinstance(link_gbit, (int, float)) or not 0 < link_gbit < math.inf
-    ):
-        raise ValueError(f"`link_gbit` must be a number of Gbit/s > 0 or None, got {link_gbit!r}")
-    if isinstance(density, bool) or not isinstance(density, (int, float)):
-        raise TypeError(f"`density` must be a float in (0, 1], got {type(density).__name__} {density!r}")
-    if not (0.0 < density <= 1.0):  # also rejects NaN
-        raise ValueError(f"`density` must be in (0, 1], got {density!r}")
-    if not isinstance(selector, str):
-        raise TypeError(f"`selector` must be a str, one of {available_selectors()}, got {selector!r}")
-    get_selector(selector)  # ValueError listing the choices
-    if not isinstance(error_feedback, bool):
-        raise TypeError(f"`error_feedback` must be a bool, got {error_feedback!r}")
-    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-        raise ValueError(f"`warmup_steps` must be an int >= 0, got {warmup_steps!r}")
-    if warmup_density is not None:
-        if isinstance(warmup_density, bool) or not isinstance(warmup_density, (int, float)):
-            raise TypeError(f"`warmup_density` must be a float or None, got {warmup_density!r}")
-        if not (density <= warmup_density <= 1.0):
-            raise ValueError(
-                f"`warmup_density` must be in [density, 1] = [{density}, 1] (warm-up starts denser), got {warmup_density!r}"
-            )
-    if warmup_steps > 0 and warmup_density is None:
-        raise ValueError(
-            f"`warmup_steps` = {warmup_steps} > 0 needs `warmup_density` (the density at step 0, in [density, 1]), got None"
-        )
-    if warmup_steps == 0 and warmup_density is not None:
-        raise ValueError(
-            f"`warmup_density` = {warmup_density!r} has no effect with `warmup_steps` = 0: "
-            "set `warmup_steps` > 0 or leave `warmup_density` None"
-        )
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"`seed` must be an int, got {seed!r}")
+    """Raise ``TypeError``/``ValueError`` naming the argument, the value and what is allowed
+    (the checks of :class:`~lightning_gaussk.config.GaussKConfig`, which own them)."""
+    GaussKConfig(
+        density=density, selector=selector, error_feedback=error_feedback, warmup_steps=warmup_steps,
+        warmup_density=warmup_density, seed=seed, dense_fallback=dense_fallback, link_gbit=link_gbit, **options,
+    )  # fmt: skip
 
 
 class _Slot:
@@ -157,21 +129,18 @@ class GaussKState:
     """State of :func:`gaussk_hook` on one rank: configuration, residuals, counters.
 
     Args:
-        density: fraction ``k / d`` of each bucket sent per step, in (0, 1].
-        selector: a name from :func:`lightning_gaussk.available_selectors` ("gaussk", "topk",
-            "dgc", "randk", or one registered by the user).
-        error_feedback: keep what was not sent as a residual added to the next step's gradient.
-        warmup_steps: optimizer steps over which density decays geometrically from
-            ``warmup_density`` to ``density`` (0 = no warm-up).
-        warmup_density: density at step 0 when ``warmup_steps > 0``.
-        seed: seeds randomised selectors together with the step and bucket index.
-        dense_fallback: "auto" sends a bucket dense (allreduce of ``grad + residual``, residual
-            reset) when sparse would not be cheaper: always when the all-gather moves at least as
-            many bytes as a ring allreduce (``W (2k + 1) >= 2 d``: tiny buckets, high densities);
-            with ``link_gbit`` also when :mod:`lightning_gaussk.costmodel` predicts dense faster.
-            "never" always sparsifies.
-        link_gbit: link bandwidth in Gbit/s for the cost model (None: byte rule only).
+        config: the options (:class:`~lightning_gaussk.config.GaussKConfig`); None builds one
+            from ``options``.
         process_group: the group to communicate in (default: the world).
+        **options: :class:`~lightning_gaussk.config.GaussKConfig` fields (``density``,
+            ``selector``, ``error_feedback``, ``warmup_steps``, ``warmup_density``, ``seed``,
+            ``dense_fallback``, ``link_gbit``, ...), applied on top of ``config``.
+
+    The options are readable as attributes (``state.density``, ``state.selector``, ...) and as
+    ``state.config``. ``dense_fallback="auto"`` sends a bucket dense (allreduce of
+    ``grad + residual``, residual reset) when sparse cannot be cheaper: always under
+    :func:`lightning_gaussk.costmodel.byte_rule_dense`, and with ``link_gbit`` also when the
+    cost model predicts dense faster.
 
     ``state_dict()`` holds tensors and plain Python values only (``torch.load(weights_only=True)``
     works); residuals are keyed by parameter name, so call :meth:`bind` with the model first.
@@ -179,26 +148,21 @@ class GaussKState:
 
     def __init__(
         self,
-        density: float = 0.001,
-        selector: str = "gaussk",
-        error_feedback: bool = True,
+        config: GaussKConfig | None = None,
         *,
-        warmup_steps: int = 0,
-        warmup_density: float | None = None,
-        seed: int = 0,
-        dense_fallback: str = "auto",
-        link_gbit: float | None = None,
         process_group: dist.ProcessGroup | None = None,
+        **options: Any,
     ) -> None:
-        validate_config(density, selector, error_feedback, warmup_steps, warmup_density, seed, dense_fallback, link_gbit)
-        self.density = float(density)
-        self.selector = selector
-        self.error_feedback = error_feedback
-        self.warmup_steps = warmup_steps
-        self.warmup_density = None if warmup_density is None else float(warmup_density)
-        self.seed = seed
-        self.dense_fallback = dense_fallback
-        self.link_gbit = None if link_gbit is None else float(link_gbit)
+        if config is None:
+            config = GaussKConfig(**options)
+        elif not isinstance(config, GaussKConfig):
+            raise TypeError(
+                f"GaussKState: `config` must be a GaussKConfig or None, got {type(config).__name__} {config!r} "
+                "(give options as keywords, e.g. GaussKState(density=0.01))"
+            )
+        elif options:
+            config = config.replace(**options)
+        self.config = config
         self._dense_cache: dict[tuple[int, int, int, str], bool] = {}
         self.process_group = process_group
         self.step = 0  # optimizer steps; set by the owner (set_step) or counted per backward
@@ -229,6 +193,12 @@ class GaussKState:
         self.captured: dict[int, dict[str, Any]] = {}
         self._norms_next = False
         self.norms: dict[int, tuple[Tensor, Tensor]] = {}  # bucket index -> (||residual||, ||grad||)
+
+    def __getattr__(self, name: str) -> Any:
+        """The options of ``self.config`` as attributes (``state.density``, ...)."""
+        if name != "config" and name in GaussKConfig.__dataclass_fields__ and "config" in self.__dict__:
+            return getattr(self.config, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     # ---------------------------------------------------------------- configuration and steps
     def bind(self, module: nn.Module) -> "GaussKState":
@@ -279,14 +249,12 @@ class GaussKState:
         return True
 
     def density_at(self, step: int) -> float:
-        """``density`` after warm-up; before it ``warmup_density * (density / warmup_density)^(step / warmup_steps)``."""
-        if step >= self.warmup_steps or self.warmup_density is None:
-            return self.density
-        return self.warmup_density * (self.density / self.warmup_density) ** (step / self.warmup_steps)
+        """The density at optimizer step ``step`` (see :meth:`GaussKConfig.density_at`)."""
+        return self.config.density_at(step)
 
     def k_for(self, d: int) -> int:
-        """Entries sent for a bucket of ``d`` entries at the current step: ``ceil(density * d)``."""
-        return min(d, max(1, math.ceil(self.density_at(self.step) * d - 1e-9)))
+        """Entries sent for a bucket of ``d`` entries at the current step (:func:`~lightning_gaussk.config.bucket_k`)."""
+        return bucket_k(self.density_at(self.step), d)
 
     def prefer_dense(self, d: int, k: int, world: int, device_type: str) -> bool:
         """Whether a bucket of ``d`` entries goes dense at ``k`` (see ``dense_fallback``).
@@ -297,10 +265,8 @@ class GaussKState:
         if key not in self._dense_cache:
             dense = False
             if self.dense_fallback == "auto":
-                dense = world * (2 * k + 1) >= 2 * d  # sparse moves no fewer bytes than a ring allreduce
+                dense = costmodel.byte_rule_dense(d, k, world)
                 if not dense and self.link_gbit is not None:
-                    from lightning_gaussk import costmodel
-
                     link = costmodel.Link.from_gbit(self.link_gbit)
                     dense = costmodel.prefer_dense(d, k, world, link, costmodel.HostCosts.for_device(device_type))
             self._dense_cache[key] = dense
@@ -380,16 +346,7 @@ class GaussKState:
             residuals.setdefault(n, r.detach().to("cpu", copy=True))
         return {
             "format": STATE_FORMAT,
-            "config": {
-                "density": self.density,
-                "selector": self.selector,
-                "error_feedback": self.error_feedback,
-                "warmup_steps": self.warmup_steps,
-                "warmup_density": self.warmup_density,
-                "seed": self.seed,
-                "dense_fallback": self.dense_fallback,
-                "link_gbit": self.link_gbit,
-            },
+            "config": self.config.to_dict(),
             "step": self.step,
             "telemetry": dict(self.telemetry),
             "residuals": residuals,

@@ -9,7 +9,6 @@
 """
 
 import inspect
-import warnings
 from datetime import timedelta
 from typing import Any, Literal
 
@@ -21,9 +20,13 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.strategies.strategy import _StrategyRegistry
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.nn.parallel import DistributedDataParallel
+from typing_extensions import override
 
-from lightning_gaussk.hook import GaussKState, gaussk_hook, validate_config
+from lightning_gaussk.checkpoint import average_states, warn_layout_change
+from lightning_gaussk.config import GaussKConfig, config_fields
+from lightning_gaussk.hook import GaussKState, gaussk_hook
 
 __all__ = ["CHECKPOINT_KEY", "GaussKDDPStrategy"]
 
@@ -36,18 +39,7 @@ class GaussKDDPStrategy(DDPStrategy):
     """DDP whose gradients are sparsified by TopK-SGD (error feedback, Gaussian-k selection).
 
     Args:
-        density: fraction of each gradient bucket sent per step, in (0, 1] (``k = ceil(density * d)``).
-        selector: selection method: "gaussk" (paper's Gaussian threshold, refined to exactly k),
-            "topk" (exact), "dgc", "randk", or a name registered with ``register_selector``.
-        error_feedback: carry what was not sent over to the next step (TopK-SGD); False drops it.
-        warmup_steps: optimizer steps of density warm-up (geometric decay from ``warmup_density``).
-        warmup_density: density at step 0 when ``warmup_steps > 0``.
-        seed: seed of randomised selectors (combined with the step and bucket index).
-        dense_fallback: "auto" sends a bucket dense when sparse cannot be cheaper (the all-gather
-            would move at least the bytes of a ring allreduce: tiny buckets, high densities; with
-            ``link_gbit`` also when the alpha-beta cost model predicts dense faster); "never" always
-            sparsifies.
-        link_gbit: link bandwidth in Gbit/s for the cost model of ``dense_fallback`` (None: byte rule only).
+{options}
         find_unused_parameters: passed to ``DistributedDataParallel``.
         static_graph: passed to ``DistributedDataParallel``.
         gradient_as_bucket_view: passed to ``DistributedDataParallel``.
@@ -80,6 +72,8 @@ class GaussKDDPStrategy(DDPStrategy):
         seed: int = 0,
         dense_fallback: Literal["auto", "never"] = "auto",
         link_gbit: float | None = None,
+        hierarchy: Literal["auto", "flat", "node"] = "auto",
+        ranks_per_node: int | None = None,
         find_unused_parameters: bool = False,
         static_graph: bool = False,
         gradient_as_bucket_view: bool = False,
@@ -100,7 +94,8 @@ class GaussKDDPStrategy(DDPStrategy):
                     f"GaussKDDPStrategy registers its own comm hook; `{name}` would add a second one. "
                     "Use DDPStrategy for other hooks."
                 )
-        validate_config(density, selector, error_feedback, warmup_steps, warmup_density, seed, dense_fallback, link_gbit)
+        given = locals()
+        self._gaussk_config = GaussKConfig(**{name: given[name] for name in config_fields()})  # validates
         _validate_ddp_args(
             kwargs,
             find_unused_parameters=find_unused_parameters,
@@ -127,16 +122,6 @@ class GaussKDDPStrategy(DDPStrategy):
             gradient_as_bucket_view=gradient_as_bucket_view,
             **_ddp_kwargs(kwargs),  # a call, not **kwargs: keeps jsonargparse from listing DDP's internals
         )
-        self._gaussk_config: dict[str, Any] = {
-            "density": density,
-            "selector": selector,
-            "error_feedback": error_feedback,
-            "warmup_steps": warmup_steps,
-            "warmup_density": warmup_density,
-            "seed": seed,
-            "dense_fallback": dense_fallback,
-            "link_gbit": link_gbit,
-        }
         self._gaussk_state: GaussKState | None = None
         self._gaussk_loaded: dict[str, Any] | None = None  # from a checkpoint, before the state exists
 
@@ -145,15 +130,22 @@ class GaussKDDPStrategy(DDPStrategy):
         """This rank's hook state (None before ``fit`` has set up DDP)."""
         return self._gaussk_state
 
+    @property
+    def gaussk_config(self) -> GaussKConfig:
+        """The hook's options, as given to the constructor."""
+        return self._gaussk_config
+
+    @override
     def configure_ddp(self) -> None:
         super().configure_ddp()  # wraps the model; registers no hook (we pass none)
-        state = GaussKState(**self._gaussk_config).bind(self.lightning_module)
+        state = GaussKState(self._gaussk_config).bind(self.lightning_module)
         self.model.register_comm_hook(state, gaussk_hook)  # on every device type, CPU included
         self._gaussk_state = state
         if self._gaussk_loaded is not None:
             self._restore(self._gaussk_loaded)
             self._gaussk_loaded = None
 
+    @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         if self._gaussk_state is not None:
             # runs before this micro-batch's backward: the hook sees the optimizer step it serves
@@ -163,6 +155,7 @@ class GaussKDDPStrategy(DDPStrategy):
                 self._gaussk_state.set_loss_scale(scaler.get_scale())  # one read per step (GradScaler reads found_inf too)
         return super().training_step(*args, **kwargs)
 
+    @override
     def teardown(self) -> None:
         if self._gaussk_state is not None:
             # local, no collective (safe after an error): let torch's communication threads
@@ -171,12 +164,13 @@ class GaussKDDPStrategy(DDPStrategy):
         super().teardown()
 
     # ---------------------------------------------------------------- checkpoints
+    @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:
         """Gather every rank's hook state into ``checkpoint["gaussk"]`` (a collective: Lightning
         calls this on every rank), then let rank 0 write as usual."""
         local = self._gaussk_state.state_dict() if self._gaussk_state is not None else None
         if local is not None or self._gaussk_loaded is None:
-            world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+            world = self.world_size
             per_rank: list[Any] = [None] * world
             if world > 1:
                 dist.all_gather_object(per_rank, local)
@@ -188,14 +182,14 @@ class GaussKDDPStrategy(DDPStrategy):
             checkpoint[CHECKPOINT_KEY] = self._gaussk_loaded
         super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
 
+    @override
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
         checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
         saved = checkpoint.get(CHECKPOINT_KEY)
         if saved is None:
-            warnings.warn(
+            rank_zero_warn(
                 f"Checkpoint {checkpoint_path} has no `{CHECKPOINT_KEY}` hook state (not saved by GaussKDDPStrategy?): "
-                "residuals start from zero.",
-                stacklevel=2,
+                "residuals start from zero."
             )
             return checkpoint
         _check_saved(saved, checkpoint_path)
@@ -207,27 +201,17 @@ class GaussKDDPStrategy(DDPStrategy):
 
     def _restore(self, saved: dict[str, Any]) -> None:
         """Give this rank its own saved state; on a different world size apply the documented
-        policy: every rank gets the mean of the saved residuals (which preserves the pending
-        averaged update ``sum_r residual_r / W``), with a warning."""
+        policy (:mod:`lightning_gaussk.checkpoint`), with a warning."""
         assert self._gaussk_state is not None
         per_rank = saved["per_rank"]
         if saved["world_size"] == self.world_size:
             self._gaussk_state.load_state_dict(per_rank[self.global_rank])
             return
-        warnings.warn(
-            f"Resuming GaussK state saved with world size {saved['world_size']} on world size {self.world_size}: "
-            "each rank starts from the mean of the saved residuals (this preserves the pending averaged update).",
-            stacklevel=2,
-        )
-        merged = dict(per_rank[0])
-        names = set().union(*(sd["residuals"] for sd in per_rank))
-        merged["residuals"] = {
-            n: torch.stack([sd["residuals"][n] for sd in per_rank if n in sd["residuals"]]).sum(0) / len(per_rank)
-            for n in names
-        }
-        self._gaussk_state.load_state_dict(merged)
+        warn_layout_change(f"world size {saved['world_size']}", f"world size {self.world_size}")
+        self._gaussk_state.load_state_dict(average_states(per_rank))
 
     @classmethod
+    @override
     def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
         entries = (
             ("gaussk_ddp", "gaussk", "popen"),
@@ -244,6 +228,14 @@ class GaussKDDPStrategy(DDPStrategy):
                 selector=selector,
                 start_method=start_method,
             )
+
+
+def _options_doc() -> str:
+    """The ``Args:`` lines of the hook's options, from the fields' docs (declared once)."""
+    return "\n".join(f"        {name}: {f.metadata['doc']}." for name, f in config_fields().items())
+
+
+GaussKDDPStrategy.__doc__ = (GaussKDDPStrategy.__doc__ or "").replace("{options}", _options_doc())
 
 
 def _validate_ddp_args(kwargs: dict[str, Any], *, timeout: Any, start_method: Any, **flags: Any) -> None:

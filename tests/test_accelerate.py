@@ -153,7 +153,7 @@ def test_environment_values_parse_and_invalid_ones_name_the_variable():
         "density": 0.02, "selector": "randk", "error_feedback": False,
         "warmup_steps": 10, "warmup_density": 0.5, "seed": 9,
     }  # fmt: skip
-    assert set(ENV_VARS.values()) == set(env)
+    assert set(env) <= set(ENV_VARS.values())  # and every other option has one too (tests/test_config.py)
     cfg = resolve_config(environ=env, density=0.1, error_feedback=True)
     assert cfg["density"] == 0.1 and cfg["error_feedback"] is True and cfg["selector"] == "randk"
     assert resolve_config(environ={})["density"] == 0.001  # the default

@@ -79,7 +79,7 @@ def test_plain_string_strategy_in_a_config_file(tmp_path, monkeypatch, name, sel
     config.write_text(f"seed_everything: 0\ntrainer:\n  strategy: {name}\n  accelerator: cpu\n  devices: 2\n  logger: false\n")
     cli = LightningCLI(example.DigitsClassifier, example.DigitsData, run=False, args=["--config", str(config)])
     assert isinstance(cli.trainer.strategy, GaussKDDPStrategy)
-    assert cli.trainer.strategy._gaussk_config["selector"] == selector
+    assert cli.trainer.strategy.gaussk_config.selector == selector
 
 
 def _help(monkeypatch, capsys) -> str:

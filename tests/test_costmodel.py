@@ -96,10 +96,12 @@ def test_prefer_dense_when_gathered_messages_outgrow_the_bucket():
     slow = cm.Link(alpha=0.0, bandwidth=1e3)  # a link so slow that bytes are all that matters
     free = cm.HostCosts(pass_s=0, hook_passes=0, select_passes=0, select_per_k_s=0, scatter_s=0, call_s=0, dense_passes=0)
     d, k = 10_000, 100
-    assert cm.prefer_dense(d, k, 49, slow, free) is False  # 49 * 201 = 9849 <= d
-    assert cm.prefer_dense(d, k, 50, slow, free) is True  # 50 * 201 = 10050 > d: always dense
-    dec = cm.decide(d, k, 50, slow, free)
-    assert dec.dense and dec.reason == "world*(2k+1) > d"
+    # the one byte rule (costmodel.byte_rule_dense, also the hook's): W (2k+1) >= 2d
+    assert cm.prefer_dense(d, k, 99, slow, free) is False  # 99 * 201 = 19899 < 2d: sparse moves fewer bytes
+    assert cm.prefer_dense(d, k, 100, slow, free) is True  # 100 * 201 = 20100 >= 2d: always dense
+    dec = cm.decide(d, k, 100, slow, free)
+    assert dec.dense and dec.reason == "world*(2k+1) >= 2d"
+    assert cm.byte_rule_dense(d, k, 100) and not cm.byte_rule_dense(d, k, 99)
     single = cm.decide(d, k, 1, slow, free)
     assert single.dense and single.reason == "single rank" and single.t_dense == 0.0
 

@@ -1,11 +1,15 @@
 """GaussKDDPStrategy inside Lightning: names, argument checks, and real 2-process fits on CPU.
 
 Multi-process fits run tests/scripts/lightning_fit.py as a subprocess (Lightning's popen
-launcher re-runs sys.argv, which must not be pytest's)."""
+launcher re-runs sys.argv, which must not be pytest's): one fit from flags (``fit``), or several
+fits in one process pair from a plan (``run_plan``)."""
 
+import json
 import math
+import os
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import lightning as L
@@ -17,6 +21,7 @@ from torch import nn
 
 import lightning_gaussk
 from lightning_gaussk import GaussKDDPStrategy, GaussKState
+from test_hook import BAD_CONFIG, check_message
 
 SCRIPT = Path(__file__).parent / "scripts" / "lightning_fit.py"
 NUMEL = 16 * 64 + 64 + 64 + 1  # the script's model: one DDP bucket
@@ -48,7 +53,7 @@ def test_importing_registers_the_four_names_idempotently():
     GaussKDDPStrategy.register_strategies(StrategyRegistry)  # a second registration must not fail
     trainer = L.Trainer(strategy="topk_ddp_spawn", accelerator="cpu", devices=2, logger=False)
     assert isinstance(trainer.strategy, GaussKDDPStrategy)
-    assert trainer.strategy._gaussk_config["selector"] == "topk"
+    assert trainer.strategy.gaussk_config.selector == "topk"
     assert trainer.strategy._start_method == "spawn"
     assert "ddp" in StrategyRegistry  # plain DDP untouched
 
@@ -198,3 +203,187 @@ def test_resume_on_one_process_from_two_warns_and_continues(tmp_path):
                        "--devices", "1", "--resume", str(ckpt))
     assert "world size 2 on world size 1" in log
     assert len(records) == 1 and records[0]["global_step"] == 10
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "fragments"),
+    BAD_CONFIG
+    + [
+        ({"bucket_cap_mb": 0}, ValueError, ["`bucket_cap_mb`", "0", "> 0"]),
+        ({"bucket_cap_mb": -4}, ValueError, ["`bucket_cap_mb`", "-4", "> 0"]),
+        ({"bucket_cap_mb": float("nan")}, ValueError, ["`bucket_cap_mb`", "nan", "> 0"]),
+        ({"bucket_cap_mb": "4"}, ValueError, ["`bucket_cap_mb`", "'4'", "> 0"]),
+        # flags DDP would take as truthy objects
+        ({"static_graph": "yes"}, TypeError, ["`static_graph`", "'yes'", "bool"]),
+        ({"find_unused_parameters": 1}, TypeError, ["`find_unused_parameters`", "1", "bool"]),
+        ({"gradient_as_bucket_view": None}, TypeError, ["`gradient_as_bucket_view`", "None", "bool"]),
+        # settings of other strategies (FSDP, DeepSpeed) or typos: DDP itself would only fail inside the workers
+        ({"sharding_strategy": "FULL_SHARD"}, TypeError, ["`sharding_strategy`", "DistributedDataParallel"]),
+        ({"cpu_offload": True}, TypeError, ["`cpu_offload`", "DistributedDataParallel"]),
+        ({"zero_optimization": {"stage": 2}}, TypeError, ["`zero_optimization`", "DistributedDataParallel"]),
+        ({"timeout": 20}, TypeError, ["`timeout`", "20", "timedelta"]),
+        ({"start_method": "threads"}, ValueError, ["`start_method`", "'threads'", "popen"]),
+    ],
+)
+def test_strategy_rejects_bad_and_unsupported_settings_at_construction(kwargs, error, fragments):
+    with pytest.raises(error) as err:
+        GaussKDDPStrategy(**kwargs)
+    check_message(err, fragments)
+
+
+def test_strategy_accepts_ddp_arguments_and_a_timedelta_timeout():
+    s = GaussKDDPStrategy(density=0.5, broadcast_buffers=False, timeout=timedelta(seconds=20), start_method="spawn")
+    assert s._ddp_kwargs["broadcast_buffers"] is False and s._timeout == timedelta(seconds=20)
+
+
+# ============================================================================ Lightning fits from a plan (several fits per process pair)
+def run_plan(cwd: Path, plan: list[dict], *, devices: int = 2, env: dict | None = None, expect_ok: bool = True, timeout: int = 400):
+    out = cwd / "out"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--out", str(out), "--devices", str(devices), "--plan", json.dumps(plan)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,  # hang guard
+        env={**os.environ, **(env or {})},
+    )
+    log = proc.stdout + proc.stderr
+    if expect_ok:
+        assert proc.returncode == 0, log[-5000:]
+    return proc.returncode, log
+
+
+def records(cwd: Path, name: str) -> list[dict]:
+    return [torch.load(f, weights_only=True) for f in sorted((cwd / "out" / name).glob("rank*.pt"))]
+
+
+NONFINITE = [[4, 1, "nan"], [7, 0, "inf"]]  # (batch, rank, what): one rank at a time
+
+
+@pytest.fixture(scope="module")
+def manual_fits(tmp_path_factory):
+    """One process pair, three fits: plain DDP, GaussK at density 1 and at 0.05; manual
+    optimization, two optimizers, a non-finite gradient on rank 1 then on rank 0."""
+    cwd = tmp_path_factory.mktemp("manual")
+    common = {"mode": "manual2", "nonfinite": NONFINITE}
+    run_plan(
+        cwd,
+        [
+            {"name": "plain", "strategy": "ddp", "max_steps": 24, **common},
+            {"name": "dense", "density": 1.0, "max_steps": 24, **common},
+            {"name": "sparse", "density": 0.05, "max_steps": 40, **common},
+        ],
+    )
+    return {n: records(cwd, n) for n in ("plain", "dense", "sparse")}
+
+
+def test_lightning_manual_two_optimizers_at_density_one_equal_plain_ddp_through_skipped_steps(manual_fits):
+    for plain, dense in zip(manual_fits["plain"], manual_fits["dense"]):
+        assert dense["skipped"] == plain["skipped"] == [4, 7]
+        assert dense["global_step"] == plain["global_step"] == 24  # two optimizers: two steps per batch
+        for n, p in plain["params"].items():
+            torch.testing.assert_close(dense["params"][n], p, rtol=1e-6, atol=1e-7)
+
+
+def test_lightning_nonfinite_gradient_on_one_rank_is_skipped_and_training_recovers(manual_fits):
+    recs = manual_fits["sparse"]
+    for rec in recs:
+        assert rec["skipped"] == [4, 7]  # every rank saw both bad steps, as with plain DDP
+        assert rec["residuals_kept_on_skip"] == [True, True]  # residuals untouched by the bad steps
+        assert all(rec["residuals_finite"])
+        assert rec["state"]["telemetry"]["skipped_buckets"] == 2  # one bucket, two bad steps
+        assert all(torch.isfinite(p).all() for p in rec["params"].values())
+        assert all(torch.isfinite(r).all() for r in rec["state"]["residuals"].values())
+        assert len(rec["applied"]) == 20 and all(math.isfinite(v) for v in rec["losses"])
+        first, last = sum(rec["losses"][:4]) / 4, sum(rec["losses"][-4:]) / 4
+        assert last < 0.6 * first, (first, last)  # it kept learning after the bad steps
+    for n, p in recs[0]["params"].items():
+        assert torch.equal(p, recs[1]["params"][n])
+
+
+def test_lightning_manual_two_optimizers_conserve_gradient_mass(manual_fits):
+    """sum over steps and ranks of local gradients == W * sum of applied gradients + sum of
+    the final residuals (skipped steps excluded): what is not applied yet is still owed."""
+    recs = manual_fits["sparse"]
+    world = len(recs)
+    local = sum(r["local_sum"] for r in recs)
+    residual = sum(torch.cat([r["state"]["residuals"][n] for n in r["param_order"]]) for r in recs)
+    assert residual.abs().max() > 1e-3  # density 0.05: plenty still in flight
+    torch.testing.assert_close(world * recs[0]["applied_sum"] + residual, local, rtol=1e-5, atol=1e-5)
+
+
+# ============================================================================ missing / corrupted hook state
+def bound_strategy() -> tuple[GaussKDDPStrategy, nn.Module]:
+    model = nn.Linear(3, 2)
+    strategy = GaussKDDPStrategy(density=0.1, cluster_environment=LightningEnvironment())  # world size 1
+    strategy._gaussk_state = GaussKState(density=0.1).bind(model)
+    return strategy, model
+
+
+def good_state(model: nn.Module) -> dict:
+    sd = GaussKState(density=0.1).bind(model).state_dict()
+    sd["residuals"] = {n: torch.ones(p.numel()) for n, p in model.named_parameters()}
+    return sd
+
+
+def test_checkpoint_without_hook_state_warns_and_falls_back_to_zero_residuals(tmp_path):
+    torch.save({"state_dict": {}}, tmp_path / "plain.ckpt")
+    strategy = GaussKDDPStrategy()
+    with pytest.warns(UserWarning, match="no `gaussk` hook state.*residuals start from zero"):
+        strategy.load_checkpoint(tmp_path / "plain.ckpt")
+    assert strategy._gaussk_loaded is None  # nothing to restore: the state starts fresh
+
+
+CORRUPT = {
+    "world_size not an int": lambda sd: {"world_size": "1", "per_rank": [sd]},
+    "fewer states than ranks": lambda sd: {"world_size": 2, "per_rank": [sd]},
+    "a rank state that is not a dict": lambda sd: {"world_size": 1, "per_rank": [[1, 2]]},
+    "no residuals": lambda sd: {"world_size": 1, "per_rank": [{k: v for k, v in sd.items() if k != "residuals"}]},
+    "not a dict at all": lambda sd: [sd],
+}
+
+
+@pytest.mark.parametrize("case", list(CORRUPT))
+def test_malformed_hook_state_in_a_checkpoint_is_refused_at_load(tmp_path, case):
+    _, model = bound_strategy()
+    torch.save({"state_dict": {}, "gaussk": CORRUPT[case](good_state(model))}, tmp_path / "bad.ckpt")
+    with pytest.raises(ValueError, match="malformed"):
+        GaussKDDPStrategy().load_checkpoint(tmp_path / "bad.ckpt")
+
+
+def _wrong_format(sd):
+    sd["format"] = "something/else"
+
+
+def _wrong_size(sd):
+    sd["residuals"]["weight"] = torch.ones(5)
+
+
+def _unknown_name(sd):
+    sd["residuals"]["nope.weight"] = torch.ones(6)
+
+
+def _nan_residual(sd):
+    sd["residuals"]["weight"][2] = float("nan")
+
+
+def _inf_residual(sd):
+    sd["residuals"]["bias"][0] = float("inf")
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "match"),
+    [
+        (_wrong_format, "lightning_gaussk.state/1"),
+        (_wrong_size, "'weight' has 5 entries, parameter has 6"),
+        (_unknown_name, "'nope.weight'"),
+        (_nan_residual, "'weight'.*non-finite"),
+        (_inf_residual, "'bias'.*non-finite"),
+    ],
+)
+def test_corrupted_rank_state_is_refused_with_a_clear_error(corrupt, match):
+    strategy, model = bound_strategy()
+    sd = good_state(model)
+    corrupt(sd)
+    with pytest.raises(ValueError, match=match):
+        strategy._restore({"world_size": 1, "per_rank": [sd]})
