@@ -337,3 +337,228 @@ def test_dense_fallback_rule_is_a_pure_function_of_shapes_and_config():
         assert linked.prefer_dense(d, k, w, "cpu") == (expect or w * (2 * k + 1) >= 2 * d)
     with pytest.raises(ValueError, match="dense_fallback"):
         GaussKState(dense_fallback="sometimes")
+
+
+# ============================================================================ configuration errors
+# (kwargs, error type, fragments the message must contain: the argument, the value, what is allowed)
+BAD_CONFIG = [
+    ({"density": 0}, ValueError, ["`density`", "0", "(0, 1]"]),
+    ({"density": -0.1}, ValueError, ["`density`", "-0.1", "(0, 1]"]),
+    ({"density": 1.5}, ValueError, ["`density`", "1.5", "(0, 1]"]),
+    ({"density": float("nan")}, ValueError, ["`density`", "nan", "(0, 1]"]),
+    ({"density": float("inf")}, ValueError, ["`density`", "inf", "(0, 1]"]),
+    ({"density": "0.01"}, TypeError, ["`density`", "'0.01'", "(0, 1]"]),
+    ({"density": True}, TypeError, ["`density`", "True", "(0, 1]"]),
+    ({"density": None}, TypeError, ["`density`", "None", "(0, 1]"]),
+    ({"selector": "bogus"}, ValueError, ["'bogus'", "gaussk", "topk"]),
+    ({"selector": None}, TypeError, ["`selector`", "None", "gaussk"]),
+    ({"selector": 3}, TypeError, ["`selector`", "3", "gaussk"]),
+    ({"error_feedback": 1}, TypeError, ["`error_feedback`", "1", "bool"]),
+    ({"error_feedback": "yes"}, TypeError, ["`error_feedback`", "'yes'", "bool"]),
+    ({"warmup_steps": -1}, ValueError, ["`warmup_steps`", "-1", ">= 0"]),
+    ({"warmup_steps": 2.5}, ValueError, ["`warmup_steps`", "2.5", ">= 0"]),
+    ({"warmup_steps": True}, ValueError, ["`warmup_steps`", "True", ">= 0"]),
+    ({"warmup_steps": 10}, ValueError, ["`warmup_density`", "None", "`warmup_steps`"]),
+    ({"warmup_steps": 10, "warmup_density": 0.0001}, ValueError, ["`warmup_density`", "0.0001", "[density, 1]"]),
+    ({"warmup_steps": 10, "warmup_density": 1.5}, ValueError, ["`warmup_density`", "1.5", "[density, 1]"]),
+    ({"warmup_steps": 10, "warmup_density": float("nan")}, ValueError, ["`warmup_density`", "nan", "[density, 1]"]),
+    ({"warmup_steps": 10, "warmup_density": "0.5"}, TypeError, ["`warmup_density`", "'0.5'", "float"]),
+    # a warm-up density without warm-up steps would be silently ignored: a schedule that makes no sense
+    ({"warmup_density": 0.5}, ValueError, ["`warmup_density`", "0.5", "`warmup_steps`"]),
+    ({"seed": 1.5}, TypeError, ["`seed`", "1.5", "int"]),
+    ({"seed": True}, TypeError, ["`seed`", "True", "int"]),
+]
+
+
+def check_message(err: pytest.ExceptionInfo, fragments: list[str]) -> None:
+    msg = str(err.value)
+    for f in fragments:
+        assert f in msg, f"{f!r} not in {msg!r}"
+
+
+@pytest.mark.parametrize(("kwargs", "error", "fragments"), BAD_CONFIG, ids=[repr(c[0]) for c in BAD_CONFIG])
+def test_gaussk_state_rejects_bad_config_naming_argument_value_and_allowed_range(kwargs, error, fragments):
+    with pytest.raises(error) as err:
+        GaussKState(**kwargs)
+    check_message(err, fragments)
+
+
+# ============================================================================ DDP-mode matrix
+class MatrixNet(nn.Module):
+    """Three layers; optionally a branch used on some ranks and steps only, a layer never used,
+    a frozen first layer, and a bf16 middle layer (DDP puts it in a bucket of its own)."""
+
+    def __init__(self, unused: bool = False, frozen: bool = False, mixed: bool = False) -> None:
+        super().__init__()
+        self.a = nn.Linear(12, 40)
+        self.b = nn.Linear(40, 30)
+        self.c = nn.Linear(30, 3)
+        self.branch = nn.Linear(40, 30) if unused else None
+        self.never = nn.Linear(5, 5) if unused else None  # no gradient on any rank, ever
+        if frozen:
+            self.a.requires_grad_(False)
+        if mixed:
+            self.b.to(torch.bfloat16)
+
+    def forward(self, x: torch.Tensor, use_branch: bool = False) -> torch.Tensor:
+        h = torch.tanh(self.a(x))
+        z = self.b(h.to(self.b.weight.dtype)).float()
+        if use_branch:
+            z = z + self.branch(h)
+        return self.c(torch.tanh(z))
+
+
+def matrix_batch(step: int, micro: int, rank: int) -> torch.Tensor:
+    return torch.randn(16, 12, generator=torch.Generator().manual_seed(10_007 * step + 101 * micro + rank))
+
+
+def _matrix_loss(model: nn.Module, step: int, micro: int, rank: int, branchy: bool) -> torch.Tensor:
+    return model(matrix_batch(step, micro, rank), use_branch=branchy and (step + micro + rank) % 2 == 0).pow(2).mean()
+
+
+def _train_step(ddp: DDP, opt, step: int, rank: int, accumulate: int, branchy: bool) -> None:
+    opt.zero_grad()
+    for micro in range(accumulate):
+        if micro < accumulate - 1:
+            with ddp.no_sync():
+                _matrix_loss(ddp, step, micro, rank, branchy).backward()
+        else:
+            _matrix_loss(ddp, step, micro, rank, branchy).backward()
+
+
+def _matrix_case(rank: int, world: int, ddp_kwargs: dict, model_kwargs: dict, accumulate: int, steps: int = 4) -> None:
+    branchy = model_kwargs.get("unused", False)
+    torch.manual_seed(0)
+    base = MatrixNet(**model_kwargs)
+    names = {n for n, p in base.named_parameters() if p.requires_grad}
+    models = {tag: copy.deepcopy(base) for tag in ("plain", "dense", "sparse")}
+    ddps = {tag: DDP(m, **ddp_kwargs) for tag, m in models.items()}
+    states = {tag: GaussKState(density=d, selector="topk").bind(ddps[tag]) for tag, d in (("dense", 1.0), ("sparse", 0.05))}
+    for tag, state in states.items():
+        ddps[tag].register_comm_hook(state, gaussk_hook)
+    opts = {tag: torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.05, momentum=0.9) for tag, m in models.items()}
+
+    sparse, state = models["sparse"], states["sparse"]
+    pname = {p: n for n, p in sparse.named_parameters()}
+    old = {n: torch.zeros(p.numel()) for n, p in sparse.named_parameters() if n in names}
+    for step in range(steps):
+        # this rank's own gradient of the sparse model (no DDP), micro-batches accumulated
+        ref = copy.deepcopy(sparse)
+        for micro in range(accumulate):
+            _matrix_loss(ref, step, micro, rank, branchy).backward()
+        local = {n: (p.grad.float().reshape(-1) if p.grad is not None else torch.zeros(p.numel())) for n, p in ref.named_parameters()}
+
+        state.capture_next_step()
+        for tag in ddps:
+            _train_step(ddps[tag], opts[tag], step, rank, accumulate, branchy)
+        new = {n: r.clone() for n, r in state.residuals().items()}
+        assert set(new) == names  # frozen parameters have no residual, every trainable one has
+        assert state.step == step + 1  # one compression per optimizer step, whatever the accumulation
+
+        caps = {i: (c["u"], c["indices"], [pname[p] for p in c["parameters"]]) for i, c in state.captured.items()}
+        all_caps = _gather(caps)
+        seen = set()
+        for index, (u, idx, params) in caps.items():
+            seen.update(params)
+            d, k = u.numel(), idx.numel()
+            assert k == math.ceil(0.05 * d)
+            torch.testing.assert_close(u, torch.cat([local[n] + old[n] for n in params]), rtol=1e-6, atol=1e-7)
+            res = torch.cat([new[n] for n in params])
+            sent = torch.zeros(d).index_put_((idx,), u[idx])
+            assert torch.equal(sent + res, u)  # nothing lost, nothing made up
+            agg = torch.zeros(d)
+            for r_caps in all_caps:
+                u_r, idx_r, params_r = r_caps[index]
+                assert params_r == params
+                agg.index_add_(0, idx_r.to(torch.int32), u_r[idx_r], alpha=1.0 / world)
+            dtype = dict(sparse.named_parameters())[params[0]].dtype
+            grad = torch.cat([p.grad.reshape(-1).float() if p.grad is not None else torch.zeros(p.numel()) for p in state.captured[index]["parameters"]])
+            assert torch.equal(grad, agg.to(dtype).float())
+        assert seen == names  # every trainable parameter went through the hook
+        if model_kwargs.get("mixed"):  # the bf16 layer has a bucket of its own (decoded via fp32)
+            dtypes = [{p.dtype for p in c["parameters"]} for c in state.captured.values()]
+            assert {torch.bfloat16} in dtypes and {torch.float32} in dtypes, dtypes
+        for n in ("never.weight", "never.bias"):
+            if n in new:
+                assert not new[n].any()
+        for tag in ddps:
+            opts[tag].step()
+        old = new
+
+    # density 1 is plain DDP, parameter for parameter
+    for (n, p), q in zip(models["plain"].named_parameters(), models["dense"].parameters()):
+        if p.dtype == torch.float32:
+            torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=lambda m: f"{ddp_kwargs} {model_kwargs} {n}: {m}")
+        else:
+            torch.testing.assert_close(q, p, msg=lambda m: f"{ddp_kwargs} {model_kwargs} {n}: {m}")
+    # all ranks hold the same model
+    flat = torch.cat([p.detach().float().reshape(-1) for m in models.values() for p in m.parameters()])
+    for f in _gather(flat):
+        assert torch.equal(f, flat)
+
+
+MATRIX = [
+    ({"find_unused_parameters": True}, {"unused": True}, 1),  # a branch on some ranks/steps, a layer never used
+    ({"static_graph": True, "bucket_cap_mb": 0.001}, {}, 1),  # (no_sync under static_graph: DDP itself fails)
+    ({"bucket_cap_mb": 0.001}, {}, 1),  # many buckets, rebuilt after the first step
+    ({}, {}, 3),  # accumulation with no_sync
+    ({"gradient_as_bucket_view": True, "bucket_cap_mb": 0.001}, {}, 2),
+    ({}, {"frozen": True}, 1),
+    ({}, {"mixed": True}, 1),  # a bf16 bucket next to fp32 ones
+    ({"bucket_cap_mb": 0.001, "gradient_as_bucket_view": True}, {"mixed": True, "frozen": True}, 2),
+]
+
+
+def _matrix(rank: int, world: int) -> None:
+    for case in MATRIX:
+        _matrix_case(rank, world, *case)
+
+
+def test_every_ddp_mode_equals_plain_ddp_at_density_one_and_conserves_mass_below_it():
+    run_distributed(_matrix)
+
+
+# ============================================================================ memory
+def _state_bytes(state: GaussKState) -> tuple[int, int]:
+    """(bytes of every tensor the state holds, the bound: per bucket 8 d [+ 4 d for a non-fp32
+    bucket's decode buffer] + 4 (2k + 1)(1 + W))."""
+    seen: dict[int, int] = {}
+    bound = 0
+    world = dist.get_world_size()
+    for slot in state._slots.values():
+        d = slot.residual.numel()
+        bound += 8 * d + (4 * d if slot.out is not None else 0) + 4 * (2 * slot.k + 1) * (1 + world)
+        for t in (slot.residual, slot.work, slot.out, slot.msg, slot.gathered):
+            if t is not None:
+                seen[t.data_ptr()] = t.numel() * t.element_size()
+    for t in state._pending.values():
+        seen[t.data_ptr()] = t.numel() * t.element_size()
+    return sum(seen.values()), bound
+
+
+def _memory(rank: int, world: int) -> None:
+    for ddp_kwargs, mixed in (({"bucket_cap_mb": 0.01}, False), ({"static_graph": True}, True)):
+        torch.manual_seed(0)
+        model = MatrixNet(mixed=mixed)
+        ddp = DDP(model, **ddp_kwargs)
+        state = GaussKState(density=0.05).bind(ddp)
+        ddp.register_comm_hook(state, gaussk_hook)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        sizes = []
+        for step in range(1000):
+            opt.zero_grad()
+            ddp(matrix_batch(step, 0, rank)).pow(2).mean().backward()
+            opt.step()
+            sizes.append(_state_bytes(state))
+        numel = sum(p.numel() for p in model.parameters())
+        total, bound = sizes[-1]
+        # constant after the bucket rebuild (first steps), and within the bound
+        assert all(s == sizes[3] for s in sizes[3:]), (ddp_kwargs, sizes[:6], sizes[-1])
+        assert total <= bound, (total, bound)
+        # the buckets held by the state cover every parameter exactly once: no stale buffers
+        assert sum(slot.residual.numel() for slot in state._slots.values()) == numel
+        assert len(state._home) == len(list(model.parameters())) and not state._pending and not state.captured
+
+
+def test_hook_memory_is_bounded_and_constant_over_1000_steps():
+    run_distributed(_memory)

@@ -12,6 +12,7 @@ import torch
 
 from lightning_gaussk import available_selectors, get_selector, register_selector, select
 from lightning_gaussk.selectors import _lane_size
+from test_hook import check_message
 
 SELECT_MODULE = sys.modules["lightning_gaussk._cputopk"]  # the CPU lane machinery behind "gaussk" and "dgc"
 
@@ -364,3 +365,14 @@ def test_selector_returning_the_wrong_shape_raises(registry):
 
     with pytest.raises(RuntimeError, match="too_few"):
         select(torch.randn(100), 10, "too_few")
+
+
+@pytest.mark.parametrize("method", ["gaussk", "topk"])
+def test_select_errors_state_the_allowed_range_and_the_value(method):
+    for k in (0, 11, -3):
+        with pytest.raises(ValueError) as err:
+            select(torch.ones(10), k, method)
+        check_message(err, ["`k`", "1 <= k <= x.numel() = 10", f"k={k}"])
+    with pytest.raises(ValueError) as err:
+        select(torch.ones(10), 3, "no_such_method")
+    check_message(err, ["'no_such_method'", *available_selectors()])
