@@ -95,6 +95,11 @@ class GaussKConfig:
         link = self.link_gbit
         if link is not None and (isinstance(link, bool) or not isinstance(link, (int, float)) or not 0 < link < math.inf):
             raise ValueError(f"`link_gbit` must be a number of Gbit/s > 0 or None, got {link!r}")
+        if link is not None and self.dense_fallback == "never":
+            raise ValueError(
+                f"`link_gbit` = {link!r} has no effect with `dense_fallback` = 'never' (the cost model only decides "
+                "under 'auto'): set `dense_fallback` = 'auto' or leave `link_gbit` None"
+            )
         if isinstance(density, bool) or not isinstance(density, (int, float)):
             raise TypeError(f"`density` must be a float in (0, 1], got {type(density).__name__} {density!r}")
         if not (0.0 < density <= 1.0):  # also rejects NaN

@@ -163,6 +163,8 @@ class GaussKState:
         elif options:
             config = config.replace(**options)
         self.config = config
+        if config.hierarchy == "node":
+            raise NotImplementedError("GaussKState: `hierarchy` = 'node' is not implemented yet; use 'flat' or 'auto'")
         self._dense_cache: dict[tuple[int, int, int, str], bool] = {}
         self.process_group = process_group
         self.step = 0  # optimizer steps; set by the owner (set_step) or counted per backward

@@ -47,6 +47,8 @@ def launch(out: Path, mode: str) -> list[dict]:
         GAUSSK_DENSITY=str(DENSITY),
         GAUSSK_SELECTOR="topk",
         GAUSSK_SEED="5",  # the script passes seed=3: the keyword must win
+        GAUSSK_DENSE_FALLBACK="auto",  # read from the environment, and given as a keyword by the script
+        GAUSSK_LINK_GBIT="0.001",  # 1 Mbit/s: the cost model keeps every bucket sparse
         OMP_NUM_THREADS="1",
     )
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -90,6 +92,7 @@ def test_environment_configures_and_keywords_take_precedence(runs):
         assert cfg["density"] == DENSITY and cfg["selector"] == "topk"  # GAUSSK_DENSITY, GAUSSK_SELECTOR
         assert cfg["seed"] == 3  # keyword over GAUSSK_SEED=5
         assert cfg["error_feedback"] is True and cfg["warmup_steps"] == 0  # defaults
+        assert cfg["dense_fallback"] == "auto" and cfg["link_gbit"] == 0.001  # keyword; GAUSSK_LINK_GBIT
 
 
 def test_save_state_writes_each_ranks_residuals_and_load_state_restores_them(runs):

@@ -79,7 +79,7 @@ def main() -> None:
     model = acc.prepare(net())
     opt = acc.prepare(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
     model = torch.compile(model, backend="eager")  # OptimizedModule(DistributedDataParallel)
-    state = register_gaussk(acc, model, seed=3)  # seed: keyword beats GAUSSK_SEED
+    state = register_gaussk(acc, model, seed=3, dense_fallback="auto")  # seed: keyword beats GAUSSK_SEED
     rec: dict = {
         "distributed_type": str(acc.distributed_type),
         "world": acc.num_processes,
