@@ -48,6 +48,9 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
+import _common
+from _common import DOC_SECTIONS
+
 PREFIX = "gkb"
 SUBNET = "10.77.0"  # private; only ever configured inside the run's own namespaces
 MASTER_PORT = 29500  # a fresh namespace has every port free
@@ -552,26 +555,6 @@ def netcheck_worker(nbytes: int, out: str | None) -> None:
 
 
 # ---------------------------------------------------------------------------------- helpers
-def free_port() -> int:
-    """A free TCP port on loopback (for the benchmarks' --local mode)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def machine_description() -> str:
-    """CPU model, logical CPUs and Python version, for the benchmark reports."""
-    import platform
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} logical CPUs, Python {platform.python_version()}"
-
-
 def load_costmodel() -> Any:
     """``lightning_gaussk/costmodel.py`` (pure, standard library only) without importing the
     package, whose ``__init__`` imports Lightning (seconds): for the drivers and the CI tests."""
@@ -589,36 +572,22 @@ def load_costmodel() -> Any:
     return sys.modules[alias]
 
 
-# The benchmark sections of docs/benchmarks.md, in document order, after the Selection section
-# (which benchmarks/selection.py owns and this module never touches).
-DOC_SECTIONS = ("selection", "throughput", "time_to_accuracy", "costmodel")
+def _driver_section(name: str) -> str:
+    """``name`` if it is a section the drivers of the emulated cluster write: any but "selection",
+    which benchmarks/selection.py owns and they never touch."""
+    if name not in DOC_SECTIONS[1:]:
+        raise ValueError(f"section must be one of {DOC_SECTIONS[1:]}, got {name!r}")
+    return name
 
 
 def replace_section(doc: str, name: str, body: str) -> str:
-    """``doc`` with the text between ``<!-- name:begin -->`` and ``<!-- name:end -->`` replaced by
-    ``body``; a missing section is inserted after the closest earlier section of
-    :data:`DOC_SECTIONS` that is present (else at the end). Other text is left as it is."""
-    if name not in DOC_SECTIONS or name == "selection":
-        raise ValueError(f"section must be one of {DOC_SECTIONS[1:]}, got {name!r}")
-    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
-    block = f"{begin}\n{body.strip()}\n{end}"
-    if begin in doc and end in doc and doc.index(begin) < doc.index(end):
-        return doc[: doc.index(begin)] + block + doc[doc.index(end) + len(end) :]
-    pos = len(doc)
-    for prev in reversed(DOC_SECTIONS[: DOC_SECTIONS.index(name)]):
-        marker = f"<!-- {prev}:end -->"
-        if marker in doc:
-            pos = doc.index(marker) + len(marker)
-            break
-    head, tail = doc[:pos].rstrip("\n"), doc[pos:].lstrip("\n")
-    return head + "\n\n" + block + "\n" + ("\n" + tail if tail else "")
+    """:func:`_common.replace_section` of a driver's section (see :func:`_driver_section`)."""
+    return _common.replace_section(doc, _driver_section(name), body)
 
 
 def write_doc_section(path: str, name: str, body: str) -> None:
-    with open(path) as f:
-        doc = f.read()
-    with open(path, "w") as f:
-        f.write(replace_section(doc, name, body))
+    """:func:`_common.write_doc_section` of a driver's section (see :func:`_driver_section`)."""
+    _common.write_doc_section(path, _driver_section(name), body)
 
 
 # ---------------------------------------------------------------------------------- CLI

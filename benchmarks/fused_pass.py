@@ -21,7 +21,6 @@ difference is the cost of the passes only. Prints median step times and the hook
 import argparse
 import copy
 import os
-import socket
 import statistics
 import sys
 import time
@@ -33,6 +32,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+from _common import free_port, load_average, machine_description  # noqa: E402
 
 
 def _noop(state: object, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
@@ -89,21 +89,15 @@ def _worker(rank: int, world: int, port: int, density: float, steps: int, warmup
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=16, help="timed steps per contender")
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--density", type=float, nargs="+", default=[0.001, 0.01])
     a = p.parse_args()
-    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}", flush=True)
+    print(f"{machine_description(f'torch {torch.__version__}')}; load average {load_average():.2f}", flush=True)
     for density in a.density:
-        mp.spawn(_worker, args=(2, _free_port(), density, a.steps, a.warmup), nprocs=2)
+        mp.spawn(_worker, args=(2, free_port(), density, a.steps, a.warmup), nprocs=2)
 
 
 if __name__ == "__main__":

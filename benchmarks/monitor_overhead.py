@@ -28,7 +28,6 @@ Usage::
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -38,6 +37,8 @@ import warnings
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import free_port, load_average, machine_description  # noqa: E402
 import lightning as L  # noqa: E402
 
 from lightning_gaussk import GaussKDDPStrategy, GaussKTelemetry, GradientDistributionMonitor  # noqa: E402
@@ -114,11 +115,7 @@ def paired(width: int, steps: int, density: float, every: int, skip: int) -> dic
 
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        import socket
-
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
+        os.environ["MASTER_PORT"] = str(free_port())
         dist.init_process_group("gloo", rank=0, world_size=1)
     torch.manual_seed(0)
     module = MLP(width)
@@ -257,11 +254,9 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     warnings.filterwarnings("ignore")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     numel = sum(q.numel() for q in MLP(a.width).parameters())
     result = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, "
-        f"threads {a.threads}, load average at start {load:.2f}",
+        "machine": machine_description(f"torch {torch.__version__}", f"threads {a.threads}") + f"; load average at start {load_average():.2f}",
         "config": vars(a) | {"parameters": numel},
         "monitor_callbacks_us_per_non_due_step": callback_cost(a.every),
         "hook_telemetry_bookkeeping_us_per_bucket": instrumentation_cost(),

@@ -17,8 +17,10 @@ if [ "$(id -u)" != "0" ]; then
 fi
 "$PY" benchmarks/cluster.py --cleanup-stale
 # throughput: every setting in one call (each setting = one run of the emulated cluster);
-# writes the "Throughput" and "Cost model" sections and bench_throughput.png, bench_costmodel.png
+# writes the "Throughput" section, bench_throughput.png and benchmarks/out/throughput.json
 "$PY" benchmarks/throughput.py "$@"
+# cost model: calibrated from that JSON; writes the "Cost model" section and bench_costmodel.png
+"$PY" benchmarks/costmodel_report.py
 # time to accuracy on digits, 2 hosts at 1 Gbit/s; writes its section and bench_tta_*.png
 "$PY" benchmarks/time_to_accuracy.py
 left="$(ip netns list | grep -c '^gkb-' || true)"

@@ -33,7 +33,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -41,12 +40,13 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import load_average, machine_description, write_doc_section  # noqa: E402
 from lightning_gaussk.selectors import select  # noqa: E402
 
 METHODS = ("topk", "gaussk", "dgc", "randk", "gaussk_paper")
 FAMILIES = ("normal", "laplace", "student_t3", "mixed_scales", "real_grad")
 DOCS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs", "benchmarks.md")
-BEGIN, END = "<!-- selection:begin -->", "<!-- selection:end -->"
 
 
 # ------------------------------------------------------------------------------ methods
@@ -247,16 +247,9 @@ def headline(rows: list[dict]) -> str:
 
 
 def machine_note(threads: int) -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return (
-        f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, torch.set_num_threads({threads}), "
-        f"Python {platform.python_version()}; 1-minute load average at start {load:.2f}"
+        machine_description(f"torch {torch.__version__}", f"torch.set_num_threads({threads})")
+        + f"; 1-minute load average at start {load_average():.2f}"
     )
 
 
@@ -290,9 +283,8 @@ def summary(rows: list[dict]) -> list[str]:
 
 def write_markdown(path: str, result: dict) -> None:
     rows = result["rows"]
-    section = "\n".join(
+    body = "\n".join(
         [
-            BEGIN,
             "## Selection",
             "",
             f"Command: `{result['command'].strip()}` (one run; all figures below come from it).",
@@ -331,22 +323,9 @@ def write_markdown(path: str, result: dict) -> None:
             "### Every method",
             "",
             md_table(rows),
-            END,
         ]
     )
-    text = ""
-    if os.path.exists(path):
-        with open(path) as f:
-            text = f.read()
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END) :]
-    else:
-        if not text:
-            text = "# Benchmarks\n"
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        f.write(text)
+    write_doc_section(path, "selection", body)
 
 
 # ------------------------------------------------------------------------------ main
@@ -446,7 +425,7 @@ def main() -> None:
     result = {
         "command": command,
         "machine": note,
-        "load_end": os.getloadavg()[0],
+        "load_end": load_average(),
         "threads": args.threads,
         "real_grad": real_how,
         "rows": rows,

@@ -1,11 +1,11 @@
-"""Soak tests (the long versions of tests/test_hardening.py; issue 7).
+"""Soak tests (the long versions of tests/test_faults.py and of the memory test in tests/test_hook.py).
 
     python benchmarks/soak.py fits --launcher spawn --runs 50     # consecutive 2-process Lightning fits
     python benchmarks/soak.py fits --launcher popen --runs 50
     python benchmarks/soak.py raw --runs 50 --end exit --hook gaussk   # raw DDP, 2 spawned processes
     python benchmarks/soak.py memory --steps 1000                  # RSS of plain DDP vs the hook
 
-``fits`` runs tests/scripts/hardening_fit.py (one short fit per run, GaussKDDPStrategy, 2 CPU
+``fits`` runs tests/scripts/lightning_fit.py with a one-fit ``--plan`` (one short fit per run, GaussKDDPStrategy, 2 CPU
 processes) and counts runs whose processes did not all exit with status 0 (with popen, rank 0
 waits for its child and fails if the child did not exit with 0). ``raw`` runs a short training
 loop with torch DDP and ends it the way ``--end`` says: ``exit`` (just return: the interpreter
@@ -30,8 +30,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "tests" / "scripts" / "hardening_fit.py"
-sys.path.insert(0, str(ROOT / "tests"))
+SCRIPT = ROOT / "tests" / "scripts" / "lightning_fit.py"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _common import free_port  # noqa: E402
 
 
 def _report(args: argparse.Namespace, result: dict) -> None:
@@ -118,7 +119,6 @@ def _raw_worker(rank: int, world: int, port: int, hook: str, end: str, steps: in
 
 
 def raw(args: argparse.Namespace) -> None:
-    from _dist import free_port
 
     bad, codes = [], []
     for i in range(args.runs):
@@ -177,7 +177,6 @@ def _memory_worker(rank: int, world: int, port: int, hook: str, steps: int, widt
 
 
 def memory(args: argparse.Namespace) -> None:
-    from _dist import free_port
 
     out = Path(args.workdir or f"/tmp/soak_memory_{os.getpid()}")
     out.mkdir(parents=True, exist_ok=True)

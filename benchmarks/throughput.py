@@ -30,6 +30,9 @@ scaling efficiency = compute-only step time / distributed step time.
     python benchmarks/throughput.py --settings mlp25m:2:1gbit --steps 3 --markdown none
     python benchmarks/throughput.py --from-json benchmarks/out/throughput.json   # docs only
 
+The cost model section of the docs (calibrated from these runs' microbenchmarks, checked against
+their step times) is written from the same JSON by benchmarks/costmodel_report.py.
+
 Needs root (network namespaces); exits with status 2 otherwise.
 """
 
@@ -46,6 +49,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, ROOT)
+import _common  # noqa: E402
 import cluster  # noqa: E402
 
 DOCS = os.path.join(ROOT, "docs", "benchmarks.md")
@@ -344,7 +348,7 @@ def run_setting(setting: str, args: argparse.Namespace, outdir: str) -> dict[str
     argv = [os.path.abspath(__file__), "--_worker", "--model", model, "--batch", str(batch), "--methods", methods,
             "--steps", str(args.steps), "--warmup", str(args.warmup), "--_out", out]  # fmt: skip
     t0 = time.time()
-    load0 = os.getloadavg()[0]
+    load0 = _common.load_average()
     print(f"== {setting}: {methods}", flush=True)
     net = out + ".net"
     with cluster.EmulatedCluster(spec) as c:
@@ -356,7 +360,7 @@ def run_setting(setting: str, args: argparse.Namespace, outdir: str) -> dict[str
     with open(net) as f:
         res["netcheck"] = json.load(f)
     res["wall_s"] = time.time() - t0
-    res["load"] = [load0, os.getloadavg()[0]]
+    res["load"] = [load0, _common.load_average()]
     res["setting"] = setting
     res["delay_ms"] = args.delay_ms
     return res
@@ -535,11 +539,11 @@ def main() -> None:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         meta = {
             "command": "python benchmarks/throughput.py " + " ".join(sys.argv[1:]),
-            "machine": cluster.machine_description(),
-            "load_start": f"{os.getloadavg()[0]:.1f}",
+            "machine": _common.machine_description(),
+            "load_start": f"{_common.load_average():.1f}",
         }
         results = [run_setting(s, args, os.path.dirname(os.path.abspath(args.json))) for s in args.settings.split(",")]
-        meta["load_end"] = f"{os.getloadavg()[0]:.1f}"
+        meta["load_end"] = f"{_common.load_average():.1f}"
         data = {"meta": meta, "results": results}
         with open(args.json, "w") as f:
             json.dump(data, f, indent=1)
@@ -619,207 +623,6 @@ def plot_throughput(results: list[dict[str, Any]], path: str) -> str:
     return path
 
 
-def markdown_costmodel(results: list[dict[str, Any]], plot_path: str | None) -> str:
-    cm = cluster.load_costmodel()
-
-    lines = [
-        "## Cost model",
-        "",
-        "`lightning_gaussk/costmodel.py` (pure functions, standard library only; the formulas are in its docstrings): "
-        "alpha-beta times of a ring all-reduce (`2(W-1) alpha + 2(W-1)/W * 4d * beta`) and of the sparse ring all-gather "
-        "(`(W-1) (alpha + 4(2k+1) beta)`), plus the sparse path's host work per bucket "
-        "(`c + p d (h + s) + q k + g W k`: `p` seconds per streaming pass over one entry, `h` passes of the hook "
-        "outside selection, `s` selector passes, `q` per selected entry, `g` per gathered entry, `c` per call), and "
-        "`T_step = C + sum H + max(0, sum T_comm - overlap)`; dense intra-node + sparse inter-node for multi-GPU nodes in "
-        "`hierarchical_bucket_time`.",
-        "",
-        "### Calibration and check against the emulated runs",
-        "",
-        "Each run calibrates the model from its own microbenchmarks, taken before the contenders run: the link from "
-        "timed all-reduces (4 kB to 16 MB) and all-gathers (4 kB to 1 MB) (`fit_link`), the host costs from a read pass "
-        "(`torch.dot`), the selector on bucket-sized vectors at both densities, and a replica of the hook's other "
-        "work (`fit_host_costs`); `C` = the compute-only step (all ranks at once). The model then predicts every "
-        "contender's step time from the DDP bucket sizes, with overlap = 0. Not modelled: fp16 (gloo sums fp16 in "
-        "software: its reduction, not the link, sets its time) and PowerSGD (matmuls and QR).",
-        "",
-        "| setting | link fit | p (ns/entry) | s (gaussk) | q (gaussk, us) | h | c (ms) |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    checks = []
-    for res in results:
-        link, hosts = calibrated(res)
-        hg = hosts.get("gaussk")
-        if hg is not None:
-            lines.append(
-                f"| {res['setting']} | {link.gbit:.2f} Gbit/s, alpha {link.alpha * 1e6:.0f} us | {hg.pass_s * 1e9:.2f} | "
-                f"{hg.select_passes:.1f} | {hg.select_per_k_s * 1e6:.2f} | {hg.hook_passes:.1f} | {hg.call_s * 1e3:.2f} |"
-            )
-        for r in model_check(res):
-            checks.append((res, r))
-    lines += ["", "| setting | method | predicted ms | measured ms | error |", "|---|---|---|---|---|"]
-    for res, r in checks:
-        lines.append(f"| {res['setting']} | {r['method']} | {r['pred_s'] * 1e3:.0f} | {r['meas_s'] * 1e3:.0f} | {100 * r['err']:+.0f}% |")
-    if checks:
-        errs = [abs(r["err"]) for _, r in checks]
-        sparse = [abs(r["err"]) for _, r in checks if "@" in r["method"]]
-        dense = [r["err"] for _, r in checks if r["method"] == "ddp"]
-        lines += [
-            "",
-            f"Mean absolute error over {len(errs)} predictions: {100 * statistics.mean(errs):.0f}% (largest "
-            f"{100 * max(errs):.0f}%); sparse contenders {100 * statistics.mean(sparse):.0f}% mean absolute; plain DDP "
-            f"{', '.join(f'{100 * e:+.0f}%' for e in dense)} (positive = the model, without overlap, is slower than "
-            "measured: DDP hides part of the all-reduce behind the backward pass).",
-        ]
-    # predictions at scale, from the 2-host 1 Gbit/s run's calibration
-    base = next((r for r in results if r["model"] == "mlp25m" and r["world"] == 2 and r["rate"] == "1gbit"), None)
-    if base is not None:
-        link1, hosts = calibrated(base)
-        host = hosts["gaussk"]
-        buckets = tuple(base["methods"]["ddp"]["buckets"]) if "ddp" in base["methods"] else (base["numel"],)
-        work = cm.Workload(compute_s=base["compute_concurrent_s"], buckets=buckets)
-        worlds = (2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
-        lines += [
-            "",
-            "### Predicted at scale",
-            "",
-            f"The 25M-parameter model (buckets {', '.join(f'{b / 1e6:.1f}M' for b in buckets)}; C = "
-            f"{work.compute_s * 1e3:.0f} ms; host costs of this CPU as fitted in the 2-host 1 Gbit/s run; links "
-            f"`Link.from_gbit(g)`: 95% of the rate as payload, 50 us per hop). Entries: predicted steps/s of plain DDP / "
-            "gaussk at density 0.001 / `auto` (each bucket sent the way `prefer_dense` says: the model's faster choice, "
-            "except that a bucket with `W (2k+1) > d` always goes dense, even where the model still predicts the sparse "
-            "all-gather faster: between `d` and `2d` gathered entries the sparse path still moves fewer bytes than a "
-            "ring all-reduce, e.g. 512 workers at 1 Gbit/s below).",
-            "",
-            "| workers | " + " | ".join(f"{g} Gbit/s: ddp / gaussk / auto" for g in (1, 10, 100)) + " |",
-            "|---|" + "---|" * 3,
-        ]
-        for w in worlds:
-            cells = []
-            for g in (1, 10, 100):
-                ln = cm.Link.from_gbit(g)
-                dn = cm.step_time(work, "dense", w, ln, host)
-                sp = cm.step_time(work, "sparse", w, ln, host, density=0.001)
-                au = cm.step_time(work, "sparse", w, ln, host, density=0.001, auto=True)
-                cells.append(f"{1 / dn:.2f} / {1 / sp:.2f} / {1 / au:.2f}")
-            lines.append(f"| {w} | " + " | ".join(cells) + " |")
-        # where the targets would hold
-        gpu = cm.HostCosts.for_device("cuda")
-        lines += [
-            "",
-            "Break-even (largest worker count at which one 16.8M-entry bucket is predicted faster sparse than dense; "
-            "above it `prefer_dense` answers True):",
-            "",
-            "| host costs | density | 1 Gbit/s | 10 Gbit/s | 100 Gbit/s |",
-            "|---|---|---|---|---|",
-        ]
-        d_big = max(buckets)
-        for label, hc in (("this CPU (fitted)", host), ("GPU preset (assumed, not measured)", gpu)):
-            for rho in (0.01, 0.001):
-                k = math.ceil(rho * d_big)
-                cells = []
-                for g in (1, 10, 100):
-                    ln = cm.Link.from_gbit(g)
-                    best = 1
-                    for w in range(2, 4097):
-                        if not cm.prefer_dense(d_big, k, w, ln, hc):
-                            best = w
-                    cells.append("never" if best == 1 else ("> 4096" if best == 4096 else str(best)))
-                lines.append(f"| {label} | {rho} | " + " | ".join(cells) + " |")
-        # hierarchical example
-        intra = cm.Link(alpha=5e-6, bandwidth=150e9)
-        lines += [
-            "",
-            "Multi-GPU nodes (GPU preset, 8 GPUs per node, intra-node 150 GB/s and 5 us; inter-node link per node; "
-            "one 16.8M-entry bucket, density 0.001): predicted ms per bucket for flat dense ring all-reduce over all "
-            "GPUs (bottleneck: the node's NIC), flat sparse all-gather (the NIC carries the node's 8 messages), and "
-            "hierarchical (dense reduce-scatter in the node, sparse all-gather of each GPU's shard across nodes, dense "
-            "all-gather in the node):",
-            "",
-            "| nodes x 8 GPUs | inter-node | flat dense | flat sparse | hierarchical |",
-            "|---|---|---|---|---|",
-        ]
-        for nodes in (2, 16, 128):
-            for g in (25, 100):
-                inter = cm.Link.from_gbit(g, latency_us=10.0)
-                p_all = nodes * 8
-                flat_dense = cm.dense_bucket_time(d_big, p_all, inter, gpu)
-                shared = cm.Link(inter.alpha, inter.bandwidth / 8)
-                flat_sparse = cm.sparse_bucket_time(d_big, math.ceil(0.001 * d_big), p_all, shared, gpu)
-                hier = cm.hierarchical_bucket_time(d_big, 0.001, nodes, 8, intra, inter, gpu)
-                lines.append(f"| {nodes} x 8 | {g} Gbit/s | {flat_dense * 1e3:.1f} | {flat_sparse * 1e3:.1f} | {hier * 1e3:.1f} |")
-    if plot_path:
-        lines += ["", f"![cost model]({os.path.relpath(plot_path, os.path.dirname(DOCS))})"]
-    lines += [
-        "",
-        "### How the hook calls it",
-        "",
-        "```python",
-        "from lightning_gaussk.costmodel import HostCosts, Link, decide, prefer_dense",
-        "link = Link.from_gbit(10.0)            # the slowest link a bucket crosses; or Link(alpha, bandwidth) from fit_link",
-        "host = HostCosts.for_device(buf.device.type)   # 'cpu' (fitted here) or 'cuda' (assumed); or fit_host_costs(...)",
-        "if prefer_dense(d, k, world, link, host):      # pure: memoise per (d, k, world)",
-        "    ...  # all-reduce this bucket dense; telemetry: decide(d, k, world, link, host).reason",
-        "```",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def plot_costmodel(results: list[dict[str, Any]], path: str) -> str | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cm = cluster.load_costmodel()
-
-    base = next((r for r in results if r["model"] == "mlp25m" and r["world"] == 2 and r["rate"] == "1gbit"), None)
-    if base is None:
-        return None
-    _, hosts = calibrated(base)
-    host = hosts["gaussk"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    worlds = [2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024]
-    ax = axes[0]
-    markers = {"ddp": "s", "topk@0.01": "v", "topk@0.001": "^", "gaussk@0.01": "o", "gaussk@0.001": "D"}
-    colors = ["tab:red", "tab:blue", "tab:green", "tab:purple", "tab:brown", "tab:olive"]
-    top = 0.0
-    for i, res in enumerate(results):
-        for r in model_check(res):
-            ax.scatter(r["meas_s"] * 1e3, r["pred_s"] * 1e3, s=28, marker=markers.get(r["method"], "x"),
-                       color=colors[i % len(colors)], label=f"{res['setting']} {r['method']}")  # fmt: skip
-            top = max(top, r["meas_s"] * 1e3, r["pred_s"] * 1e3)
-    ax.plot([20, 2 * top], [20, 2 * top], "k:", lw=1)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("measured step time (ms)")
-    ax.set_ylabel("predicted step time (ms)")
-    ax.set_title("cost model vs emulated runs (color: setting, marker: method)", fontsize=9)
-    ax.legend(fontsize=5.5, ncol=2, loc="upper left")
-    ax = axes[1]
-    buckets = tuple(base["methods"]["ddp"]["buckets"]) if "ddp" in base["methods"] else (base["numel"],)
-    work = cm.Workload(compute_s=base["compute_concurrent_s"], buckets=buckets)
-    for g, col in ((1, "tab:red"), (10, "tab:blue"), (100, "tab:green")):
-        ln = cm.Link.from_gbit(g)
-        for rho, ls in ((0.001, "-"), (0.01, "--")):
-            sp = [cm.step_time(work, "dense", w, ln, host) / cm.step_time(work, "sparse", w, ln, host, density=rho) for w in worlds]
-            ax.plot(worlds, sp, color=col, ls=ls, label=f"{g} Gbit/s, density {rho}")
-        gpu = cm.HostCosts.for_device("cuda")
-        sp = [cm.step_time(work, "dense", w, ln, gpu) / cm.step_time(work, "sparse", w, ln, gpu, density=0.001) for w in worlds]
-        ax.plot(worlds, sp, color=col, ls=":", lw=1, label=f"{g} Gbit/s, 0.001, GPU preset (assumed)")
-    ax.axhline(1, color="k", lw=0.8)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("workers")
-    ax.set_ylabel("predicted speedup of gaussk over DDP")
-    ax.set_title(f"25M MLP, C = {work.compute_s * 1e3:.0f} ms; host costs: this CPU (fitted) or GPU preset", fontsize=9)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
 def report(data: dict[str, Any], markdown: str) -> None:
     results = data["results"]
     for res in results:
@@ -835,9 +638,7 @@ def report(data: dict[str, Any], markdown: str) -> None:
     body = markdown_throughput(results, data["meta"]) + "\n" + targets(results)
     body += f"\n![throughput]({os.path.relpath(tp, os.path.dirname(DOCS))})\n"
     cluster.write_doc_section(markdown, "throughput", body)
-    cp = plot_costmodel(results, os.path.join(IMG, "bench_costmodel.png"))
-    cluster.write_doc_section(markdown, "costmodel", markdown_costmodel(results, cp))
-    print(f"updated {markdown}, {tp}, {cp}")
+    print(f"updated {markdown}, {tp}; the cost model section: python benchmarks/costmodel_report.py")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, ROOT)
+import _common  # noqa: E402
 import cluster  # noqa: E402
 
 DOCS = os.path.join(ROOT, "docs", "benchmarks.md")
@@ -287,8 +288,8 @@ def main() -> None:
 
     meta = {
         "command": "python benchmarks/time_to_accuracy.py " + " ".join(sys.argv[1:]),
-        "machine": cluster.machine_description(),
-        "load_start": f"{os.getloadavg()[0]:.1f}",
+        "machine": _common.machine_description(),
+        "load_start": f"{_common.load_average():.1f}",
     }
     if args.from_json:
         with open(args.from_json) as f:
@@ -305,10 +306,8 @@ def main() -> None:
         if args.local:
             import torch.multiprocessing as mp
 
-            from cluster import free_port
-
             wargs = p.parse_args(["--_worker", *fwd])
-            mp.spawn(_local_entry, args=(args.world, wargs, free_port()), nprocs=args.world, join=True)
+            mp.spawn(_local_entry, args=(args.world, wargs, _common.free_port()), nprocs=args.world, join=True)
         else:
             spec = cluster.ClusterSpec(world=args.world, link=cluster.LinkSpec(args.rate))
             with cluster.EmulatedCluster(spec) as c:
@@ -317,7 +316,7 @@ def main() -> None:
         with open(args.out) as f:
             data = json.load(f)
         os.remove(args.out)
-        meta["load_end"] = f"{os.getloadavg()[0]:.1f}"
+        meta["load_end"] = f"{_common.load_average():.1f}"
         data["meta"] = meta
         with open(args.json, "w") as f:
             json.dump(data, f, indent=1)

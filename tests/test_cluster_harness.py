@@ -16,6 +16,7 @@ import pytest
 BENCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks")
 sys.path.insert(0, BENCH)
 import cluster  # noqa: E402
+import costmodel_report  # noqa: E402
 import throughput  # noqa: E402
 import time_to_accuracy  # noqa: E402
 
@@ -323,7 +324,7 @@ def test_model_check_and_summaries_on_synthetic_runs():
     text = throughput.markdown_throughput([res, res4], {"command": "x", "machine": "m", "load_start": "1", "load_end": "1"})
     assert text.count("| gaussk@0.001 |") == 2 and "4 hosts" in text
     assert "| gaussk@0.001 >= PowerSGD steps/s |" in throughput.targets([res, res4])
-    cmd = throughput.markdown_costmodel([res, res4], None)
+    cmd = costmodel_report.markdown_costmodel([res, res4], None)
     assert "prefer_dense" in cmd and "| mlp25m:4:1gbit | ddp |" in cmd
 
 

@@ -1,0 +1,67 @@
+"""What the benchmark scripts share: a free port, the machine line of their reports, and the marked
+sections of docs/benchmarks.md that each script rewrites. Standard library only (the cluster
+harness and its CI tests import it without torch).
+"""
+
+import os
+import platform
+import socket
+
+# The sections of docs/benchmarks.md, in document order; each lies between
+# ``<!-- name:begin -->`` and ``<!-- name:end -->`` and belongs to one script.
+DOC_SECTIONS = ("selection", "throughput", "time_to_accuracy", "costmodel")
+
+
+def free_port() -> int:
+    """A free TCP port on loopback (for ``MASTER_PORT`` of processes on this machine)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def load_average() -> float:
+    """The 1-minute load average (NaN where the platform has none)."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+
+
+def machine_description(*details: str) -> str:
+    """``"<CPU model>, <n> logical CPUs, <details>, Python <version>"`` for the benchmark reports."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return ", ".join([cpu, f"{os.cpu_count()} logical CPUs", *details, f"Python {platform.python_version()}"])
+
+
+def replace_section(doc: str, name: str, body: str) -> str:
+    """``doc`` with the text between ``<!-- name:begin -->`` and ``<!-- name:end -->`` replaced by
+    ``body``; a missing section is inserted after the closest earlier section of
+    :data:`DOC_SECTIONS` that is present (else at the end). Other text is left as it is."""
+    if name not in DOC_SECTIONS:
+        raise ValueError(f"section must be one of {DOC_SECTIONS}, got {name!r}")
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    block = f"{begin}\n{body.strip()}\n{end}"
+    if begin in doc and end in doc and doc.index(begin) < doc.index(end):
+        return doc[: doc.index(begin)] + block + doc[doc.index(end) + len(end) :]
+    pos = len(doc)
+    for prev in reversed(DOC_SECTIONS[: DOC_SECTIONS.index(name)]):
+        marker = f"<!-- {prev}:end -->"
+        if marker in doc:
+            pos = doc.index(marker) + len(marker)
+            break
+    head, tail = doc[:pos].rstrip("\n"), doc[pos:].lstrip("\n")
+    return head + "\n\n" + block + "\n" + ("\n" + tail if tail else "")
+
+
+def write_doc_section(path: str, name: str, body: str) -> None:
+    """Rewrite section ``name`` of the Markdown file ``path`` (created with a title if missing)."""
+    doc = ""
+    if os.path.exists(path):
+        with open(path) as f:
+            doc = f.read()
+    doc = doc or "# Benchmarks\n"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(replace_section(doc, name, body))
