@@ -7,6 +7,12 @@ import os
 import platform
 import socket
 
+BENCHMARKS = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(BENCHMARKS)  # the repository
+DOCS = os.path.join(ROOT, "docs", "benchmarks.md")  # the report every script writes a section of
+IMG = os.path.join(ROOT, "docs", "img")  # its figures
+OUT = os.path.join(BENCHMARKS, "out")  # raw results (JSON)
+
 # The sections of docs/benchmarks.md, in document order; each lies between
 # ``<!-- name:begin -->`` and ``<!-- name:end -->`` and belongs to one script.
 DOC_SECTIONS = ("selection", "throughput", "time_to_accuracy", "costmodel")

@@ -41,12 +41,11 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import load_average, machine_description, write_doc_section  # noqa: E402
+from _common import DOCS, load_average, machine_description, write_doc_section  # noqa: E402
 from lightning_gaussk.selectors import select  # noqa: E402
 
 METHODS = ("topk", "gaussk", "dgc", "randk", "gaussk_paper")
 FAMILIES = ("normal", "laplace", "student_t3", "mixed_scales", "real_grad")
-DOCS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs", "benchmarks.md")
 
 
 # ------------------------------------------------------------------------------ methods

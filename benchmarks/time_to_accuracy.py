@@ -29,16 +29,13 @@ import sys
 import time
 from typing import Any
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-sys.path.insert(0, HERE)
-sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
 import cluster  # noqa: E402
+from _common import DOCS, IMG  # noqa: E402
 
-DOCS = os.path.join(ROOT, "docs", "benchmarks.md")
-IMG = os.path.join(ROOT, "docs", "img")
-OUT = os.path.join(HERE, "out", "time_to_accuracy.json")
+sys.path.insert(0, _common.ROOT)  # lightning_gaussk, for the workers
+OUT = os.path.join(_common.OUT, "time_to_accuracy.json")
 METHODS = ("ddp", "gaussk@0.01", "topk@0.01", "randk@0.01", "gaussk@0.001", "topk@0.001", "randk@0.001")
 
 
