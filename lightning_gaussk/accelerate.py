@@ -15,10 +15,12 @@ have no keys for one. So, after ``accelerator.prepare(...)``::
   and other ``.module`` wrappers, or among the accelerator's prepared models);
 - registers :func:`~lightning_gaussk.gaussk_hook` on it, once, with a :class:`GaussKState` bound
   to the parameter names;
-- adds the state to ``accelerator.save_state()`` / ``load_state()``: every rank writes and reads
-  its OWN file ``gaussk_state_rank{r}.pt`` in the checkpoint folder (Accelerate writes objects
-  registered with ``register_for_checkpointing`` on the main process only, which would lose
-  every other rank's residuals);
+- adds the state to ``accelerator.save_state()`` / ``load_state()``: every rank writes its OWN
+  shard ``gaussk_state_rank{r}.pt`` and manifest ``gaussk_manifest_rank{r}.json`` (sha256, size,
+  layout) in the checkpoint folder, atomically (Accelerate writes objects registered with
+  ``register_for_checkpointing`` on the main process only, which would lose every other rank's
+  residuals); ``load_state`` reads them with the same checks and layout policy as the Lightning
+  strategy (:mod:`lightning_gaussk.checkpoint`);
 - reads its settings from keyword arguments, then ``GAUSSK_*`` environment variables, then the
   defaults (see :data:`ENV_VARS`).
 
@@ -29,6 +31,7 @@ micro-batch synchronises; then the step is counted by a post-step hook on the (f
 optimizer that holds the model's parameters instead.
 """
 
+import json
 import os
 import re
 import warnings
@@ -40,9 +43,10 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from lightning_gaussk.checkpoint import average_states, warn_layout_change
+from lightning_gaussk import checkpoint as ckpt
 from lightning_gaussk.config import GaussKConfig, config_fields, env_options, env_var, parse_env, warn_unknown_env_vars
 from lightning_gaussk.hook import GaussKState, gaussk_hook
+from lightning_gaussk.topology import Layout
 
 try:
     from accelerate import Accelerator
@@ -55,9 +59,11 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
 __all__ = [
     "DISABLE_VAR",
     "ENV_VARS",
+    "MANIFEST_FILE",
     "STATE_FILE",
     "config_from_env",
     "find_ddp_module",
+    "manifest_file",
     "register_gaussk",
     "resolve_config",
     "state_file",
@@ -71,6 +77,10 @@ DISABLE_VAR = "GAUSSK_DISABLE"
 #: per-rank file written into the ``accelerator.save_state()`` folder (first registered model;
 #: the i-th further one, i >= 1, writes ``gaussk_state_{i}_rank{rank}.pt``, as Accelerate numbers models)
 STATE_FILE = "gaussk_state_rank{rank}.pt"
+#: rank ``rank``'s manifest next to its file: ``{"format": "lightning_gaussk.shards/1", "world_size",
+#: "layout", "files": [its entry: name, sha256, bytes]}`` (merged with the other ranks' at load)
+MANIFEST_FILE = "gaussk_manifest_rank{rank}.json"
+#: format of the per-rank files before shards had manifests (still read, without checksums)
 FILE_FORMAT = "lightning_gaussk.accelerate/1"
 
 _UNSUPPORTED = {"FSDP", "DEEPSPEED", "MEGATRON_LM", "XLA"}
@@ -293,14 +303,18 @@ def state_file(rank: int, index: int = 0) -> str:
     return STATE_FILE.format(rank=rank) if index == 0 else f"gaussk_state_{index}_rank{rank}.pt"
 
 
+def manifest_file(rank: int, index: int = 0) -> str:
+    """Name of rank ``rank``'s manifest (its entry: checksum, size, layout) for the ``index``-th model."""
+    return MANIFEST_FILE.format(rank=rank) if index == 0 else f"gaussk_manifest_{index}_rank{rank}.json"
+
+
 def _attach_checkpointing(accelerator: Accelerator, state: GaussKState) -> None:
     rank, world = accelerator.process_index, accelerator.num_processes
     index = getattr(accelerator, "_gaussk_registrations", 0)  # several models: one file set each
     accelerator._gaussk_registrations = index + 1
 
     def save(models: list[Any], weights: list[Any], output_dir: str) -> None:
-        payload = {"format": FILE_FORMAT, "rank": rank, "world_size": world, "index": index, "state": state.state_dict()}
-        torch.save(payload, Path(output_dir) / state_file(rank, index))
+        _save_files(state, Path(output_dir), rank, world, index)
 
     def load(models: list[Any], input_dir: str) -> None:
         _load_into(state, Path(input_dir), rank, world, index)
@@ -309,38 +323,57 @@ def _attach_checkpointing(accelerator: Accelerator, state: GaussKState) -> None:
     accelerator.register_load_state_pre_hook(load)
 
 
+def _save_files(state: GaussKState, folder: Path, rank: int, world: int, index: int = 0) -> None:
+    """This rank's shard ``state_file(rank, index)`` and its one-entry manifest
+    ``manifest_file(rank, index)``, each written atomically, with no collective (Accelerate runs
+    the pre-hook on every process, and a rank must not wait for the others inside it). Rank 0
+    removes this model's files of ranks ``>= world`` (an earlier, larger save into the folder)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    sd = state.state_dict()
+    entry = ckpt.write_shard(sd, folder / state_file(rank, index), rank=rank, world_size=world, extra={"index": index})
+    del sd
+    ckpt.write_json_atomic(folder / manifest_file(rank, index), ckpt.make_manifest([entry], world_size=world))
+    if rank == 0:
+        for name in os.listdir(folder):
+            for pattern in (_pattern(state_file, index), _pattern(manifest_file, index)):
+                m = pattern.match(name)
+                if m and int(m.group(1)) >= world:
+                    (folder / name).unlink(missing_ok=True)
+
+
+def _pattern(namer: Any, index: int) -> re.Pattern[str]:
+    return re.compile("^" + re.escape(namer(0, index)).replace("rank0", r"rank(\d+)") + "$")
+
+
 def _read(path: Path) -> dict[str, Any]:
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(payload, dict) or payload.get("format") != FILE_FORMAT:
-        raise ValueError(f"{path} is not a GaussK state file ({FILE_FORMAT!r})")
-    return payload
+    """One shard file, loaded and checked (no checksum: that is in its manifest)."""
+    return ckpt.read_shard(path)
 
 
 def _load_into(state: GaussKState, folder: Path, rank: int, world: int, index: int = 0) -> None:
-    pattern = re.compile("^" + re.escape(state_file(0, index)).replace("rank0", r"rank(\d+)") + "$")
-    found = {int(m.group(1)): folder / f for f in os.listdir(folder) if (m := pattern.match(f))}
-    if not found:
+    """Restore ``state`` from a ``save_state`` folder: this rank's own shard on the same layout,
+    else the documented policy (:mod:`lightning_gaussk.checkpoint`, with a warning). Per-rank
+    manifests are merged; files of the earlier format (no manifest) are read without checksums."""
+    shards = {int(m.group(1)): f for f in os.listdir(folder) if (m := _pattern(state_file, index).match(f))}
+    parts = [
+        json.loads((folder / f).read_text())
+        for f in sorted(os.listdir(folder))
+        if _pattern(manifest_file, index).match(f)
+    ]
+    if not shards and not parts:
         warnings.warn(
             f"{folder} has no {state_file(0, index).replace('rank0', 'rank*')} (not saved with register_gaussk?): "
             "residuals start from zero.",
             stacklevel=3,
         )
         return
-    own = found.get(rank)
-    saved_world = _read(own)["world_size"] if own is not None else _read(next(iter(found.values())))["world_size"]
-    missing = sorted(set(range(saved_world)) - set(found))
-    if saved_world == world:
-        if own is None:
-            raise FileNotFoundError(
-                f"{folder / state_file(rank, index)} is missing (ranks with a file: {sorted(found)}): was "
-                "accelerator.save_state() called on every process? Refusing to resume with silently reset residuals."
-            )
-        state.load_state_dict(_read(own)["state"])
-        return
-    if missing:
-        raise FileNotFoundError(
-            f"{folder}: state saved by {saved_world} processes, files for ranks {missing} are missing; "
-            "resuming on another world size needs every rank's file."
-        )
-    warn_layout_change(f"world size {saved_world}", f"world size {world}")
-    state.load_state_dict(average_states(_read(found[r])["state"] for r in range(saved_world)))
+    if parts:
+        manifest = ckpt.merge_manifests(parts)
+    else:  # the earlier format: self-describing files, no checksums, flat
+        own = shards.get(rank, next(iter(shards.values())))
+        saved_world = int(_read(folder / own)["world_size"])
+        entries = [{"rank": r, "name": f, "sha256": None, "bytes": None} for r, f in shards.items() if r < saved_world]
+        layout = Layout(saved_world, 0).to_dict()
+        manifest = {"format": ckpt.MANIFEST_FORMAT, "world_size": saved_world, "layout": layout, "files": entries}
+    target = ckpt.target_layout(state, world, rank)
+    state.load_state_dict(ckpt.state_from_shards(manifest, folder, target, expected_name=lambda r: state_file(r, index)))

@@ -5,11 +5,14 @@
   :func:`gaussk_hook` on every device type (Lightning itself registers hooks only on CUDA);
 - tells the hook the optimizer step (``trainer.global_step``), so warm-up and seeds follow
   optimizer steps, not hook calls or micro-batches;
-- saves every rank's hook state inside the Lightning checkpoint and restores it on resume.
+- saves every rank's hook state as its own shard next to the Lightning checkpoint
+  (``<ckpt>.gaussk/rank{r}.pt``, a manifest inside the checkpoint) and restores it on resume
+  (:mod:`lightning_gaussk.checkpoint`); removing the checkpoint removes its shards.
 """
 
 import inspect
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -24,7 +27,18 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
-from lightning_gaussk.checkpoint import average_states, warn_layout_change
+from lightning_gaussk.checkpoint import (
+    MANIFEST_FORMAT,
+    check_manifest,
+    copy_shards,
+    locate_shards,
+    remove_shards,
+    save_shards,
+    shard_dir,
+    state_from_legacy,
+    state_from_shards,
+    target_layout,
+)
 from lightning_gaussk.config import GaussKConfig, config_fields
 from lightning_gaussk.hook import GaussKState, gaussk_hook
 
@@ -124,6 +138,7 @@ class GaussKDDPStrategy(DDPStrategy):
         )
         self._gaussk_state: GaussKState | None = None
         self._gaussk_loaded: dict[str, Any] | None = None  # from a checkpoint, before the state exists
+        self._gaussk_folder: Path | None = None  # its shard folder (lightning_gaussk.checkpoint)
 
     @property
     def gaussk_state(self) -> GaussKState | None:
@@ -166,21 +181,32 @@ class GaussKDDPStrategy(DDPStrategy):
     # ---------------------------------------------------------------- checkpoints
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:
-        """Gather every rank's hook state into ``checkpoint["gaussk"]`` (a collective: Lightning
-        calls this on every rank), then let rank 0 write as usual."""
-        local = self._gaussk_state.state_dict() if self._gaussk_state is not None else None
-        if local is not None or self._gaussk_loaded is None:
-            world = self.world_size
-            per_rank: list[Any] = [None] * world
-            if world > 1:
-                dist.all_gather_object(per_rank, local)
+        """Every rank writes its own residual shard ``<filepath>.gaussk/rank{r}.pt`` (atomically);
+        the ranks exchange the small manifest entries (a collective: Lightning calls this on every
+        rank) and ``checkpoint["gaussk"]`` gets the manifest; then rank 0 writes the file as usual.
+        No rank holds another rank's residuals. Not fitting (no state) but loaded from a
+        checkpoint: rank 0 copies the loaded shards (or the earlier embedded state) through."""
+        if self._gaussk_state is not None:
+            checkpoint[CHECKPOINT_KEY] = save_shards(
+                self._gaussk_state, shard_dir(filepath), rank=self.global_rank, world_size=self.world_size
+            )
+        elif self._gaussk_loaded is not None:  # not fitting: carry the loaded state through unchanged
+            saved = self._gaussk_loaded
+            if "per_rank" in saved:  # the earlier embedded format
+                checkpoint[CHECKPOINT_KEY] = saved
             else:
-                per_rank = [local]
-            if all(sd is not None for sd in per_rank):
-                checkpoint[CHECKPOINT_KEY] = {"world_size": world, "per_rank": per_rank}
-        else:  # not fitting: carry the loaded state through unchanged
-            checkpoint[CHECKPOINT_KEY] = self._gaussk_loaded
+                if self.is_global_zero:
+                    saved = copy_shards(saved, self._gaussk_folder, shard_dir(filepath))
+                checkpoint[CHECKPOINT_KEY] = saved
         super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+
+    @override
+    def remove_checkpoint(self, filepath: _PATH) -> None:
+        """Remove the checkpoint and its residual shards ``<filepath>.gaussk`` (rank 0;
+        ``ModelCheckpoint(save_top_k=...)`` removes old checkpoints through this)."""
+        super().remove_checkpoint(filepath)
+        if self.is_global_zero:
+            remove_shards(filepath)
 
     @override
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
@@ -193,22 +219,34 @@ class GaussKDDPStrategy(DDPStrategy):
             )
             return checkpoint
         _check_saved(saved, checkpoint_path)
+        folder = None if "per_rank" in saved else locate_shards(checkpoint_path, saved)
         if self._gaussk_state is not None:
-            self._restore(saved)
-        else:
-            self._gaussk_loaded = saved  # applied when configure_ddp builds the state
+            self._restore(saved, folder)
+        else:  # applied when configure_ddp builds the state (its layout is known only then)
+            self._gaussk_loaded, self._gaussk_folder = saved, folder
         return checkpoint
 
-    def _restore(self, saved: dict[str, Any]) -> None:
-        """Give this rank its own saved state; on a different world size apply the documented
-        policy (:mod:`lightning_gaussk.checkpoint`), with a warning."""
+    def _restore(self, saved: dict[str, Any], folder: Any = None) -> None:
+        """Give this rank its saved state: its own shard on the same layout, else the documented
+        policy (:mod:`lightning_gaussk.checkpoint`), with a warning. ``saved`` is a shard manifest
+        (files in ``folder``) or the earlier embedded ``{"world_size", "per_rank"}``. If any rank
+        fails (a missing or corrupt shard), every rank raises, naming the failing rank's error."""
         assert self._gaussk_state is not None
-        per_rank = saved["per_rank"]
-        if saved["world_size"] == self.world_size:
-            self._gaussk_state.load_state_dict(per_rank[self.global_rank])
-            return
-        warn_layout_change(f"world size {saved['world_size']}", f"world size {self.world_size}")
-        self._gaussk_state.load_state_dict(average_states(per_rank))
+        folder = folder if folder is not None else getattr(self, "_gaussk_folder", None)
+        error: BaseException | None = None
+        try:
+            target = target_layout(self._gaussk_state, self.world_size, self.global_rank)
+            if "per_rank" in saved:
+                sd = state_from_legacy(saved, target)
+            else:
+                if folder is None:
+                    raise ValueError("GaussKDDPStrategy: a shard manifest was given without its folder")
+                sd = state_from_shards(saved, folder, target)
+            self._gaussk_state.load_state_dict(sd)
+        except (ValueError, OSError, RuntimeError) as err:  # OSError: FileNotFoundError and friends
+            error = err
+        self._gaussk_folder = None
+        _agree_on_failure(error, self.world_size)
 
     @classmethod
     @override
@@ -264,6 +302,18 @@ def _ddp_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 def _check_saved(saved: Any, path: _PATH) -> None:
+    """Refuse (``ValueError`` saying "malformed") hook state that is neither a shard manifest
+    (:func:`lightning_gaussk.checkpoint.check_manifest`) nor the earlier embedded
+    ``{"world_size": W, "per_rank": [W state dicts]}``."""
+    if isinstance(saved, dict) and saved.get("format") == MANIFEST_FORMAT:
+        try:
+            check_manifest(saved)
+        except ValueError as err:
+            raise ValueError(
+                f"Checkpoint {path}: `{CHECKPOINT_KEY}` hook state is malformed ({err}); refusing to resume with silently "
+                "reset residuals."
+            ) from None
+        return
     ok = (
         isinstance(saved, dict)
         and isinstance(saved.get("world_size"), int)
@@ -273,6 +323,20 @@ def _check_saved(saved: Any, path: _PATH) -> None:
     )
     if not ok:
         raise ValueError(
-            f"Checkpoint {path}: `{CHECKPOINT_KEY}` hook state is malformed (expected world_size and one "
-            "state dict per rank); refusing to resume with silently reset residuals."
+            f"Checkpoint {path}: `{CHECKPOINT_KEY}` hook state is malformed (expected a {MANIFEST_FORMAT!r} manifest, or "
+            "world_size and one state dict per rank); refusing to resume with silently reset residuals."
         )
+
+
+def _agree_on_failure(error: BaseException | None, world_size: int) -> None:
+    """Raise on every rank if the restore failed on any (one small ``all_gather_object`` of the
+    error messages): a rank whose own shard is fine must not train on while a peer has died."""
+    if world_size > 1 and dist.is_available() and dist.is_initialized():
+        msgs: list[Any] = [None] * world_size
+        dist.all_gather_object(msgs, None if error is None else f"{type(error).__name__}: {error}")
+        if error is None:
+            failed = {r: m for r, m in enumerate(msgs) if m is not None}
+            if failed:
+                raise RuntimeError(f"GaussK: restoring the saved hook state failed on rank(s) {sorted(failed)}: {failed}")
+    if error is not None:
+        raise error
