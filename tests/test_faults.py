@@ -23,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from _dist import free_port
 from lightning_gaussk import GaussKDDPStrategy, GaussKState, gaussk_hook
+from lightning_gaussk.checkpoint import make_manifest, read_shard, shard_dir, write_shard
 from test_hook import MatrixNet, matrix_batch
 from test_strategy import bound_strategy, good_state, records, run_plan
 
@@ -139,7 +140,10 @@ def killed_and_resumed(tmp_path_factory):
     last = found[max(found)]
     # the same run saved on one process (the policy's input), and without any hook state
     ckpt = torch.load(last, weights_only=True)
-    one = dict(ckpt, gaussk={"world_size": 1, "per_rank": [ckpt["gaussk"]["per_rank"][0]]})
+    rank0 = read_shard(shard_dir(last) / "rank0.pt", ckpt["gaussk"]["files"][0])["state"]
+    rank0 = {k: v for k, v in rank0.items() if k != "layout"}  # as one flat process saved it
+    entry = write_shard(rank0, shard_dir(cwd / "one_process.ckpt") / "rank0.pt", rank=0, world_size=1)
+    one = dict(ckpt, gaussk=make_manifest([entry], world_size=1, dir_name="one_process.ckpt.gaussk"))
     torch.save(one, cwd / "one_process.ckpt")
     bare = {k: v for k, v in ckpt.items() if k != "gaussk"}
     torch.save(bare, cwd / "no_state.ckpt")
@@ -178,7 +182,7 @@ def test_resume_from_one_process_to_two_warns_and_continues(killed_and_resumed):
     k = killed_and_resumed
     assert "world size 1 on world size 2" in k["log"]
     recs = records(k["cwd"], "one_to_two")
-    saved = torch.load(k["cwd"] / "one_process.ckpt", weights_only=True)["gaussk"]["per_rank"][0]["residuals"]
+    saved = read_shard(shard_dir(k["cwd"] / "one_process.ckpt") / "rank0.pt")["state"]["residuals"]
     for rec in recs:
         assert rec["global_step"] == 12 and all(math.isfinite(v) for v in rec["losses"])
         # policy: every rank starts from the mean of the saved residuals (here: the only one)
@@ -211,9 +215,13 @@ def test_model_checkpoints_load_with_weights_only_and_hold_every_ranks_fp32_resi
     for path in killed_and_resumed["ckpts"].values():
         ckpt = torch.load(path, weights_only=True)
         _plain_values_only(ckpt["gaussk"])
-        saved = ckpt["gaussk"]
-        assert saved["world_size"] == 2 and len(saved["per_rank"]) == 2
-        for sd in saved["per_rank"]:
+        saved = ckpt["gaussk"]  # the manifest: no tensors; every rank's residuals are in its own shard
+        assert saved["world_size"] == 2 and len(saved["files"]) == 2
+        assert not any(isinstance(v, torch.Tensor) for v in saved.values())
+        for entry in saved["files"]:
+            shard = torch.load(shard_dir(path) / entry["name"], weights_only=True)  # loads with weights_only too
+            _plain_values_only(shard)
+            sd = read_shard(shard_dir(path) / entry["name"], entry)["state"]  # size and sha256 as in the manifest
             assert sd["residuals"] and all(r.dtype == torch.float32 and r.device.type == "cpu" for r in sd["residuals"].values())
 
 

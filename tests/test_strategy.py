@@ -21,6 +21,7 @@ from torch import nn
 
 import lightning_gaussk
 from lightning_gaussk import GaussKDDPStrategy, GaussKState
+from lightning_gaussk.checkpoint import MANIFEST_FORMAT, read_shard, shard_dir
 from test_hook import BAD_CONFIG, check_message
 
 SCRIPT = Path(__file__).parent / "scripts" / "lightning_fit.py"
@@ -185,9 +186,10 @@ def test_resume_from_checkpoint_equals_an_uninterrupted_run(tmp_path):
     straight, _ = fit(tmp_path, "straight", *args, "--max-steps", "16")
 
     saved = torch.load(ckpt, weights_only=True)["gaussk"]  # no pickled code in the checkpoint
-    assert saved["world_size"] == 2
-    r0, r1 = (sd["residuals"]["net.0.weight"] for sd in saved["per_rank"])
-    assert not torch.equal(r0, r1)  # residuals differ per rank: both were kept
+    assert saved["world_size"] == 2 and saved["format"] == MANIFEST_FORMAT  # a manifest, no residual tensors
+    assert [e["name"] for e in saved["files"]] == ["rank0.pt", "rank1.pt"]
+    r0, r1 = (read_shard(shard_dir(ckpt) / e["name"], e)["state"]["residuals"]["net.0.weight"] for e in saved["files"])
+    assert not torch.equal(r0, r1)  # residuals differ per rank: both were kept, each in its rank's shard
     for a, b in zip(resumed, straight):
         for n in a["params"]:
             torch.testing.assert_close(a["params"][n], b["params"][n], rtol=1e-6, atol=1e-7)

@@ -16,7 +16,7 @@ A fit spec (all keys optional except ``name``; the flags set the same keys)::
      "strategy": "gaussk" | "ddp" | a registered name such as "gaussk_ddp_spawn",
      "density": 0.05, "selector": "gaussk", "launcher": "popen" | "spawn", "timeout_s": 120,
      "max_steps": 14, "accumulate": 1, "precision": "32-true", "lr": 0.05, "momentum": 0.9,
-     "ckpt_every": 4, "ckpt_dir": "...", "resume": "path.ckpt", "save_ckpt": "path.ckpt",
+     "ckpt_every": 4, "ckpt_dir": "...", "save_top_k": -1, "resume": "path.ckpt", "save_ckpt": "path.ckpt",
      "nonfinite": [[batch_idx, rank, "nan" | "inf"]]}
 
 Strategy: ``"gaussk"`` (or any name with a ``density``) is ``GaussKDDPStrategy(density, selector)``,
@@ -245,7 +245,8 @@ def run_fit(spec: dict, devices: int) -> L.Trainer:
     callbacks = []
     if spec.get("ckpt_every"):
         callbacks.append(
-            ModelCheckpoint(dirpath=spec["ckpt_dir"], every_n_train_steps=spec["ckpt_every"], save_top_k=-1, filename="{step}")
+            ModelCheckpoint(dirpath=spec["ckpt_dir"], every_n_train_steps=spec["ckpt_every"], save_top_k=spec.get("save_top_k", -1),
+                            filename="{step}")
         )
     trainer = L.Trainer(
         strategy=strategy,

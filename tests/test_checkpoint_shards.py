@@ -1,0 +1,365 @@
+"""Residual checkpoints that scale (lightning_gaussk/checkpoint.py): per-rank shard files with a
+manifest, the layout-change policy, named errors for missing and corrupt shards, a Lightning fit
+whose old checkpoints are removed with their shards, and peak host memory while saving that does
+not grow with the world size.
+
+The policy keeps the pending averaged update P (what the saved ranks still owe the model):
+flat P = (1/W) sum_r r_r, node mode P[chunk l] = (1/W) sum_n R_{n,l}; a new flat rank gets r' = P,
+a new node rank (L' per node, local rank l') R' = L' P[chunk l']."""
+
+import gc
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from lightning.fabric.plugins.environments import LightningEnvironment
+from torch import nn
+
+from _dist import run_distributed
+from lightning_gaussk import GaussKDDPStrategy, GaussKState
+from lightning_gaussk.checkpoint import (
+    MANIFEST_FORMAT,
+    check_manifest,
+    make_manifest,
+    read_shard,
+    save_shards,
+    shard_dir,
+    shard_name,
+    state_from_legacy,
+    state_from_shards,
+    write_shard,
+)
+from lightning_gaussk.strategy import CHECKPOINT_KEY
+from lightning_gaussk.topology import Layout, chunk_bounds
+
+SIZES = {"a.weight": 37, "b.bias": 5, "c.weight": 3}  # 3 < L: empty chunks in node mode
+SCRIPT = Path(__file__).parent / "scripts" / "lightning_fit.py"
+
+
+# ============================================================================ synthetic saves
+def saved_states(world: int, rpn: int | None, seed: int = 0) -> list[dict]:
+    """One state dict per rank of a layout: flat residuals of whole parameters, or in node mode
+    chunk l of the node's summed residual."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for r in range(world):
+        layout = Layout(world, r, rpn)
+        residuals = {}
+        for name, n in SIZES.items():
+            start, stop = layout.chunk(n)
+            residuals[name] = torch.randn(stop - start, generator=g)
+        out.append({"format": "lightning_gaussk.state/1", "config": {"density": 0.1}, "layout": layout.to_dict(),
+                    "step": 11 + r, "telemetry": {"hook_calls": 7 + r}, "residuals": residuals})  # fmt: skip
+    return out
+
+
+def pending(states: list[dict], world: int, rpn: int | None) -> dict[str, torch.Tensor]:
+    """The reference P: every saved rank's residual put at its chunk, summed, divided by W."""
+    parts = rpn or 1
+    out = {name: torch.zeros(n, dtype=torch.float64) for name, n in SIZES.items()}
+    for r, sd in enumerate(states):
+        for name, t in sd["residuals"].items():
+            start, stop = chunk_bounds(SIZES[name], parts, r % parts)
+            out[name][start:stop] += t.double()
+    return {name: p / world for name, p in out.items()}
+
+
+def write_save(folder: Path, states: list[dict]) -> dict:
+    entries = [write_shard(sd, folder / shard_name(r), rank=r, world_size=len(states)) for r, sd in enumerate(states)]
+    return make_manifest(entries, world_size=len(states), dir_name=folder.name)
+
+
+def load_all(manifest: dict, folder: Path, world: int, rpn: int | None) -> list[dict]:
+    return [state_from_shards(manifest, folder, Layout(world, r, rpn)) for r in range(world)]
+
+
+LAYOUT_CHANGES = [  # (saved W, saved L) -> (new W, new L)
+    ((2, None), (3, None)),
+    ((2, None), (4, 2)),  # flat -> node
+    ((4, 2), (2, None)),  # node -> flat
+    ((4, 2), (4, 4)),  # N=2, L=2 -> N=1, L=4
+    ((4, 2), (6, 3)),  # another N and L
+    ((4, 4), (4, None)),  # one node -> flat on the same world size
+]
+
+
+@pytest.mark.parametrize(("saved", "new"), LAYOUT_CHANGES, ids=lambda x: f"W{x[0]}L{x[1]}")
+def test_a_layout_change_preserves_the_pending_update_with_a_warning(tmp_path, saved, new):
+    (ws, rpn), (ws2, rpn2) = saved, new
+    states = saved_states(ws, rpn)
+    manifest = write_save(tmp_path, states)
+    with pytest.warns(UserWarning, match=r"world size .* on world size .*pending averaged update") as rec:
+        loaded = load_all(manifest, tmp_path, ws2, rpn2)
+    assert any(f"saved with world size {ws}" in str(w.message) for w in rec)
+    before, after = pending(states, ws, rpn), pending(loaded, ws2, rpn2)
+    for name in SIZES:
+        torch.testing.assert_close(after[name], before[name], rtol=1e-6, atol=1e-7)
+    for r, sd in enumerate(loaded):
+        assert sd["step"] == 11 and sd["telemetry"] == {"hook_calls": 7}  # from saved rank 0
+        assert sd["layout"] == Layout(ws2, r, rpn2).to_dict()
+        for name, n in SIZES.items():  # each new rank gets its own chunk length
+            start, stop = Layout(ws2, r, rpn2).chunk(n)
+            assert sd["residuals"][name].numel() == stop - start
+
+
+def test_flat_to_flat_on_another_world_size_is_the_mean_of_the_residuals(tmp_path):
+    states = saved_states(2, None)
+    manifest = write_save(tmp_path, states)
+    with pytest.warns(UserWarning, match="world size 2 on world size 3"):
+        loaded = load_all(manifest, tmp_path, 3, None)
+    for sd in loaded:
+        for name in SIZES:
+            torch.testing.assert_close(sd["residuals"][name], (states[0]["residuals"][name] + states[1]["residuals"][name]) / 2)
+
+
+@pytest.mark.parametrize("layout", [(2, None), (4, 2)], ids=["flat", "node"])
+def test_the_same_layout_loads_each_ranks_own_shard_exactly_without_a_warning(tmp_path, layout):
+    ws, rpn = layout
+    states = saved_states(ws, rpn)
+    manifest = write_save(tmp_path, states)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = load_all(manifest, tmp_path, ws, rpn)
+    for sd, ref in zip(loaded, states):
+        assert sd["step"] == ref["step"] and sd["telemetry"] == ref["telemetry"]
+        for name in SIZES:
+            assert torch.equal(sd["residuals"][name], ref["residuals"][name])
+
+
+def test_shards_load_with_weights_only_and_the_manifest_holds_no_tensors(tmp_path):
+    manifest = write_save(tmp_path, saved_states(2, None))
+    check_manifest(manifest)
+    assert manifest["format"] == MANIFEST_FORMAT and manifest["world_size"] == 2 and manifest["dir"] == tmp_path.name
+    assert [e["name"] for e in manifest["files"]] == ["rank0.pt", "rank1.pt"]
+    assert "Tensor" not in json.dumps(manifest, default=lambda o: type(o).__name__)  # plain values only
+    for e in manifest["files"]:
+        payload = torch.load(tmp_path / e["name"], weights_only=True)
+        assert payload["rank"] == e["rank"] and os.path.getsize(tmp_path / e["name"]) == e["bytes"]
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # no temporary file left
+
+
+def test_a_deleted_shard_raises_naming_the_file(tmp_path):
+    manifest = write_save(tmp_path, saved_states(2, None))
+    (tmp_path / "rank1.pt").unlink()
+    state_from_shards(manifest, tmp_path, Layout(2, 0))  # rank 0 needs only its own file
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "rank1.pt"))):
+        state_from_shards(manifest, tmp_path, Layout(2, 1))
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "rank1.pt"))), pytest.warns(UserWarning):
+        state_from_shards(manifest, tmp_path, Layout(3, 0))  # a layout change needs every file
+
+
+def test_a_corrupt_shard_raises_naming_the_file_and_the_checksum(tmp_path):
+    manifest = write_save(tmp_path, saved_states(2, None))
+    path = tmp_path / "rank0.pt"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte, same size
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=re.escape(str(path)) + ".*checksum"):
+        state_from_shards(manifest, tmp_path, Layout(2, 0))
+    path.write_bytes(bytes(data[:100]))  # truncated
+    with pytest.raises(ValueError, match=re.escape(str(path))):
+        state_from_shards(manifest, tmp_path, Layout(2, 0))
+    path.write_bytes(b"not a torch file")  # unloadable, checked without a manifest entry
+    with pytest.raises(ValueError, match=re.escape(str(path)) + ".*cannot be loaded"):
+        read_shard(path)
+
+
+@pytest.mark.parametrize(
+    "corrupt",
+    [
+        lambda m: m.update(world_size="2"),
+        lambda m: m.update(files=m["files"][:1]),
+        lambda m: m["files"][1].update(name="../../etc/passwd"),
+        lambda m: m["files"][1].update(rank=0),
+        lambda m: m.update(layout={"world_size": 3, "rank": 0}),
+        lambda m: m.update(format="something/else"),
+    ],
+    ids=["world_size", "missing entry", "path in name", "duplicate rank", "layout", "format"],
+)
+def test_a_malformed_manifest_is_refused(tmp_path, corrupt):
+    manifest = write_save(tmp_path, saved_states(2, None))
+    corrupt(manifest)
+    with pytest.raises(ValueError, match="malformed"):
+        check_manifest(manifest)
+
+
+def test_the_earlier_embedded_format_follows_the_same_policy():
+    states = saved_states(2, None)
+    for sd in states:
+        del sd["layout"]  # saved before node mode: flat
+    legacy = {"world_size": 2, "per_rank": states}
+    own = state_from_legacy(legacy, Layout(2, 1))
+    assert torch.equal(own["residuals"]["a.weight"], states[1]["residuals"]["a.weight"])
+    with pytest.warns(UserWarning, match="world size 2 on world size 4 in node mode"):
+        loaded = [state_from_legacy(legacy, Layout(4, r, 2)) for r in range(4)]
+    for name, p in pending(states, 2, None).items():
+        torch.testing.assert_close(pending(loaded, 4, 2)[name], p, rtol=1e-6, atol=1e-7)
+
+
+# ============================================================================ the strategy, in process (world size 1)
+def _strategy_with_state(model: nn.Module) -> GaussKDDPStrategy:
+    strategy = GaussKDDPStrategy(density=0.1, cluster_environment=LightningEnvironment())
+    strategy._gaussk_state = GaussKState(density=0.1).bind(model)
+    return strategy
+
+
+def test_strategy_save_writes_a_shard_and_a_manifest_and_remove_deletes_both(tmp_path):
+    model = nn.Linear(3, 2)
+    strategy = _strategy_with_state(model)
+    sd = strategy._gaussk_state.state_dict()
+    strategy._gaussk_state.load_state_dict({**sd, "step": 3, "residuals": {n: torch.full((p.numel(),), 0.5) for n, p in model.named_parameters()}})
+    ckpt = tmp_path / "a.ckpt"
+    strategy.save_checkpoint({"state_dict": model.state_dict()}, ckpt)
+    assert (tmp_path / "a.ckpt.gaussk" / "rank0.pt").is_file()
+    saved = torch.load(ckpt, weights_only=True)[CHECKPOINT_KEY]
+    assert saved["format"] == MANIFEST_FORMAT and saved["world_size"] == 1
+
+    fresh = _strategy_with_state(model)
+    fresh.load_checkpoint(ckpt)
+    assert fresh._gaussk_state.step == 3
+    assert torch.equal(fresh._gaussk_state.state_dict()["residuals"]["weight"], torch.full((6,), 0.5))
+
+    (tmp_path / "a.ckpt.gaussk" / "rank0.pt").unlink()
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "a.ckpt.gaussk" / "rank0.pt"))):
+        _strategy_with_state(model).load_checkpoint(ckpt)
+
+    strategy.save_checkpoint({"state_dict": model.state_dict()}, ckpt)
+    strategy.remove_checkpoint(ckpt)
+    assert not ckpt.exists() and not shard_dir(ckpt).exists()
+
+
+def test_strategy_carries_loaded_shards_through_a_save_while_not_fitting(tmp_path):
+    model = nn.Linear(3, 2)
+    strategy = _strategy_with_state(model)
+    strategy.save_checkpoint({"state_dict": {}}, tmp_path / "a.ckpt")
+    idle = GaussKDDPStrategy(density=0.1, cluster_environment=LightningEnvironment())  # no state: not fitting
+    idle.load_checkpoint(tmp_path / "a.ckpt")
+    idle.save_checkpoint({"state_dict": {}}, tmp_path / "b.ckpt")
+    saved = torch.load(tmp_path / "b.ckpt", weights_only=True)[CHECKPOINT_KEY]
+    assert saved["dir"] == "b.ckpt.gaussk"
+    assert (tmp_path / "b.ckpt.gaussk" / "rank0.pt").read_bytes() == (tmp_path / "a.ckpt.gaussk" / "rank0.pt").read_bytes()
+    _strategy_with_state(model).load_checkpoint(tmp_path / "b.ckpt")  # checksums hold
+
+
+# ============================================================================ Lightning, 2 processes
+def test_model_checkpoint_save_top_k_keeps_one_shard_folder_next_to_the_kept_checkpoint(tmp_path):
+    ckpts = tmp_path / "ckpts"
+    plan = [{"name": "top1", "density": 0.05, "max_steps": 12, "ckpt_every": 4, "ckpt_dir": str(ckpts), "save_top_k": 1}]
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--out", str(tmp_path / "out"), "--devices", "2", "--plan", json.dumps(plan)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=400,
+    )  # fmt: skip
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    kept = sorted(p.name for p in ckpts.iterdir())
+    assert kept == ["step=12.ckpt", "step=12.ckpt.gaussk"], kept  # steps 4 and 8 removed with their shards
+    folder = ckpts / "step=12.ckpt.gaussk"
+    assert sorted(p.name for p in folder.iterdir()) == ["rank0.pt", "rank1.pt"]
+    manifest = torch.load(ckpts / "step=12.ckpt", weights_only=True)[CHECKPOINT_KEY]
+    check_manifest(manifest)
+    assert manifest["world_size"] == 2 and [e["name"] for e in manifest["files"]] == ["rank0.pt", "rank1.pt"]
+    r0, r1 = (read_shard(folder / e["name"], e)["state"]["residuals"]["net.0.weight"] for e in manifest["files"])
+    assert not torch.equal(r0, r1)  # each rank wrote its own residuals
+
+
+# ============================================================================ peak host memory while saving
+PARAMS = 2000 * 2000 + 2000  # nn.Linear(2000, 2000): a 16 MB fp32 residual per rank
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _reset_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM (peak RSS) to the current RSS
+        return True
+    except OSError:
+        return False
+
+
+def _hwm() -> int:
+    with open("/proc/self/status") as f:
+        return int(re.search(r"VmHWM:\s+(\d+)", f.read()).group(1)) * 1024
+
+
+def _peak_during(fn) -> int:
+    """Peak RSS increase over the RSS before ``fn()``: the kernel's high-water mark (reset
+    before) and a thread sampling /proc/self/statm about every millisecond."""
+    gc.collect()
+    base = _rss()
+    peak = [base]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], _rss())
+            time.sleep(0.001)
+
+    hwm = _reset_hwm()
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    try:
+        fn()
+    finally:
+        stop.set()
+        t.join()
+    top = max(peak[0], _hwm()) if hwm else peak[0]
+    return top - base
+
+
+def _legacy_gather(state: GaussKState, world: int) -> None:
+    """The earlier save: every rank's full state gathered into every rank."""
+    per_rank: list = [None] * world
+    dist.all_gather_object(per_rank, state.state_dict())
+
+
+def _save_memory_entry(rank: int, world: int, out: str, legacy: bool) -> None:
+    torch.set_num_threads(1)
+    model = nn.Linear(2000, 2000)
+    state = GaussKState(density=0.01).bind(model)
+    if hasattr(state, "setup_layout"):
+        state.setup_layout()
+    g = torch.Generator().manual_seed(rank)
+    residuals = {n: torch.randn(p.numel(), generator=g) for n, p in model.named_parameters()}
+    state.load_state_dict({**state.state_dict(), "residuals": residuals})  # placed at the first bucket: held pending
+    del residuals
+    dist.barrier()
+    result = {"new": _peak_during(lambda: save_shards(state, Path(out) / f"w{world}", rank=rank, world_size=world))}
+    dist.barrier()
+    if legacy:
+        result["legacy"] = _peak_during(lambda: _legacy_gather(state, world))
+    dist.barrier()
+    Path(out, f"mem_w{world}_rank{rank}.json").write_text(json.dumps(result))
+
+
+def test_peak_host_memory_while_saving_does_not_grow_with_the_world_size(tmp_path):
+    """2 and 4 gloo processes, a 16 MB residual each. Saving holds this rank's copy only (the
+    state dict), so the peak increase stays below 2.5 residuals for both, and 4 ranks cost no
+    more than 2 (plus one residual of slack). The earlier all_gather_object design, measured the
+    same way on 2 ranks as a control, holds every rank's copy (plus pickles) and exceeds it."""
+    residual_bytes = PARAMS * 4
+    run_distributed(_save_memory_entry, str(tmp_path), True, world=2)
+    run_distributed(_save_memory_entry, str(tmp_path), False, world=4)
+    two = json.loads((tmp_path / "mem_w2_rank0.json").read_text())
+    four = json.loads((tmp_path / "mem_w4_rank0.json").read_text())
+    mb = {k: round(v / 2**20, 1) for k, v in {"w2": two["new"], "w4": four["new"], "legacy_w2": two["legacy"]}.items()}
+    print(f"peak RSS increase while saving (MB), residual {residual_bytes / 2**20:.1f} MB: {mb}")
+    for world in (2, 4):
+        for r in range(world):
+            peak = json.loads((tmp_path / f"mem_w{world}_rank{r}.json").read_text())["new"]
+            assert peak < 2.5 * residual_bytes, (world, r, mb)
+    assert four["new"] <= two["new"] + residual_bytes, mb
+    assert two["legacy"] > 2.5 * residual_bytes, mb  # the measurement sees W copies when they are there
+    for world in (2, 4):
+        assert sorted(p.name for p in (tmp_path / f"w{world}").iterdir()) == [f"rank{r}.pt" for r in range(world)]
