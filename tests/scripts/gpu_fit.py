@@ -28,7 +28,7 @@ class Regression(L.LightningModule):
         g = torch.Generator().manual_seed(1_000_003 * self.global_step + self.global_rank)
         x = torch.randn(64, 16, generator=g)
         y = x[:, :1] * 2 - x[:, 1:2] + 0.5 * torch.sin(3 * x[:, 2:3])
-        x, y = x.to(self.device, self.dtype), y.to(self.device)
+        x, y = x.to(self.device, self.param_dtype), y.to(self.device)
         loss = torch.nn.functional.mse_loss(self.net(x).float(), y)
         self.losses.append(float(loss.detach()))
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
@@ -37,7 +37,7 @@ class Regression(L.LightningModule):
         return loss
 
     @property
-    def dtype(self) -> torch.dtype:  # the parameters' dtype: bf16 under "bf16-true"
+    def param_dtype(self) -> torch.dtype:  # bf16 under "bf16-true"
         return next(self.parameters()).dtype
 
     def configure_optimizers(self):
@@ -51,7 +51,7 @@ class Regression(L.LightningModule):
                 "scales": self.scales,
                 "telemetry": dict(state.telemetry),
                 "finite": all(bool(torch.isfinite(p).all()) for p in self.parameters()),
-                "param_dtype": str(self.dtype),
+                "param_dtype": str(self.param_dtype),
                 "device": str(self.device),
                 "world_size": self.trainer.world_size,
             },
