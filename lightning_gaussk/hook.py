@@ -22,7 +22,9 @@ Residuals are kept per parameter (the bucket buffer is the concatenation of
 """
 
 import atexit
+import itertools
 import math
+import os
 import threading
 import time
 import warnings
@@ -31,12 +33,15 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from lightning.fabric.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_gaussk import costmodel
 from lightning_gaussk.config import DENSE_FALLBACKS, GaussKConfig, bucket_k  # noqa: F401 (DENSE_FALLBACKS: old import path)
 from lightning_gaussk.selectors import _accumulate as accumulate  # the one formula of u
 from lightning_gaussk.selectors import accumulate_select, select
+from lightning_gaussk.topology import Layout, resolve_layout
+from lightning_gaussk.topology import launcher_ranks_per_node as launcher_ranks_per_node_env
 
 __all__ = ["GaussKState", "gaussk_hook", "validate_config"]
 
@@ -104,6 +109,8 @@ class _Slot:
     def __init__(self, key: tuple[int, ...], params: list[Tensor], device: torch.device, d: int) -> None:
         self.key = key
         self.numels = [p.numel() for p in params]
+        # where each parameter's residual lives in self.residual: (offset, entries)
+        self.places = [(o, n) for o, n in zip(itertools.accumulate([0, *self.numels[:-1]]), self.numels)]
         self.residual = torch.zeros(d, dtype=torch.float32, device=device)
         self.work = torch.empty(d, dtype=torch.float32, device=device)  # u, reused every step
         self.out: Tensor | None = None  # fp32 decode buffer for non-fp32 buckets
@@ -163,10 +170,18 @@ class GaussKState:
         elif options:
             config = config.replace(**options)
         self.config = config
-        if config.hierarchy == "node":
-            raise NotImplementedError("GaussKState: `hierarchy` = 'node' is not implemented yet; use 'flat' or 'auto'")
+        if process_group is not None and (config.hierarchy == "node" or config.ranks_per_node is not None):
+            raise ValueError(
+                f"GaussKState: `hierarchy` = {config.hierarchy!r} / `ranks_per_node` = {config.ranks_per_node!r} need the "
+                "world group (node mode builds its own groups); leave `process_group` None or use hierarchy='flat'"
+            )
         self._dense_cache: dict[tuple[int, int, int, str], bool] = {}
         self.process_group = process_group
+        self.layout = Layout(1, 0)  # set by setup_layout (before the first step)
+        self._layout_ready = False
+        self._intra: Any = None  # node mode: this rank's node (L ranks)
+        self._inter: Any = None  # node mode: the ranks with this local rank, one per node (N ranks)
+        self._numels: dict[str, int] = {}  # name -> numel of the whole parameter
         self.step = 0  # optimizer steps; set by the owner (set_step) or counted per backward
         self._external_step = False
         self.loss_scale = 1.0  # the loss scale of the gradients of the coming backward
@@ -190,6 +205,14 @@ class GaussKState:
             "comm_ns": 0,  # issue of the all-gather -> its completion callback (CPU buckets only)
             "hook_ns": 0,  # time in the hook body, select included (CPU buckets only)
             "dense_buckets": 0,  # buckets sent dense by dense_fallback
+            # node mode (zero in flat mode): bytes this rank sends inside its node (reduce-scatter
+            # and all-gather) and to other nodes (its message: = bytes_sent), and host times of
+            # the stages (CPU buckets only): intra-node collectives, inter-node all-gather, decode
+            "bytes_intra": 0,
+            "bytes_inter": 0,
+            "intra_ns": 0,
+            "inter_ns": 0,
+            "decode_ns": 0,
         }
         self._capture_next = False
         self.captured: dict[int, dict[str, Any]] = {}
@@ -207,8 +230,54 @@ class GaussKState:
         """Learn parameter names (for ``state_dict``) from ``module`` (a DDP wrapper is unwrapped)."""
         module = getattr(module, "module", module) if isinstance(module, nn.parallel.DistributedDataParallel) else module
         self._names = {id(p): n for n, p in module.named_parameters()}
-        self._sizes = {n: p.numel() for n, p in module.named_parameters()}
+        self._numels = {n: p.numel() for n, p in module.named_parameters()}
+        self._sizes = {n: self.layout.chunk(numel)[1] - self.layout.chunk(numel)[0] for n, numel in self._numels.items()}
         return self
+
+    def setup_layout(self, launcher_ranks_per_node: int | None = None) -> Layout:
+        """Decide flat or node mode (``hierarchy``) and build node mode's groups.
+
+        Call it on every rank at the same point, after ``torch.distributed`` is initialised (the
+        Lightning strategy and ``register_gaussk`` do; in raw DDP the hook does it at its first
+        call). ``launcher_ranks_per_node``: ranks per node as the launcher says (Lightning's
+        devices per node); None reads torchrun's ``LOCAL_WORLD_SIZE``. An explicit
+        ``ranks_per_node`` wins. ``"auto"`` picks node mode when the job spans more than one node
+        of more than one rank (:func:`~lightning_gaussk.topology.resolve_layout`).
+
+        Unless ``hierarchy="flat"``, the ranks compare their proposals (one small all-gather):
+        node mode needs the same ``L`` everywhere and node-contiguous ranks (torchrun's
+        ``GROUP_RANK == rank // L`` where it is set); otherwise ``"auto"`` falls back to flat
+        with a warning and ``"node"`` raises. The choice is logged once, on rank 0.
+        """
+        cfg = self.config
+        if not (dist.is_available() and dist.is_initialized()):
+            self.layout, self._layout_ready = Layout(1, 0), True
+            return self.layout
+        group = self.process_group if self.process_group is not None else dist.group.WORLD
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        hint = launcher_ranks_per_node if launcher_ranks_per_node is not None else launcher_ranks_per_node_env()
+        layout = resolve_layout(cfg.hierarchy, cfg.ranks_per_node, world, rank, hint)
+        reason = f"hierarchy={cfg.hierarchy!r}"
+        if cfg.hierarchy != "flat" and world > 1:
+            group_rank = os.environ.get("GROUP_RANK")
+            contiguous = group_rank is None or layout.ranks_per_node is None or int(group_rank) == layout.node
+            votes: list[Any] = [None] * world
+            dist.all_gather_object(votes, (layout.ranks_per_node, contiguous), group=group)
+            if len(set(votes)) != 1 or not all(ok for _, ok in votes):
+                detail = f"ranks per node and node-contiguity differ between ranks: {sorted(set(votes), key=str)}"
+                if cfg.hierarchy == "node":
+                    raise ValueError(f"GaussKState: `hierarchy` = 'node' cannot be used: {detail}")
+                rank_zero_warn(f"GaussK: hierarchy='auto' stays flat: {detail}")
+                layout = Layout(world, rank)
+        if layout.mode == "node":
+            rpn, nodes = layout.ranks_per_node, layout.nodes
+            assert rpn is not None
+            self._intra, _ = dist.new_subgroups_by_enumeration([[n * rpn + j for j in range(rpn)] for n in range(nodes)])
+            self._inter, _ = dist.new_subgroups_by_enumeration([[n * rpn + j for n in range(nodes)] for j in range(rpn)])
+        self.layout, self._layout_ready = layout, True
+        self._sizes = {n: layout.chunk(numel)[1] - layout.chunk(numel)[0] for n, numel in self._numels.items()}
+        rank_zero_info(f"GaussK: {layout.describe()} ({reason}, ranks per node from the launcher: {hint})")
+        return layout
 
     def set_step(self, step: int) -> None:
         """Tell the hook the current optimizer step (the Lightning strategy does this).
@@ -304,11 +373,14 @@ class GaussKState:
         if slot is not None and slot.key == key:
             return slot
         # new or rebuilt bucket: carry each parameter's residual over from wherever it lived
-        new = _Slot(key, params, device, d)
+        if self.layout.mode == "node":
+            from lightning_gaussk.node_mode import NodeSlot
+
+            new: _Slot = NodeSlot(key, params, device, d, self.layout)
+        else:
+            new = _Slot(key, params, device, d)
         new.scale.fill_(self.loss_scale)
-        offset = 0
-        for p in params:
-            n = p.numel()
+        for p, (offset, n) in zip(params, new.places):
             home = self._home.get(id(p))
             seg = new.residual[offset : offset + n]
             if home is not None:
@@ -322,7 +394,6 @@ class GaussKState:
                 if loaded is not None:  # saved unscaled
                     torch.mul(loaded.reshape(-1), self.loss_scale, out=seg)
             self._home[id(p)] = (new, offset, n)
-            offset += n
         self._slots[index] = new
         return new
 
@@ -349,6 +420,7 @@ class GaussKState:
         return {
             "format": STATE_FORMAT,
             "config": self.config.to_dict(),
+            "layout": self.layout.to_dict(),
             "step": self.step,
             "telemetry": dict(self.telemetry),
             "residuals": residuals,
@@ -406,6 +478,12 @@ def gaussk_hook(state: GaussKState, bucket: dist.GradBucket) -> torch.futures.Fu
 
     Register with ``ddp_model.register_comm_hook(state, gaussk_hook)``.
     """
+    if not state._layout_ready:  # raw DDP: decided at the first call, the same point on every rank
+        state.setup_layout()
+    if state.layout.mode == "node":
+        from lightning_gaussk.node_mode import node_hook
+
+        return node_hook(state, bucket)
     group = state.process_group if state.process_group is not None else dist.group.WORLD
     world = dist.get_world_size(group)
     buf = bucket.buffer()
@@ -515,14 +593,7 @@ def _dense_bucket(
         fut.value()  # re-raises a failed allreduce
         buf.copy_(u.div_(world))
         if state.error_feedback:
-            ok = torch.isfinite(u.sum())  # one pass: NaN/inf anywhere in the averaged bucket
-            if u.device.type == "cpu":
-                if bool(ok):
-                    slot.residual.zero_()
-                else:
-                    tel["skipped_buckets"] += 1
-            else:
-                torch.where(ok, 0.0, slot.residual, out=slot.residual)  # no host sync
+            _clear_residual(state, slot, u.sum())  # one pass: NaN/inf anywhere in the averaged bucket
         return buf
 
     return fut.then(finish)
@@ -568,3 +639,16 @@ def _commit_residual(state: GaussKState, slot: _Slot, indices: Tensor, flag: Ten
         torch.where(ok, u, slot.residual, out=slot.residual)  # stays on the device
         if state._scaled:
             torch.where(ok, state.loss_scale, slot.scale, out=slot.scale)
+
+
+def _clear_residual(state: GaussKState, slot: _Slot, flag: Tensor) -> None:
+    """After a dense send (all of ``u`` went out): residual := 0, unless ``flag`` (a sum over
+    what every rank sent) is non-finite, when the step is skipped and the residual kept."""
+    ok = torch.isfinite(flag)
+    if slot.residual.device.type == "cpu":
+        if bool(ok):
+            slot.residual.zero_()
+        else:
+            state.telemetry["skipped_buckets"] += 1
+    else:
+        torch.where(ok, 0.0, slot.residual, out=slot.residual)  # no host sync

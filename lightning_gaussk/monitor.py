@@ -24,6 +24,7 @@ and nothing is asked of the hook, on steps that are not due.
 The statistics and figures were defined here before; they are still importable from this module.
 """
 
+import itertools
 import math
 import os
 import warnings
@@ -285,10 +286,10 @@ class GradientDistributionMonitor(Callback):
             captured, state.captured = state.captured, {}
             for index in sorted(captured):
                 cap = captured[index]
-                layout, off = [], 0
-                for p in cap["parameters"]:
-                    layout.append((names.get(id(p), f"param{len(layout)}"), off, p.numel()))
-                    off += p.numel()
+                # flat: parameters back to back; node mode: this rank's chunk of each, at "places"
+                places = cap.get("places") or list(zip(itertools.accumulate([0] + [p.numel() for p in cap["parameters"]]),
+                                                       [p.numel() for p in cap["parameters"]]))  # fmt: skip
+                layout = [(names.get(id(p), f"param{i}"), off, n) for i, (p, (off, n)) in enumerate(zip(cap["parameters"], places))]
                 groups.append(
                     {"name": f"bucket{index}", "u": cap["u"], "k": cap["k"], "selected": cap["indices"], "grad": cap.get("grad"), "params": layout}
                 )

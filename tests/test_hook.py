@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from _dist import run_distributed
+from _invariants import assert_residual_is_u_minus_sent, decode_mean
 from lightning_gaussk import GaussKState, gaussk_hook, register_selector
 
 
@@ -105,15 +106,10 @@ def _conservation(rank: int, world: int, ddp_kwargs: dict, density: float, dtype
             expect_u = torch.cat([local[n] + old[n] for n in params])
             assert torch.equal(u, expect_u)
             # new residual = u with the sent entries zeroed: sent + residual == u exactly
-            sent = torch.zeros(d).index_put_((idx,), u[idx])
-            assert torch.equal(sent + torch.cat([new[n] for n in params]), u)
-            assert torch.equal(torch.cat([new[n] for n in params])[idx], torch.zeros(k))
+            assert_residual_is_u_minus_sent(u, idx, torch.cat([new[n] for n in params]))
             # what arrives: the mean over ranks of every rank's sent entries (duplicates add up)
-            agg = torch.zeros(d)
-            for caps in all_caps:
-                u_r, idx_r, params_r = caps[index]
-                assert params_r == params
-                agg.index_add_(0, idx_r.to(torch.int32), u_r[idx_r], alpha=1.0 / world)
+            assert all(caps[index][2] == params for caps in all_caps)
+            agg = decode_mean([caps[index][:2] for caps in all_caps], d, world)
             grad = torch.cat([p.grad.reshape(-1).float() if p.grad is not None else torch.zeros(p.numel()) for p in cap["parameters"]])
             assert torch.equal(grad, agg.to(dtype).float())
             assert int((grad != 0).sum()) <= world * k
@@ -463,14 +459,9 @@ def _matrix_case(rank: int, world: int, ddp_kwargs: dict, model_kwargs: dict, ac
             d, k = u.numel(), idx.numel()
             assert k == math.ceil(0.05 * d)
             torch.testing.assert_close(u, torch.cat([local[n] + old[n] for n in params]), rtol=1e-6, atol=1e-7)
-            res = torch.cat([new[n] for n in params])
-            sent = torch.zeros(d).index_put_((idx,), u[idx])
-            assert torch.equal(sent + res, u)  # nothing lost, nothing made up
-            agg = torch.zeros(d)
-            for r_caps in all_caps:
-                u_r, idx_r, params_r = r_caps[index]
-                assert params_r == params
-                agg.index_add_(0, idx_r.to(torch.int32), u_r[idx_r], alpha=1.0 / world)
+            assert_residual_is_u_minus_sent(u, idx, torch.cat([new[n] for n in params]))  # nothing lost, nothing made up
+            assert all(r_caps[index][2] == params for r_caps in all_caps)
+            agg = decode_mean([r_caps[index][:2] for r_caps in all_caps], d, world)
             dtype = dict(sparse.named_parameters())[params[0]].dtype
             grad = torch.cat([p.grad.reshape(-1).float() if p.grad is not None else torch.zeros(p.numel()) for p in state.captured[index]["parameters"]])
             assert torch.equal(grad, agg.to(dtype).float())
