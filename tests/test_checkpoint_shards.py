@@ -38,7 +38,7 @@ from lightning_gaussk.checkpoint import (
     state_from_shards,
     write_shard,
 )
-from lightning_gaussk.strategy import CHECKPOINT_KEY
+from lightning_gaussk.strategy import CHECKPOINT_KEY, _agree_on_failure
 from lightning_gaussk.topology import Layout, chunk_bounds
 
 SIZES = {"a.weight": 37, "b.bias": 5, "c.weight": 3}  # 3 < L: empty chunks in node mode
@@ -250,6 +250,43 @@ def test_strategy_carries_loaded_shards_through_a_save_while_not_fitting(tmp_pat
     _strategy_with_state(model).load_checkpoint(tmp_path / "b.ckpt")  # checksums hold
 
 
+# ============================================================================ Accelerate's files, in process
+def test_accelerate_files_carry_checksums_and_follow_the_same_policy(tmp_path):
+    pytest.importorskip("accelerate")
+    from lightning_gaussk.accelerate import _load_into, _save_files, manifest_file, state_file
+
+    states = []
+    for rank in range(2):
+        state = GaussKState(density=0.1)
+        state.load_state_dict({**state.state_dict(), "step": 4, "residuals": {"w": torch.full((3,), float(rank + 1))}})
+        _save_files(state, tmp_path, rank, 2)
+        states.append(state)
+    assert {state_file(0), state_file(1), manifest_file(0), manifest_file(1)} <= {p.name for p in tmp_path.iterdir()}
+    entry = json.loads((tmp_path / manifest_file(1)).read_text())
+    check_manifest(entry, complete=False)
+    assert entry["files"][0]["sha256"] and entry["world_size"] == 2
+
+    own = GaussKState(density=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _load_into(own, tmp_path, rank=1, world=2)
+    assert torch.equal(own.state_dict()["residuals"]["w"], torch.full((3,), 2.0))
+    mean = GaussKState(density=0.1)
+    with pytest.warns(UserWarning, match="world size 2 on world size 3"):
+        _load_into(mean, tmp_path, rank=2, world=3)
+    assert torch.equal(mean.state_dict()["residuals"]["w"], torch.full((3,), 1.5)) and mean.step == 4
+
+    path = tmp_path / state_file(1)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=re.escape(str(path)) + ".*checksum"):
+        _load_into(GaussKState(density=0.1), tmp_path, rank=1, world=2)
+    path.unlink()
+    with pytest.raises(FileNotFoundError, match=re.escape(str(path))):
+        _load_into(GaussKState(density=0.1), tmp_path, rank=1, world=2)
+
+
 # ============================================================================ Lightning, 2 processes
 def test_model_checkpoint_save_top_k_keeps_one_shard_folder_next_to_the_kept_checkpoint(tmp_path):
     ckpts = tmp_path / "ckpts"
@@ -324,6 +361,29 @@ def _legacy_gather(state: GaussKState, world: int) -> None:
     dist.all_gather_object(per_rank, state.state_dict())
 
 
+def _agreement_entry(rank: int, world: int, out: str) -> None:
+    """Rank 1's shard is missing: rank 1 fails converting, and through the strategy's exchange
+    of errors rank 0 raises too, naming rank 1's file (nobody trains on alone)."""
+    folder = Path(out) / "agree"
+    manifest = None
+    if rank == 0:
+        manifest = write_save(folder, saved_states(world, None))
+        (folder / "rank1.pt").unlink()
+    box = [manifest]
+    dist.broadcast_object_list(box, src=0)
+    try:
+        error = None
+        try:
+            state_from_shards(box[0], folder, Layout(world, rank))
+        except (ValueError, OSError) as err:
+            error = err
+        _agree_on_failure(error, world)
+        outcome = "no error"
+    except Exception as err:  # noqa: BLE001 - what every rank raises
+        outcome = f"{type(err).__name__}: {err}"
+    Path(out, f"agree_rank{rank}.txt").write_text(outcome)
+
+
 def _save_memory_entry(rank: int, world: int, out: str, legacy: bool) -> None:
     torch.set_num_threads(1)
     model = nn.Linear(2000, 2000)
@@ -341,16 +401,35 @@ def _save_memory_entry(rank: int, world: int, out: str, legacy: bool) -> None:
         result["legacy"] = _peak_during(lambda: _legacy_gather(state, world))
     dist.barrier()
     Path(out, f"mem_w{world}_rank{rank}.json").write_text(json.dumps(result))
+    if legacy:  # the 2-process run also checks that a failed restore stops every rank
+        dist.barrier()
+        _agreement_entry(rank, world, out)
 
 
-def test_peak_host_memory_while_saving_does_not_grow_with_the_world_size(tmp_path):
+@pytest.fixture(scope="module")
+def spawned(tmp_path_factory) -> Path:
+    """One 2-process and one 4-process gloo run (the 4-process one kept single and small)."""
+    out = tmp_path_factory.mktemp("spawned")
+    run_distributed(_save_memory_entry, str(out), True, world=2)
+    run_distributed(_save_memory_entry, str(out), False, world=4)
+    return out
+
+
+def test_a_missing_shard_on_one_rank_makes_every_rank_raise_naming_the_file(spawned):
+    path = str(spawned / "agree" / "rank1.pt")
+    mine = (spawned / "agree_rank1.txt").read_text()
+    peer = (spawned / "agree_rank0.txt").read_text()
+    assert mine.startswith("FileNotFoundError") and path in mine, mine
+    assert peer.startswith("RuntimeError") and "rank(s) [1]" in peer and path in peer, peer
+
+
+def test_peak_host_memory_while_saving_does_not_grow_with_the_world_size(spawned):
     """2 and 4 gloo processes, a 16 MB residual each. Saving holds this rank's copy only (the
     state dict), so the peak increase stays below 2.5 residuals for both, and 4 ranks cost no
     more than 2 (plus one residual of slack). The earlier all_gather_object design, measured the
     same way on 2 ranks as a control, holds every rank's copy (plus pickles) and exceeds it."""
     residual_bytes = PARAMS * 4
-    run_distributed(_save_memory_entry, str(tmp_path), True, world=2)
-    run_distributed(_save_memory_entry, str(tmp_path), False, world=4)
+    tmp_path = spawned
     two = json.loads((tmp_path / "mem_w2_rank0.json").read_text())
     four = json.loads((tmp_path / "mem_w4_rank0.json").read_text())
     mb = {k: round(v / 2**20, 1) for k, v in {"w2": two["new"], "w4": four["new"], "legacy_w2": two["legacy"]}.items()}
