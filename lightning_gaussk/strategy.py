@@ -88,6 +88,10 @@ class GaussKDDPStrategy(DDPStrategy):
         link_gbit: float | None = None,
         hierarchy: Literal["auto", "flat", "node"] = "auto",
         ranks_per_node: int | None = None,
+        remedies: Literal["auto", "off"] = "auto",
+        momentum_correction: float | None = None,
+        adam_remedy: Literal["freeze", "amsgrad", "none"] = "freeze",
+        variance_freeze_steps: int | None = None,
         find_unused_parameters: bool = False,
         static_graph: bool = False,
         gradient_as_bucket_view: bool = False,
@@ -159,6 +163,21 @@ class GaussKDDPStrategy(DDPStrategy):
         if self._gaussk_loaded is not None:
             self._restore(self._gaussk_loaded)
             self._gaussk_loaded = None
+
+    @override
+    def setup_optimizers(self, trainer: Any) -> None:
+        """Lightning's optimizers, then the remedies (``remedies="auto"``, :mod:`lightning_gaussk.remedies`):
+        a ``torch.optim.SGD`` momentum moves into the hook (momentum correction), Adam/AdamW get
+        ``adam_remedy``; what is done is logged once, on rank 0."""
+        super().setup_optimizers(trainer)
+        state = self._gaussk_state
+        if state is None:
+            return
+        from lightning_gaussk.remedies import wrap_optimizer
+
+        for optimizer in self.optimizers:
+            wrap_optimizer(optimizer, state)
+        self._gaussk_config = state.config  # with the momentum the hook took over (saved with the state)
 
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:

@@ -401,9 +401,43 @@ def _save_memory_entry(rank: int, world: int, out: str, legacy: bool) -> None:
         result["legacy"] = _peak_during(lambda: _legacy_gather(state, world))
     dist.barrier()
     Path(out, f"mem_w{world}_rank{rank}.json").write_text(json.dumps(result))
+    dist.barrier()
     if legacy:  # the 2-process run also checks that a failed restore stops every rank
-        dist.barrier()
         _agreement_entry(rank, world, out)
+    else:  # the 4-process run also saves a real node-mode state and loads it into other layouts
+        _node_round_trip(rank, world, out)
+
+
+def _node_round_trip(rank: int, world: int, out: str) -> None:
+    """2 nodes x 2 ranks train 3 steps with the hook, save shards; the shards then load into
+    live states of the same layout (exact), flat on 4 ranks and 1 node of 4 ranks (the policy):
+    GaussKState.load_state_dict accepts every converted chunk. Each rank keeps what it loaded."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from lightning_gaussk import gaussk_hook
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
+    ddp = DDP(model)
+    state = GaussKState(density=0.1, hierarchy="node", ranks_per_node=2).bind(ddp)
+    state.setup_layout()
+    ddp.register_comm_hook(state, gaussk_hook)
+    g = torch.Generator().manual_seed(100 + rank)
+    for _ in range(3):
+        ddp(torch.randn(4, 8, generator=g)).pow(2).mean().backward()
+    folder = Path(out) / "node"
+    manifest = save_shards(state, folder, rank=rank, world_size=world)
+    loaded = {}
+    for kind, options in {"same": {"hierarchy": "node", "ranks_per_node": 2}, "flat": {"hierarchy": "flat"},
+                          "node4": {"hierarchy": "node", "ranks_per_node": 4}}.items():  # fmt: skip
+        fresh = GaussKState(density=0.1, **options).bind(model)
+        fresh.setup_layout()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fresh.load_state_dict(state_from_shards(manifest, folder, fresh.layout))
+        loaded[kind] = {"layout": fresh.layout.to_dict(), "residuals": fresh.state_dict()["residuals"]}
+    loaded["saved"] = state.state_dict()["residuals"]
+    torch.save(loaded, Path(out) / f"node_rank{rank}.pt")
 
 
 @pytest.fixture(scope="module")
@@ -421,6 +455,34 @@ def test_a_missing_shard_on_one_rank_makes_every_rank_raise_naming_the_file(spaw
     peer = (spawned / "agree_rank0.txt").read_text()
     assert mine.startswith("FileNotFoundError") and path in mine, mine
     assert peer.startswith("RuntimeError") and "rank(s) [1]" in peer and path in peer, peer
+
+
+def test_a_real_node_mode_save_loads_into_other_layouts_with_the_same_pending_update(spawned):
+    folder = spawned / "node"
+    per_rank = [torch.load(spawned / f"node_rank{r}.pt", weights_only=True) for r in range(4)]
+    entries = [read_shard(folder / f"rank{r}.pt") for r in range(4)]
+    assert [e["layout"]["ranks_per_node"] for e in entries] == [2] * 4
+    sizes = {n: t.numel() for n, t in per_rank[0]["flat"]["residuals"].items()}  # flat: whole parameters
+
+    def p_of(states: list[dict], rpn: int | None) -> dict[str, torch.Tensor]:
+        parts = rpn or 1
+        out = {n: torch.zeros(k, dtype=torch.float64) for n, k in sizes.items()}
+        for r, res in enumerate(states):
+            for n, t in res.items():
+                start, stop = chunk_bounds(sizes[n], parts, r % parts)
+                out[n][start:stop] += t.double()
+        return {n: v / len(states) for n, v in out.items()}
+
+    saved = p_of([e["state"]["residuals"] for e in entries], 2)
+    assert any(v.abs().max() > 0 for v in saved.values())  # the hook left residuals
+    for r in range(4):  # same layout: exact
+        for n, t in per_rank[r]["saved"].items():
+            assert torch.equal(per_rank[r]["same"]["residuals"][n], t)
+    for kind, rpn in (("flat", None), ("node4", 4)):
+        assert per_rank[1][kind]["layout"]["ranks_per_node"] == rpn
+        after = p_of([per_rank[r][kind]["residuals"] for r in range(4)], rpn)
+        for n in sizes:
+            torch.testing.assert_close(after[n], saved[n], rtol=1e-6, atol=1e-7)
 
 
 def test_peak_host_memory_while_saving_does_not_grow_with_the_world_size(spawned):
