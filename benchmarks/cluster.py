@@ -120,11 +120,18 @@ def new_run_id() -> str:
 
 @dataclass(frozen=True)
 class ClusterSpec:
-    """``world`` hosts joined by ``link``s; every name and address is derived from ``run_id``."""
+    """``world`` hosts joined by ``link``s; every name and address is derived from ``run_id``.
+
+    ``ranks_per_host`` (``L``, default 1) ranks share each host ("node"): ``ranks = world * L``
+    ranks, node-contiguous (rank ``r`` is local rank ``r % L`` of host ``r // L``), as
+    Lightning, torchrun and Accelerate number them. Ranks of one host share its address, so
+    traffic between them stays on that namespace's loopback (the kernel routes a local address
+    through ``lo``): only inter-host traffic crosses the shaped veth."""
 
     world: int
     link: LinkSpec = field(default_factory=LinkSpec)
     run_id: str = field(default_factory=new_run_id)
+    ranks_per_host: int = 1
 
     def __post_init__(self) -> None:
         if isinstance(self.world, bool) or not isinstance(self.world, int):
@@ -133,6 +140,19 @@ class ClusterSpec:
             raise ValueError(f"world must be in [2, {MAX_WORLD}] (one namespace per rank), got {self.world}")
         if not re.fullmatch(r"\d+-[0-9a-f]+", self.run_id):
             raise ValueError(f"run_id must look like '<pid>-<hex>', got {self.run_id!r}")
+        if isinstance(self.ranks_per_host, bool) or not isinstance(self.ranks_per_host, int) or not (1 <= self.ranks_per_host <= 64):
+            raise ValueError(f"ranks_per_host must be an int in [1, 64], got {self.ranks_per_host!r}")
+
+    @property
+    def ranks(self) -> int:
+        """Ranks in all: ``world * ranks_per_host``."""
+        return self.world * self.ranks_per_host
+
+    def host_of(self, rank: int) -> int:
+        """The host (namespace index) of global rank ``rank`` (node-contiguous)."""
+        if isinstance(rank, bool) or not isinstance(rank, int) or not (0 <= rank < self.ranks):
+            raise ValueError(f"rank must be in [0, {self.ranks}), got {rank!r}")
+        return rank // self.ranks_per_host
 
     # names: namespaces may be long, interface names must stay within 15 characters
     @property
@@ -231,31 +251,52 @@ def teardown_commands(namespaces: Sequence[str]) -> list[list[str]]:
     return [["ip", "netns", "del", ns] for ns in reversed(list(namespaces))]
 
 
-def rank_env(spec: ClusterSpec, rank: int, base: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment of rank ``rank``: torch.distributed rendezvous on host 0, one thread."""
-    env = dict(os.environ if base is None else base)
-    env.update(
-        RANK=str(rank),
-        LOCAL_RANK="0",
-        WORLD_SIZE=str(spec.world),
+_LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "NODE_RANK")
+
+
+def _host_vars(spec: ClusterSpec, host: int) -> dict[str, str]:
+    return dict(
         MASTER_ADDR=spec.master_addr,
         MASTER_PORT=str(MASTER_PORT),
-        GLOO_SOCKET_IFNAME=spec.ifname(rank),
-        GK_IFNAME=spec.ifname(rank),
+        GLOO_SOCKET_IFNAME=spec.ifname(host),
+        GK_IFNAME=spec.ifname(host),
         GK_LINK_RATE=spec.link.rate,
         GK_LINK_DELAY_MS=str(spec.link.delay_ms),
+        GK_RANKS_PER_HOST=str(spec.ranks_per_host),
         OMP_NUM_THREADS="1",
         MKL_NUM_THREADS="1",
         PYTHONUNBUFFERED="1",
     )
+
+
+def rank_env(spec: ClusterSpec, rank: int, base: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment of global rank ``rank`` (on host ``spec.host_of(rank)``): torch.distributed
+    rendezvous on host 0, one thread; with several ranks per host also torchrun's
+    ``LOCAL_WORLD_SIZE`` and ``GROUP_RANK``."""
+    host = spec.host_of(rank)
+    env = {k: v for k, v in (os.environ if base is None else base).items() if k not in _LAUNCHER_VARS}
+    env.update(RANK=str(rank), LOCAL_RANK=str(rank % spec.ranks_per_host), WORLD_SIZE=str(spec.ranks), **_host_vars(spec, host))
+    if spec.ranks_per_host > 1:
+        env.update(LOCAL_WORLD_SIZE=str(spec.ranks_per_host), GROUP_RANK=str(host))
+    return env
+
+
+def node_env(spec: ClusterSpec, host: int, base: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment of ONE launcher process on host ``host`` that starts the host's
+    ``ranks_per_host`` ranks itself (Lightning's popen launcher with ``num_nodes = world``):
+    ``MASTER_ADDR`` / ``MASTER_PORT`` / ``NODE_RANK`` as a multi-node job sets them, and no
+    ``RANK`` / ``LOCAL_RANK`` / ``WORLD_SIZE`` (with ``LOCAL_RANK`` set, Lightning would take the
+    process for one a launcher had already started)."""
+    env = {k: v for k, v in (os.environ if base is None else base).items() if k not in _LAUNCHER_VARS}
+    env.update(NODE_RANK=str(host), **_host_vars(spec, host))
     return env
 
 
 def rank_command(spec: ClusterSpec, rank: int, argv: Sequence[str], python: str | None = None) -> list[str]:
-    """``ip netns exec <host> <python> <argv...>`` (the environment comes from :func:`rank_env`)."""
+    """``ip netns exec <host of rank> <python> <argv...>`` (the environment comes from :func:`rank_env`)."""
     if not argv:
         raise ValueError("argv must name the script to run in every rank")
-    return ["ip", "netns", "exec", spec.ns(rank), python or sys.executable, *argv]
+    return ["ip", "netns", "exec", spec.ns(spec.host_of(rank)), python or sys.executable, *argv]
 
 
 # ---------------------------------------------------------------------------------- privileges
@@ -339,6 +380,7 @@ class EmulatedCluster:
     def setup(self) -> None:
         if self.log_dir is None:
             self.log_dir = tempfile.mkdtemp(prefix=f"{PREFIX}-{self.spec.run_id}-")
+        os.makedirs(self.log_dir, exist_ok=True)
         for cmd in setup_commands(self.spec):
             try:
                 self.runner(cmd)
@@ -389,25 +431,36 @@ class EmulatedCluster:
         self._old_handlers = {}
 
     # -- ranks
-    def launch(self, argv: Sequence[str], env: dict[str, str] | None = None, python: str | None = None) -> list[RankProcess]:
-        """Start ``python argv...`` in every host (rank r in host r); returns at once."""
+    def launch(self, argv: Sequence[str], env: dict[str, str] | None = None, python: str | None = None,
+               per_host: bool = False) -> list[RankProcess]:  # fmt: skip
+        """Start ``python argv...`` for every rank (rank r in host ``spec.host_of(r)``, with
+        :func:`rank_env`); with ``per_host`` once per host instead (:func:`node_env`: the script
+        launches the host's ranks itself, as Lightning's popen launcher does). Returns at once;
+        the logs are ``rank{r}.log`` (``host{h}.log`` with ``per_host``)."""
         assert self.log_dir is not None, "launch() inside `with EmulatedCluster(...)`"
         procs = []
-        for r in range(self.spec.world):
-            rp = RankProcess(r, rank_command(self.spec, r, argv, python), os.path.join(self.log_dir, f"rank{r}.log"))
+        n = self.spec.world if per_host else self.spec.ranks
+        for r in range(n):
+            if per_host:
+                cmd = ["ip", "netns", "exec", self.spec.ns(r), python or sys.executable, *argv]
+                if not argv:
+                    raise ValueError("argv must name the script to run on every host")
+                penv, log_name = node_env(self.spec, r, env), f"host{r}.log"
+            else:
+                cmd, penv, log_name = rank_command(self.spec, r, argv, python), rank_env(self.spec, r, env), f"rank{r}.log"
+            rp = RankProcess(r, cmd, os.path.join(self.log_dir, log_name))
             with open(rp.log, "wb") as log:
-                rp.proc = subprocess.Popen(
-                    rp.cmd, env=rank_env(self.spec, r, env), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-                )
+                rp.proc = subprocess.Popen(rp.cmd, env=penv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
             procs.append(rp)
         self.procs += procs
         return procs
 
     def run(self, argv: Sequence[str], env: dict[str, str] | None = None, timeout: float = 600.0,
-            python: str | None = None) -> list[int]:  # fmt: skip
-        """Run ``argv`` on every rank and wait; raise :class:`ClusterError` with the logs' tails
-        when a rank fails or ``timeout`` seconds pass (the other ranks are then killed)."""
-        procs = self.launch(argv, env, python)
+            python: str | None = None, per_host: bool = False) -> list[int]:  # fmt: skip
+        """Run ``argv`` on every rank (or host, see :meth:`launch`) and wait; raise
+        :class:`ClusterError` with the logs' tails when one fails or ``timeout`` seconds pass
+        (the others are then killed)."""
+        procs = self.launch(argv, env, python, per_host)
         deadline = time.monotonic() + timeout
         try:
             while True:
@@ -593,7 +646,8 @@ def write_doc_section(path: str, name: str, body: str) -> None:
 # ---------------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="Anything after `--` is the rank script and its arguments.")
-    p.add_argument("--world", type=int, default=2, help="hosts (= ranks), 2..64")
+    p.add_argument("--world", type=int, default=2, help="hosts, 2..64")
+    p.add_argument("--ranks-per-host", type=int, default=1, help="ranks in each host (node-contiguous global ranks)")
     p.add_argument("--rate", default="1gbit", help="per-host link rate each way (tc units: 100mbit, 1gbit, 10gbit)")
     p.add_argument("--delay-ms", type=float, default=0.0, help="one-way delay added per host link (netem)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds before the ranks are killed")
@@ -617,7 +671,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         require_root()
         print("deleted:", cleanup_stale() or "nothing")
         return 0
-    spec = ClusterSpec(world=args.world, link=LinkSpec(args.rate, args.delay_ms))
+    spec = ClusterSpec(world=args.world, link=LinkSpec(args.rate, args.delay_ms), ranks_per_host=args.ranks_per_host)
     if args.netcheck:
         script = [os.path.abspath(__file__), "--_netcheck-worker", "--netcheck-mb", str(args.netcheck_mb)]
     if not script:
@@ -625,7 +679,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.dry_run:
         for cmd in setup_commands(spec):
             print(" ".join(cmd))
-        for r in range(spec.world):
+        for r in range(spec.ranks):
             env = rank_env(spec, r, {})
             print(" ".join(f"{k}={v}" for k, v in env.items()), " ".join(rank_command(spec, r, script)))
         for cmd in teardown_commands(spec.namespaces()):

@@ -12,7 +12,7 @@ ways to call it:
 
 A fit spec (all keys optional except ``name``; the flags set the same keys)::
 
-    {"name": "ref", "mode": "auto" | "manual2",
+    {"name": "ref", "mode": "auto" | "manual2", "num_nodes": 1,
      "strategy": "gaussk" | "ddp" | a registered name such as "gaussk_ddp_spawn",
      "density": 0.05, "selector": "gaussk", "launcher": "popen" | "spawn", "timeout_s": 120,
      "max_steps": 14, "accumulate": 1, "precision": "32-true", "lr": 0.05, "momentum": 0.9,
@@ -22,6 +22,11 @@ A fit spec (all keys optional except ``name``; the flags set the same keys)::
 Strategy: ``"gaussk"`` (or any name with a ``density``) is ``GaussKDDPStrategy(density, selector)``,
 ``"ddp"`` plain ``DDPStrategy``; another name is looked up in Lightning's registry as it is. The
 launcher is ``spawn`` for names ending in ``_spawn``, else ``popen``, unless ``launcher`` says.
+
+``num_nodes`` (flag ``--num-nodes``, the default of every fit of a plan): Lightning's
+``Trainer(num_nodes=...)``; run the script once per node with ``MASTER_ADDR``, ``MASTER_PORT``
+and ``NODE_RANK`` set, as a multi-node job does (tests/test_multinode.py). Every record carries
+the hook's ``layout`` (``Layout.to_dict()``) and ``telemetry``.
 
 ``mode="auto"``: automatic optimization, SGD with momentum; the batch is a function of (optimizer
 step, micro-batch, rank) only, so a resumed run sees exactly the data of an uninterrupted one.
@@ -102,6 +107,8 @@ class Base(L.LightningModule):
             "start_state": self.start_state,
             "world_size": self.trainer.world_size,
             "global_step": self.trainer.global_step,
+            "layout": state.layout.to_dict() if getattr(state, "layout", None) is not None else None,
+            "telemetry": dict(state.telemetry) if state is not None else None,
             **self.record(),
         }
         out = os.path.join(self.spec["out"], self.spec["name"]) if self.spec.get("name") else self.spec["out"]
@@ -253,6 +260,7 @@ def run_fit(spec: dict, devices: int) -> L.Trainer:
         plugins=plugins,
         accelerator="cpu",
         devices=devices,
+        num_nodes=spec.get("num_nodes", 1),
         max_steps=spec.get("max_steps", 14),
         accumulate_grad_batches=spec.get("accumulate", 1),
         precision=precision,
@@ -278,6 +286,7 @@ def main() -> None:
     p.add_argument("--plan", default=None, help="JSON list of fit specs (then the single-fit flags are ignored)")
     p.add_argument("--out", required=True)
     p.add_argument("--devices", type=int, default=2)
+    p.add_argument("--num-nodes", type=int, default=1, help="Trainer(num_nodes=...): run once per node with NODE_RANK set")
     p.add_argument("--strategy", default="gaussk_ddp_spawn")
     p.add_argument("--density", type=float, default=None)
     p.add_argument("--selector", default="gaussk")
@@ -301,6 +310,7 @@ def main() -> None:
         ]  # fmt: skip
     for spec in plan:
         spec["out"] = a.out
+        spec.setdefault("num_nodes", a.num_nodes)
         run_fit(spec, a.devices)
     if _CHILDREN:  # popen, rank 0: every child must exit with status 0 too
         codes = [proc.wait(timeout=120) for proc in _CHILDREN]
