@@ -249,6 +249,7 @@ def register_gaussk(accelerator: Accelerator, model: nn.Module, **config: Any) -
 
     process_group = resolved.pop("process_group", None)
     state = GaussKState(GaussKConfig(**resolved), process_group=process_group).bind(ddp)
+    state.setup_layout()  # node mode from LOCAL_WORLD_SIZE (torchrun, accelerate launch) under "auto"
     ddp.register_comm_hook(state, gaussk_hook)
     ddp._gaussk_state = state  # marks the module; found again by a second call
     _attach_checkpointing(accelerator, state)

@@ -27,6 +27,7 @@ before the first :func:`triton_select` call.
 """
 
 import functools
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -183,6 +184,17 @@ def _interpreted(kernel) -> bool:
     return isinstance(kernel, InterpretedFunction)
 
 
+def _launch_grid(caller: str, kernel: Any, dev: torch.device, d: int, block: int | None,
+                 max_programs: int) -> tuple[int, int, int]:  # fmt: skip
+    """``(block, programs, tiles)`` for a launch over ``d`` entries on ``dev``; CPU tensors need
+    the interpreter."""
+    if dev.type == "cpu" and not _interpreted(kernel):
+        raise RuntimeError(f"{caller} on CPU tensors needs TRITON_INTERPRET=1 set before its first call")
+    if block is None:
+        block = INTERPRET_BLOCK if dev.type == "cpu" else BLOCK
+    return (block, *_grid(d, block, max_programs))
+
+
 def _grid(d: int, block: int, max_programs: int) -> tuple[int, int]:
     """``(programs, tiles_per_program)`` covering ``d`` elements."""
     n_tiles = -(-d // block)
@@ -220,11 +232,7 @@ def triton_select(
     d = x.numel()
     _check_k(d, k)
     dev = x.device
-    if dev.type == "cpu" and not _interpreted(moments_kernel):
-        raise RuntimeError("triton_select on CPU tensors needs TRITON_INTERPRET=1 set before its first call")
-    if block is None:
-        block = INTERPRET_BLOCK if dev.type == "cpu" else BLOCK
-    programs, tiles = _grid(d, block, max_programs)
+    block, programs, tiles = _launch_grid("triton_select", moments_kernel, dev, d, block, max_programs)
     is_bf16 = x.dtype == torch.bfloat16
 
     if t0 is None:
@@ -334,11 +342,7 @@ def triton_accumulate_select(
         raise ValueError("triton_accumulate_select: tensors on different devices")
     _check_k(d, k)
     dev = out.device
-    if dev.type == "cpu" and not _interpreted(accumulate_kernel):
-        raise RuntimeError("triton_accumulate_select on CPU tensors needs TRITON_INTERPRET=1 set before its first call")
-    if block is None:
-        block = INTERPRET_BLOCK if dev.type == "cpu" else BLOCK
-    programs, tiles = _grid(d, block, max_programs)
+    block, programs, tiles = _launch_grid("triton_accumulate_select", accumulate_kernel, dev, d, block, max_programs)
     part = torch.empty(3, programs, dtype=torch.float32, device=dev)
     s = part if scale is None else scale.reshape(()).to(device=dev, dtype=torch.float32).contiguous()
     accumulate_kernel[(programs,)](

@@ -158,6 +158,8 @@ class GaussKDDPStrategy(DDPStrategy):
     def configure_ddp(self) -> None:
         super().configure_ddp()  # wraps the model; registers no hook (we pass none)
         state = GaussKState(self._gaussk_config).bind(self.lightning_module)
+        # Lightning numbers ranks node by node: node_rank * devices + local_rank
+        state.setup_layout(launcher_ranks_per_node=self.num_processes)
         self.model.register_comm_hook(state, gaussk_hook)  # on every device type, CPU included
         self._gaussk_state = state
         if self._gaussk_loaded is not None:
