@@ -82,11 +82,13 @@ def train_one(method: str, args: argparse.Namespace, rank: int, world: int) -> d
     ddp = DDP(model)
     state = None
     if method != "ddp":
-        selector, rho = method.split("@")
+        core, _, mode = method.partition("/")  # "gaussk@0.01/node": node mode, ranks_per_node from --ranks-per-node
+        hier = {"hierarchy": "node", "ranks_per_node": args.ranks_per_node} if mode == "node" else {"hierarchy": "flat"}
+        selector, rho = core.split("@")
         warm = steps_per_epoch * args.warmup_epochs
         state = GaussKState(
             density=float(rho), selector=selector, warmup_steps=warm,
-            warmup_density=max(float(rho), args.warmup_density) if warm else None,
+            warmup_density=max(float(rho), args.warmup_density) if warm else None, **hier,
         ).bind(ddp)  # fmt: skip
         ddp.register_comm_hook(state, gaussk_hook)
     opt = torch.optim.SGD(ddp.parameters(), lr=args.lr, momentum=0.9)
@@ -271,6 +273,7 @@ def main() -> None:
     p.add_argument("--warmup-epochs", type=int, default=1)
     p.add_argument("--warmup-density", type=float, default=0.1)
     p.add_argument("--eval-every", type=int, default=10)
+    p.add_argument("--ranks-per-node", type=int, default=2, help="L of methods 'SELECTOR@RHO/node' (node mode: hierarchy='node')")
     p.add_argument("--local", action="store_true", help="loopback processes, no namespaces, no root")
     p.add_argument("--timeout", type=float, default=900.0)
     p.add_argument("--json", default=OUT)
@@ -299,7 +302,7 @@ def main() -> None:
         args.out = os.path.abspath(args.json) + ".rank0"
         fwd = ["--methods", args.methods, "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
                "--warmup-epochs", str(args.warmup_epochs), "--warmup-density", str(args.warmup_density),
-               "--eval-every", str(args.eval_every), "--_out", args.out]  # fmt: skip
+               "--eval-every", str(args.eval_every), "--ranks-per-node", str(args.ranks_per_node), "--_out", args.out]  # fmt: skip
         if args.local:
             import torch.multiprocessing as mp
 
