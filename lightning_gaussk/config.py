@@ -34,6 +34,8 @@ __all__ = [
     "DENSE_FALLBACKS",
     "ENV_PREFIX",
     "HIERARCHIES",
+    "REMEDIES",
+    "ADAM_REMEDIES",
     "GaussKConfig",
     "bucket_k",
     "config_fields",
@@ -46,6 +48,8 @@ __all__ = [
 ENV_PREFIX = "GAUSSK_"
 DENSE_FALLBACKS = ("auto", "never")
 HIERARCHIES = ("auto", "flat", "node")
+REMEDIES = ("auto", "off")
+ADAM_REMEDIES = ("freeze", "amsgrad", "none")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 _NONE = {"", "none", "null"}
@@ -80,10 +84,30 @@ class GaussKConfig:
         "across nodes; auto: node when the job spans several nodes of several ranks"
     )
     ranks_per_node: int | None = _opt(None, "ranks per node L for node mode (None: from the launcher); must divide the world size")
+    remedies: Literal["auto", "off"] = _opt(
+        "auto", "auto: the strategy (or remedies.wrap_optimizer) adapts recognised optimizers: SGD momentum moves into "
+        "the hook (momentum_correction), Adam/AdamW get adam_remedy; off: optimizers run unchanged"
+    )
+    momentum_correction: float | None = _opt(
+        None, "DGC momentum correction: the hook keeps a velocity u = m u + g per entry, accumulates it in the residual "
+        "and zeroes it where sent (factor masking); the optimizer must then run without momentum (None: off)"
+    )
+    momentum_masking: bool = _opt(
+        True, "with momentum_correction: zero the velocity where an entry is sent (DGC's factor masking); False keeps it, "
+        "so every gradient contributes 1 / (1 - m) in total, as in dense momentum SGD"
+    )
+    adam_remedy: Literal["freeze", "amsgrad", "none"] = _opt(
+        "freeze", "Adam/AdamW under remedies='auto': freeze (second moment frozen after variance_freeze_steps, "
+        "1-bit Adam style), amsgrad (max of the second moment), none"
+    )
+    variance_freeze_steps: int | None = _opt(
+        None, "optimizer steps after which adam_remedy='freeze' freezes Adam's second moment (None: warmup_steps, or "
+        "100 without a warm-up)"
+    )
 
     def __post_init__(self) -> None:
         self._validate()
-        for name in ("density", "warmup_density", "link_gbit"):  # ints given for floats become floats
+        for name in ("density", "warmup_density", "link_gbit", "momentum_correction"):  # ints given for floats become floats
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, float(value))
@@ -136,6 +160,19 @@ class GaussKConfig:
         rpn = self.ranks_per_node
         if rpn is not None and (isinstance(rpn, bool) or not isinstance(rpn, int) or rpn < 1):
             raise ValueError(f"`ranks_per_node` must be an int >= 1 (dividing the world size) or None, got {rpn!r}")
+        if self.remedies not in REMEDIES:
+            raise ValueError(f"`remedies` must be one of {REMEDIES}, got {self.remedies!r}")
+        if self.adam_remedy not in ADAM_REMEDIES:
+            raise ValueError(f"`adam_remedy` must be one of {ADAM_REMEDIES}, got {self.adam_remedy!r}")
+        mc = self.momentum_correction
+        if mc is not None:
+            if isinstance(mc, bool) or not isinstance(mc, (int, float)) or not 0.0 <= mc < 1.0:
+                raise ValueError(f"`momentum_correction` must be a momentum factor in [0, 1) or None, got {mc!r}")
+        if not isinstance(self.momentum_masking, bool):
+            raise TypeError(f"`momentum_masking` must be a bool, got {self.momentum_masking!r}")
+        vfs = self.variance_freeze_steps
+        if vfs is not None and (isinstance(vfs, bool) or not isinstance(vfs, int) or vfs < 0):
+            raise ValueError(f"`variance_freeze_steps` must be an int >= 0 or None, got {vfs!r}")
 
     # ------------------------------------------------------------------ derived forms
     def to_dict(self) -> dict[str, Any]:
@@ -168,6 +205,12 @@ class GaussKConfig:
     def replace(self, **changes: Any) -> GaussKConfig:
         """A copy with ``changes`` applied (and validated)."""
         return dataclasses.replace(self, **changes)
+
+    def freeze_step(self) -> int:
+        """The optimizer step from which ``adam_remedy="freeze"`` keeps Adam's second moment fixed."""
+        if self.variance_freeze_steps is not None:
+            return self.variance_freeze_steps
+        return self.warmup_steps if self.warmup_steps > 0 else 100
 
     def density_at(self, step: int) -> float:
         """``density`` after warm-up; before it ``warmup_density * (density / warmup_density)^(step / warmup_steps)``."""

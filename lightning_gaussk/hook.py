@@ -116,6 +116,10 @@ class _Slot:
         self.out: Tensor | None = None  # fp32 decode buffer for non-fp32 buckets
         # the loss scale the residual is expressed in (see GaussKState.set_loss_scale)
         self.scale = torch.ones((), dtype=torch.float32, device=device)
+        # momentum correction (GaussKConfig.momentum_correction): the velocity, in the residual's
+        # loss scale, and its next value while a step is in flight (None without momentum correction)
+        self.velocity: Tensor | None = None
+        self.vel_work: Tensor | None = None
         self.k = -1
         self.msg = self.gathered = torch.empty(0, device=device)
         # The last collective's Work. Holding it means the backend thread never drops the last
@@ -192,6 +196,7 @@ class GaussKState:
         self._slots: dict[int, _Slot] = {}  # bucket index -> buffers
         self._home: dict[int, tuple[_Slot, int, int]] = {}  # id(parameter) -> (slot, offset, numel)
         self._pending: dict[str, Tensor] = {}  # loaded residuals not yet placed in a bucket
+        self._pending_velocity: dict[str, Tensor] = {}  # loaded velocities (momentum correction) not yet placed
         # cumulative counters (ints, saved in state_dict); per-step figures are differences, see
         # lightning_gaussk.telemetry. *_ns are host wall times, measured on CPU buckets only.
         self.telemetry: dict[str, int] = {
@@ -380,19 +385,26 @@ class GaussKState:
         else:
             new = _Slot(key, params, device, d)
         new.scale.fill_(self.loss_scale)
+        if self.config.momentum_correction is not None:  # the velocity lives beside the residual
+            new.velocity = torch.zeros_like(new.residual)
+            new.vel_work = torch.empty_like(new.residual)
         for p, (offset, n) in zip(params, new.places):
             home = self._home.get(id(p))
-            seg = new.residual[offset : offset + n]
-            if home is not None:
-                old, off, _ = home
-                if self._scaled:  # the new slot's residual is in the current loss scale
-                    torch.mul(old.residual[off : off + n], self.loss_scale / old.scale, out=seg)
+            for buf, pending in ((new.residual, self._pending), (new.velocity, self._pending_velocity)):
+                if buf is None:
+                    continue
+                seg = buf[offset : offset + n]
+                old_buf = None if home is None else (home[0].residual if buf is new.residual else home[0].velocity)
+                if home is not None and old_buf is not None:
+                    old, off, _ = home
+                    if self._scaled:  # the new slot's buffers are in the current loss scale
+                        torch.mul(old_buf[off : off + n], self.loss_scale / old.scale, out=seg)
+                    else:
+                        seg.copy_(old_buf[off : off + n])
                 else:
-                    seg.copy_(old.residual[off : off + n])
-            else:
-                loaded = self._pending.pop(self._names.get(id(p), ""), None)
-                if loaded is not None:  # saved unscaled
-                    torch.mul(loaded.reshape(-1), self.loss_scale, out=seg)
+                    loaded = pending.pop(self._names.get(id(p), ""), None)
+                    if loaded is not None:  # saved unscaled
+                        torch.mul(loaded.reshape(-1), self.loss_scale, out=seg)
             self._home[id(p)] = (new, offset, n)
         self._slots[index] = new
         return new
@@ -408,16 +420,27 @@ class GaussKState:
             raise RuntimeError("GaussKState: residuals of unnamed parameters; call state.bind(model) first")
         return out
 
+    def velocities(self) -> dict[str, Tensor]:
+        """This rank's momentum-correction velocity per parameter name (views into live buffers,
+        in the same layout and loss scale as :meth:`residuals`); empty without momentum correction."""
+        by_id = {pid: slot.velocity[off : off + n] for pid, (slot, off, n) in self._home.items() if slot.velocity is not None}
+        return {self._names[pid]: v for pid, v in by_id.items() if pid in self._names}
+
     # ---------------------------------------------------------------- (de)serialisation
     def state_dict(self) -> dict[str, Any]:
-        """This rank's state: config, step, counters and fp32 CPU residuals keyed by parameter name."""
+        """This rank's state: config, step, counters and fp32 CPU residuals keyed by parameter name
+        (and, with momentum correction, the velocities under ``"velocity"``, in the same layout)."""
         residuals = {n: r.detach().to("cpu", copy=True) for n, r in self.residuals().items()}
+        velocity = {n: v.detach().to("cpu", copy=True) for n, v in self.velocities().items()}
         if self._scaled:  # saved unscaled: r / S_r of its bucket
             scales = {self._names[pid]: slot.scale for pid, (slot, _, _) in self._home.items() if pid in self._names}
             residuals = {n: r.div_(scales[n].cpu()) for n, r in residuals.items()}
+            velocity = {n: v.div_(scales[n].cpu()) for n, v in velocity.items()}
         for n, r in self._pending.items():  # loaded but not yet placed: still owed to training
             residuals.setdefault(n, r.detach().to("cpu", copy=True))
-        return {
+        for n, v in self._pending_velocity.items():
+            velocity.setdefault(n, v.detach().to("cpu", copy=True))
+        out = {
             "format": STATE_FORMAT,
             "config": self.config.to_dict(),
             "layout": self.layout.to_dict(),
@@ -425,6 +448,9 @@ class GaussKState:
             "telemetry": dict(self.telemetry),
             "residuals": residuals,
         }
+        if velocity:
+            out["velocity"] = velocity
+        return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore residuals, step and counters (configuration stays as constructed).
@@ -471,6 +497,30 @@ class GaussKState:
                 if self._names and name not in by_name:
                     raise ValueError(f"GaussKState.load_state_dict: no parameter named {name!r} in the bound model")
                 self._pending[name] = tensor.detach().float().reshape(-1)
+        self._load_velocity(state_dict.get("velocity") or {}, by_name)
+
+    def _load_velocity(self, velocity: dict[str, Any], by_name: dict[str, int]) -> None:
+        """Momentum correction's velocities (saved unscaled): into live slots, else kept until the
+        parameter's bucket first runs (also when momentum correction is enabled only later, as the
+        Lightning strategy does when it adapts the optimizer). A velocity whose size does not fit
+        (a checkpoint from another layout) is dropped with a warning: it restarts from zero."""
+        for name, tensor in velocity.items():
+            if not isinstance(tensor, Tensor) or not bool(torch.isfinite(tensor).all()):
+                raise ValueError(f"GaussKState.load_state_dict: velocity {name!r} is not a finite tensor")
+            pid = by_name.get(name)
+            home = self._home.get(pid) if pid is not None else None
+            size = home[2] if home is not None else self._sizes.get(name)
+            if size is not None and tensor.numel() != size:
+                warnings.warn(
+                    f"GaussKState: saved velocity {name!r} has {tensor.numel()} entries, this rank keeps {size} "
+                    "(another layout): momentum correction's velocity restarts from zero"
+                )
+                continue
+            if home is not None and home[0].velocity is not None:
+                slot, off, n = home
+                torch.mul(tensor.reshape(-1).to(slot.velocity), slot.scale, out=slot.velocity[off : off + n])
+            else:
+                self._pending_velocity[name] = tensor.detach().float().reshape(-1)
 
 
 def gaussk_hook(state: GaussKState, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
@@ -494,23 +544,24 @@ def gaussk_hook(state: GaussKState, bucket: dist.GradBucket) -> torch.futures.Fu
     k = state.k_for(d)
     u = slot.work
     scale = slot.scale.reciprocal().mul_(state.loss_scale) if state._scaled else None  # S / S_r, on the device
+    grad = buf if slot.velocity is None else _momentum_grad(state, slot, buf, scale)  # DGC: the residual accumulates velocity
     if state.prefer_dense(d, k, world, buf.device.type):
         if state.error_feedback:
-            accumulate(slot.residual, buf, scale, out=u)  # u = grad + (S / S_r) residual, fp32
+            accumulate(slot.residual, grad, scale, out=u)  # u = grad + (S / S_r) residual, fp32
         else:
-            u.copy_(buf)
+            u.copy_(grad)
         return _dense_bucket(state, bucket, slot, buf, group, world)
     monitored = state._capture_next or state._norms_next  # _record reads the gradient: keep it
     # the result overwrites the bucket: an fp32 one can be zeroed now, while it is read anyway
-    zeroed = buf.dtype == torch.float32 and not monitored
+    zeroed = buf.dtype == torch.float32 and not monitored and grad is buf
     t1 = time.perf_counter_ns() if timed else 0
     if state.error_feedback:
         values, indices, flag = accumulate_select(
-            slot.residual, buf, u, k, state.selector, seed=state.seed + bucket.index(), step=state.step,
+            slot.residual, grad, u, k, state.selector, seed=state.seed + bucket.index(), step=state.step,
             zero_grad=zeroed, scale=scale,
         )  # u = grad + (S / S_r) residual and its top-k (fused on CPU), flag = 0 or NaN
     else:
-        u.copy_(buf)
+        u.copy_(grad)
         zeroed = False
         values, indices = select(u, k, state.selector, seed=state.seed + bucket.index(), step=state.step)
         flag = u.sum() * 0.0
@@ -557,6 +608,8 @@ def gaussk_hook(state: GaussKState, bucket: dist.GradBucket) -> torch.futures.Fu
             buf.copy_(out)
         if state.error_feedback:
             _commit_residual(state, slot, indices, flag)
+        elif slot.velocity is not None:
+            _commit_velocity(state, slot, indices, flag)
         return buf
 
     return fut.then(decode)
@@ -594,6 +647,8 @@ def _dense_bucket(
         buf.copy_(u.div_(world))
         if state.error_feedback:
             _clear_residual(state, slot, u.sum())  # one pass: NaN/inf anywhere in the averaged bucket
+        elif slot.velocity is not None:
+            _commit_velocity(state, slot, None, u.sum())
         return buf
 
     return fut.then(finish)
@@ -617,6 +672,19 @@ def _record(state: GaussKState, bucket: dist.GradBucket, slot: _Slot, buf: Tenso
         }
 
 
+def _momentum_grad(state: GaussKState, slot: _Slot, grad: Tensor, scale: Tensor | None) -> Tensor:
+    """Momentum correction (DGC): ``vel_work = m (S / S_r) velocity + grad``, what the residual
+    accumulates instead of the gradient (``u = vel_work + (S / S_r) residual``). The velocity
+    itself changes only when the step is committed (:func:`_commit_residual`)."""
+    assert slot.velocity is not None and slot.vel_work is not None
+    m = state.config.momentum_correction
+    if scale is None:
+        torch.mul(slot.velocity, m, out=slot.vel_work)
+    else:
+        torch.mul(slot.velocity, scale * m, out=slot.vel_work)
+    return slot.vel_work.add_(grad)
+
+
 def _fp32_out(slot: _Slot, d: int) -> Tensor:
     if slot.out is None:
         slot.out = torch.empty(d, dtype=torch.float32, device=slot.residual.device)
@@ -624,7 +692,10 @@ def _fp32_out(slot: _Slot, d: int) -> Tensor:
 
 
 def _commit_residual(state: GaussKState, slot: _Slot, indices: Tensor, flag: Tensor) -> None:
-    """residual := u with the sent entries zeroed, unless any rank saw a non-finite ``u``."""
+    """residual := u with the sent entries zeroed, unless any rank saw a non-finite ``u``.
+
+    With momentum correction the velocity becomes ``vel_work`` with the sent entries zeroed too
+    (DGC's momentum factor masking), under the same condition (:func:`_commit_velocity`)."""
     u = slot.work
     if u.device.type == "cpu":
         if bool(torch.isfinite(flag)):  # a host value already: no sync to avoid
@@ -641,9 +712,38 @@ def _commit_residual(state: GaussKState, slot: _Slot, indices: Tensor, flag: Ten
             torch.where(ok, state.loss_scale, slot.scale, out=slot.scale)
 
 
+    if slot.velocity is not None:
+        _commit_velocity(state, slot, indices, flag)
+
+
+def _commit_velocity(state: GaussKState, slot: _Slot, indices: Tensor | None, flag: Tensor) -> None:
+    """Momentum correction: velocity := ``vel_work`` with the sent entries zeroed (``indices``;
+    None after a dense send, or ``momentum_masking=False``: nothing masked), unless any rank saw a non-finite ``u``; the
+    velocity is then in the current loss scale, like the residual."""
+    vw = slot.vel_work
+    assert slot.velocity is not None and vw is not None
+    if vw.device.type == "cpu":
+        if bool(torch.isfinite(flag)):
+            if indices is not None and state.config.momentum_masking:
+                vw.index_fill_(0, indices, 0.0)
+            slot.velocity, slot.vel_work = vw, slot.velocity
+            slot.scale.fill_(state.loss_scale)
+        elif not state.error_feedback:  # else counted with the residual
+            state.telemetry["skipped_buckets"] += 1
+    else:
+        if indices is not None and state.config.momentum_masking:
+            vw.index_fill_(0, indices, 0.0)
+        ok = torch.isfinite(flag)
+        torch.where(ok, vw, slot.velocity, out=slot.velocity)
+        torch.where(ok, state.loss_scale, slot.scale, out=slot.scale)
+
+
 def _clear_residual(state: GaussKState, slot: _Slot, flag: Tensor) -> None:
     """After a dense send (all of ``u`` went out): residual := 0, unless ``flag`` (a sum over
-    what every rank sent) is non-finite, when the step is skipped and the residual kept."""
+    what every rank sent) is non-finite, when the step is skipped and the residual kept.
+
+    With momentum correction the velocity becomes ``vel_work`` unmasked: a bucket sent dense is
+    momentum SGD exactly (masking every entry would drop momentum altogether)."""
     ok = torch.isfinite(flag)
     if slot.residual.device.type == "cpu":
         if bool(ok):
@@ -652,3 +752,5 @@ def _clear_residual(state: GaussKState, slot: _Slot, flag: Tensor) -> None:
             state.telemetry["skipped_buckets"] += 1
     else:
         torch.where(ok, 0.0, slot.residual, out=slot.residual)  # no host sync
+    if slot.velocity is not None:
+        _commit_velocity(state, slot, None, flag)

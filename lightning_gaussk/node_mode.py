@@ -43,7 +43,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_gaussk.hook import _TELEMETRY_LOCK, _clear_residual, _commit_residual, _end_bucket, _Pending, _Slot
+from lightning_gaussk.hook import _TELEMETRY_LOCK, _clear_residual, _commit_residual, _commit_velocity, _end_bucket, _momentum_grad, _Pending, _Slot
 from lightning_gaussk.selectors import _accumulate as accumulate
 from lightning_gaussk.selectors import accumulate_select, select
 from lightning_gaussk.topology import Layout
@@ -134,8 +134,9 @@ def node_hook(state: GaussKState, bucket: dist.GradBucket) -> torch.futures.Futu
     u = slot.work
     dense = state.prefer_dense(s, k, nodes, buf.device.type)
     indices: Tensor | None = None
+    grad = shard if slot.velocity is None else _momentum_grad(state, slot, shard, scale)  # DGC: velocity of the shard
     if dense:
-        accumulate(slot.residual, shard, scale, out=u) if state.error_feedback else u.copy_(shard)
+        accumulate(slot.residual, grad, scale, out=u) if state.error_feedback else u.copy_(grad)
         t2 = clock()
         dist.all_reduce(u, group=state._inter, async_op=True).wait()  # 4 (dense)
         t3 = clock()
@@ -145,11 +146,13 @@ def node_hook(state: GaussKState, bucket: dist.GradBucket) -> torch.futures.Futu
     else:
         if state.error_feedback:
             values, indices, flag = accumulate_select(
-                slot.residual, shard, u, k, state.selector, seed=state.seed + bucket.index(), step=state.step,
-                zero_grad=True, scale=scale,
+                slot.residual, grad, u, k, state.selector, seed=state.seed + bucket.index(), step=state.step,
+                zero_grad=grad is shard, scale=scale,
             )  # u = shard + (S / S_r) residual, its top-k; shard zeroed while read (it is the decode target)
+            if grad is not shard:  # momentum correction read the velocity: zero the decode target here
+                shard.zero_()
         else:
-            u.copy_(shard)
+            u.copy_(grad)
             values, indices = select(u, k, state.selector, seed=state.seed + bucket.index(), step=state.step)
             flag = u.sum() * 0.0
             shard.zero_()
@@ -208,6 +211,8 @@ def node_hook(state: GaussKState, bucket: dist.GradBucket) -> torch.futures.Futu
                 _clear_residual(state, slot, flag_all)
             else:
                 _commit_residual(state, slot, indices, flag_all)
+        elif slot.velocity is not None:
+            _commit_velocity(state, slot, indices, flag_all)
         return buf
 
     return fut.then(finish)

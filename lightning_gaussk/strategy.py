@@ -90,6 +90,7 @@ class GaussKDDPStrategy(DDPStrategy):
         ranks_per_node: int | None = None,
         remedies: Literal["auto", "off"] = "auto",
         momentum_correction: float | None = None,
+        momentum_masking: bool = True,
         adam_remedy: Literal["freeze", "amsgrad", "none"] = "freeze",
         variance_freeze_steps: int | None = None,
         find_unused_parameters: bool = False,

@@ -32,6 +32,11 @@ CHANGED = {
     "link_gbit": 2.5,
     "hierarchy": "flat",
     "ranks_per_node": 2,
+    "remedies": "off",
+    "momentum_correction": 0.9,
+    "momentum_masking": False,
+    "adam_remedy": "amsgrad",
+    "variance_freeze_steps": 50,
 }
 # the same, as environment variable text
 AS_TEXT = {"error_feedback": "off"}
