@@ -19,6 +19,7 @@ MODULES = [
     "lightning_gaussk.distribution_plots",
     "lightning_gaussk.telemetry",
     "lightning_gaussk.accelerate",
+    "lightning_gaussk.remedies",
     "lightning_gaussk.costmodel",
 ]
 OUT = Path(__file__).with_name("api.md")

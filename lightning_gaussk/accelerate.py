@@ -255,7 +255,20 @@ def register_gaussk(accelerator: Accelerator, model: nn.Module, **config: Any) -
     _attach_checkpointing(accelerator, state)
     _attach_step_counter(accelerator, ddp, state)
     _attach_loss_scale(accelerator, model, state)
+    _adapt_optimizers(accelerator, ddp, state)
     return state
+
+
+def _adapt_optimizers(accelerator: Accelerator, ddp: DistributedDataParallel, state: GaussKState) -> None:
+    """``remedies="auto"``: adapt every prepared optimizer that holds this model's parameters
+    (:func:`lightning_gaussk.remedies.wrap_optimizer`; an optimizer created after
+    ``register_gaussk`` needs ``wrap_optimizer(optimizer, state)`` by hand)."""
+    from lightning_gaussk.remedies import wrap_optimizer
+
+    params = {id(p) for p in ddp.parameters()}
+    for opt in accelerator._optimizers:
+        if any(id(p) in params for group in opt.param_groups for p in group["params"]):
+            wrap_optimizer(opt, state)
 
 
 def _attach_loss_scale(accelerator: Accelerator, model: nn.Module, state: GaussKState) -> None:

@@ -48,7 +48,7 @@ __all__ = [
 ENV_PREFIX = "GAUSSK_"
 DENSE_FALLBACKS = ("auto", "never")
 HIERARCHIES = ("auto", "flat", "node")
-REMEDIES = ("auto", "off")
+REMEDIES = ("auto", "none")
 ADAM_REMEDIES = ("freeze", "amsgrad", "none")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -84,9 +84,9 @@ class GaussKConfig:
         "across nodes; auto: node when the job spans several nodes of several ranks"
     )
     ranks_per_node: int | None = _opt(None, "ranks per node L for node mode (None: from the launcher); must divide the world size")
-    remedies: Literal["auto", "off"] = _opt(
+    remedies: Literal["auto", "none"] = _opt(
         "auto", "auto: the strategy (or remedies.wrap_optimizer) adapts recognised optimizers: SGD momentum moves into "
-        "the hook (momentum_correction), Adam/AdamW get adam_remedy; off: optimizers run unchanged"
+        "the hook (momentum_correction), Adam/AdamW get adam_remedy; none: optimizers run unchanged"
     )
     momentum_correction: float | None = _opt(
         None, "DGC momentum correction: the hook keeps a velocity u = m u + g per entry, accumulates it in the residual "
@@ -102,7 +102,7 @@ class GaussKConfig:
     )
     variance_freeze_steps: int | None = _opt(
         None, "optimizer steps after which adam_remedy='freeze' freezes Adam's second moment (None: warmup_steps, or "
-        "100 without a warm-up)"
+        "100 with a density warm-up from 1.0 added over them when there is none)"
     )
 
     def __post_init__(self) -> None:

@@ -62,10 +62,12 @@ def wrap_optimizer(optimizer: Any, state: Any, *, log: bool = True) -> Any:
       Nesterov, no dampening): the hook gets ``momentum_correction = m`` and the optimizer
       ``momentum = 0``. Loading an optimizer ``state_dict`` saved with momentum keeps it at 0.
     - ``torch.optim.Adam`` / ``AdamW``: ``adam_remedy`` (``"freeze"``: second moment frozen from
-      step ``variance_freeze_steps``; ``"amsgrad"``: ``amsgrad=True``; ``"none"``).
+      step ``variance_freeze_steps``, and with neither it nor a warm-up given, the hook gets a
+      density warm-up from 1.0 over those 100 steps, so the frozen moment is learnt from dense
+      gradients; ``"amsgrad"``: ``amsgrad=True``; ``"none"``).
     - anything else: unchanged; an adaptive optimizer at a density below 0.01 gets a warning.
 
-    ``remedies="off"`` changes nothing. A second call on the same optimizer changes nothing.
+    ``remedies="none"`` changes nothing. A second call on the same optimizer changes nothing.
     Raises ``ValueError`` where a remedy cannot apply cleanly (groups with different momenta,
     Nesterov or dampening under ``remedies="auto"``, or momentum both in the hook and in the
     optimizer).
@@ -82,14 +84,14 @@ def wrap_optimizer(optimizer: Any, state: Any, *, log: bool = True) -> Any:
             f"momentum {sorted(momenta)}: it would be applied twice. Set the optimizer's momentum to 0, or leave "
             "momentum_correction None with remedies='auto' (the strategy then moves it for you)."
         )
-    if cfg.remedies == "off":
+    if cfg.remedies == "none":
         _mark(opt, "off")
         return optimizer
     what = "none"
     if type(opt) is torch.optim.SGD and any(m > 0 for m in momenta):
         what = _adapt_sgd(opt, state, momenta)
     elif type(opt) in (torch.optim.Adam, torch.optim.AdamW):
-        what = _adapt_adam(opt, cfg)
+        what = _adapt_adam(opt, state)
     elif _is_adaptive(opt) and _min_density(cfg) < RISKY_DENSITY:
         rank_zero_warn(
             f"GaussK: {name} is an adaptive optimizer this library does not adapt, at density {cfg.density} < "
@@ -115,14 +117,14 @@ def _adapt_sgd(opt: torch.optim.SGD, state: Any, momenta: set[float]) -> str:
     if len(momenta) != 1:
         raise ValueError(
             f"GaussK: SGD parameter groups have different momenta {sorted(momenta)}; momentum correction keeps one factor "
-            "per hook. Use one momentum for all groups, or remedies='off'."
+            "per hook. Use one momentum for all groups, or remedies='none'."
         )
     (m,) = momenta
     for g in opt.param_groups:
         if g.get("nesterov") or float(g.get("dampening", 0.0) or 0.0) != 0.0:
             raise ValueError(
                 f"GaussK: SGD with nesterov={g.get('nesterov')} / dampening={g.get('dampening')}: momentum correction "
-                "implements heavy-ball momentum only. Use nesterov=False, dampening=0, or remedies='off'."
+                "implements heavy-ball momentum only. Use nesterov=False, dampening=0, or remedies='none'."
             )
     state.config = state.config.replace(momentum_correction=m)
     _zero_momentum(opt)
@@ -142,7 +144,8 @@ def _zero_momentum(opt: torch.optim.Optimizer) -> None:
 
 
 # ------------------------------------------------------------------------------------ Adam
-def _adapt_adam(opt: torch.optim.Optimizer, cfg: Any) -> str:
+def _adapt_adam(opt: torch.optim.Optimizer, state: Any) -> str:
+    cfg = state.config
     if cfg.adam_remedy == "none":
         return "none (adam_remedy='none')"
     if any(g.get("fused") or g.get("capturable") or g.get("differentiable") for g in opt.param_groups):
@@ -153,6 +156,12 @@ def _adapt_adam(opt: torch.optim.Optimizer, cfg: Any) -> str:
         opt.register_load_state_dict_post_hook(_set_amsgrad)
         return "AMSGrad (max of the second moment)"
     freeze = cfg.freeze_step()
+    warm = ""
+    if cfg.variance_freeze_steps is None and cfg.warmup_steps == 0:
+        # measured: a second moment frozen after sparse steps diverges (coordinates that were never
+        # sent have v ~ 0); it must be learnt from (nearly) dense gradients: a warm-up from density 1
+        state.config = cfg.replace(warmup_steps=freeze, warmup_density=1.0)
+        warm = f", after a density warm-up from 1.0 over {freeze} steps"
     original = opt.step
 
     def step(self: Any, closure: Any = None) -> Any:
@@ -166,7 +175,7 @@ def _adapt_adam(opt: torch.optim.Optimizer, cfg: Any) -> str:
         return loss
 
     opt.step = types.MethodType(step, opt)  # type: ignore[method-assign]
-    return f"second moment frozen from step {freeze} (1-bit Adam style)"
+    return f"second moment frozen from step {freeze} (1-bit Adam style){warm}"
 
 
 def _set_amsgrad(opt: Any) -> None:

@@ -88,7 +88,7 @@ class GaussKDDPStrategy(DDPStrategy):
         link_gbit: float | None = None,
         hierarchy: Literal["auto", "flat", "node"] = "auto",
         ranks_per_node: int | None = None,
-        remedies: Literal["auto", "off"] = "auto",
+        remedies: Literal["auto", "none"] = "auto",
         momentum_correction: float | None = None,
         momentum_masking: bool = True,
         adam_remedy: Literal["freeze", "amsgrad", "none"] = "freeze",
@@ -180,7 +180,7 @@ class GaussKDDPStrategy(DDPStrategy):
 
         for optimizer in self.optimizers:
             wrap_optimizer(optimizer, state)
-        self._gaussk_config = state.config  # with the momentum the hook took over (saved with the state)
+        self._gaussk_config = state.config  # with what the remedies changed (momentum, warm-up)
 
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:

@@ -32,7 +32,7 @@ CHANGED = {
     "link_gbit": 2.5,
     "hierarchy": "flat",
     "ranks_per_node": 2,
-    "remedies": "off",
+    "remedies": "none",
     "momentum_correction": 0.9,
     "momentum_masking": False,
     "adam_remedy": "amsgrad",

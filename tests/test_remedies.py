@@ -277,9 +277,9 @@ def test_momentum_in_the_hook_and_in_the_optimizer_is_refused():
         wrap_optimizer(opt, GaussKState(density=0.01, momentum_correction=0.9), log=False)
 
 
-def test_remedies_off_changes_nothing_and_unknown_adaptive_optimizers_are_warned_about():
+def test_remedies_none_changes_nothing_and_unknown_adaptive_optimizers_are_warned_about():
     opt = torch.optim.SGD(nn.Linear(4, 3).parameters(), lr=0.1, momentum=0.9)
-    state = GaussKState(density=0.001, remedies="off")
+    state = GaussKState(density=0.001, remedies="none")
     wrap_optimizer(opt, state, log=False)
     assert opt.param_groups[0]["momentum"] == 0.9 and state.config.momentum_correction is None
     with pytest.warns(UserWarning, match="adaptive optimizer"):
@@ -315,3 +315,17 @@ def test_lightning_strategy_adapts_sgd_momentum_and_logs_it(caplog):
     assert strategy.gaussk_config.momentum_correction == 0.9
     assert trainer.optimizers[0].param_groups[0]["momentum"] == 0.0
     assert "momentum correction in the hook (m=0.9)" in describe(trainer.optimizers[0])
+
+
+def test_adam_freeze_without_settings_adds_a_dense_warm_up_and_explicit_settings_are_kept():
+    state = GaussKState(density=0.01)
+    opt = torch.optim.AdamW(nn.Linear(4, 3).parameters())
+    wrap_optimizer(opt, state, log=False)
+    assert (state.config.warmup_steps, state.config.warmup_density) == (100, 1.0)
+    assert "warm-up from 1.0 over 100 steps" in describe(opt)
+    state = GaussKState(density=0.01, variance_freeze_steps=50)
+    wrap_optimizer(torch.optim.Adam(nn.Linear(4, 3).parameters()), state, log=False)
+    assert state.config.warmup_steps == 0
+    state = GaussKState(density=0.01, warmup_steps=30, warmup_density=0.5)
+    opt = wrap_optimizer(torch.optim.Adam(nn.Linear(4, 3).parameters()), state, log=False)
+    assert (state.config.warmup_steps, state.config.warmup_density) == (30, 0.5) and "from step 30" in describe(opt)
