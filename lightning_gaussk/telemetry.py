@@ -36,11 +36,17 @@ FIGURES = (
     "hook_calls",
     "skipped_buckets",
     "residual_ratio",
+    "bytes_intra",
+    "bytes_inter",
+    "intra_ms",
+    "inter_ms",
+    "decode_ms",
 )
 _DEFAULT_PROG_BAR = ("density", "compression", "select_ms")
 
 
-def telemetry_figures(before: Mapping[str, int], after: Mapping[str, int], world_size: int) -> dict[str, float]:
+def telemetry_figures(before: Mapping[str, int], after: Mapping[str, int], world_size: int,
+                      nodes: int | None = None) -> dict[str, float]:  # fmt: skip
     """Figures of the steps between two readings of ``GaussKState.telemetry``.
 
     - ``bytes_sent``: bytes this rank contributed to the all-gather (``(2k + 1) * 4`` per bucket);
@@ -55,6 +61,12 @@ def telemetry_figures(before: Mapping[str, int], after: Mapping[str, int], world
       rank included), and in the hook body;
     - ``hook_calls``, ``skipped_buckets``: buckets compressed, and buckets whose residual update
       was skipped for a non-finite ``u``.
+
+    Node mode (``nodes`` = N given, the hook counted intra-node bytes): ``bytes_intra`` and
+    ``bytes_inter`` (this rank's bytes inside its node and to other nodes, ``= bytes_sent``),
+    ``intra_ms``, ``inter_ms``, ``decode_ms`` (CPU buckets); ``traffic_vs_allreduce`` then counts
+    the ``N - 1`` messages a rank receives from other nodes, ``(N - 1) * bytes_sent``, over the
+    ring all-reduce's ``2 (W - 1) / W * bytes_dense``.
     Empty when the hook did not run in between.
     """
     diff = {key: int(after.get(key, 0)) - int(before.get(key, 0)) for key in after}
@@ -64,14 +76,22 @@ def telemetry_figures(before: Mapping[str, int], after: Mapping[str, int], world
     sent, dense = diff.get("bytes_sent", 0), diff.get("bytes_dense", 0)
     out: dict[str, float] = {"bytes_sent": float(sent), "bytes_dense": float(dense)}
     out["compression"] = dense / sent if sent > 0 else math.inf
+    node_mode = nodes is not None and diff.get("bytes_intra", 0) > 0
+    peers = nodes if node_mode and nodes is not None else world_size
     if world_size > 1 and dense > 0:
-        out["traffic_vs_allreduce"] = ((world_size - 1) * sent) / (2 * (world_size - 1) / world_size * dense)
+        out["traffic_vs_allreduce"] = ((peers - 1) * sent) / (2 * (world_size - 1) / world_size * dense)
     if diff.get("entries_total", 0) > 0:
         out["density"] = diff["entries_sent"] / diff["entries_total"]
     if diff.get("hook_ns", 0) > 0:  # timed (CPU buckets)
         out["select_ms"] = diff.get("select_ns", 0) / 1e6
         out["comm_ms"] = diff.get("comm_ns", 0) / 1e6
         out["hook_ms"] = diff["hook_ns"] / 1e6
+    if node_mode:
+        out["bytes_intra"] = float(diff["bytes_intra"])
+        out["bytes_inter"] = float(diff.get("bytes_inter", 0))
+        if diff.get("hook_ns", 0) > 0:
+            for key in ("intra", "inter", "decode"):
+                out[f"{key}_ms"] = diff.get(f"{key}_ns", 0) / 1e6
     out["hook_calls"] = float(calls)
     out["skipped_buckets"] = float(diff.get("skipped_buckets", 0))
     return out
@@ -148,7 +168,7 @@ class GaussKTelemetry(Callback):
             return
         state = self._state(trainer)
         now = dict(state.telemetry)
-        figures = telemetry_figures(self._before, now, trainer.world_size)
+        figures = telemetry_figures(self._before, now, trainer.world_size, nodes=state.layout.nodes)
         self._before = now
         if not figures:
             return

@@ -185,6 +185,19 @@ def test_telemetry_figures_are_differences_of_the_counters():
     assert telemetry_figures(after, after, 4) == {}  # the hook did not run
     assert "select_ms" not in telemetry_figures(before, dict(after, select_ns=0, comm_ns=0, hook_ns=0), 4)  # untimed (GPU)
     assert "traffic_vs_allreduce" not in telemetry_figures(before, after, 1)
+    assert "bytes_intra" not in f  # flat mode
+
+
+def test_telemetry_figures_in_node_mode_count_intra_and_inter_node_traffic():
+    before = {"hook_calls": 0, "bytes_sent": 0, "bytes_dense": 0, "entries_sent": 0, "entries_total": 0,
+              "bytes_intra": 0, "bytes_inter": 0, "intra_ns": 0, "inter_ns": 0, "decode_ns": 0, "hook_ns": 0}  # fmt: skip
+    after = {"hook_calls": 2, "bytes_sent": 100, "bytes_dense": 4000, "entries_sent": 20, "entries_total": 1000,
+             "bytes_intra": 6000, "bytes_inter": 100, "intra_ns": 3_000_000, "inter_ns": 2_000_000,
+             "decode_ns": 500_000, "hook_ns": 6_000_000}  # fmt: skip
+    f = telemetry_figures(before, after, world_size=8, nodes=2)  # 2 nodes x 4 ranks
+    assert f["bytes_intra"] == 6000 and f["bytes_inter"] == 100
+    assert (f["intra_ms"], f["inter_ms"], f["decode_ms"]) == (3.0, 2.0, 0.5)
+    assert f["traffic_vs_allreduce"] == (2 - 1) * 100 / (2 * 7 / 8 * 4000)  # one other node's message, not W - 1
 
 
 def _fake_trainer(step: int, state: GaussKState | None, rank: int = 0) -> SimpleNamespace:
