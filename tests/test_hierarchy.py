@@ -247,13 +247,22 @@ def _telemetry(rank: int, world: int) -> None:
     flat_model, node_model = Net(), Net()
     node_model.load_state_dict(flat_model.state_dict())
     stats = {}
-    for tag, model, kw in (("flat", flat_model, {"hierarchy": "flat"}), ("node", node_model, NODE)):
+    for tag, model, kw, density in (
+        ("flat", flat_model, {"hierarchy": "flat"}, 0.05),
+        ("node", node_model, NODE, 0.05),
+        # the byte rule counts the N = 2 nodes, not the W = 4 ranks: at density 0.3 one bucket of
+        # d = 1843 goes dense in flat mode (4 (2k + 1) >= 2d) but not in node mode (2 (2k_s + 1) < 2s)
+        ("flat_dense", copy.deepcopy(flat_model), {"hierarchy": "flat"}, 0.3),
+        ("node_sparse", copy.deepcopy(node_model), NODE, 0.3),
+    ):
         ddp = DDP(model)
-        state = GaussKState(density=0.05, **kw).bind(ddp)
+        state = GaussKState(density=density, **kw).bind(ddp)
         ddp.register_comm_hook(state, gaussk_hook)
         for step in range(3):
             ddp(batch(step, rank)).pow(2).mean().backward()
         stats[tag] = dict(state.telemetry)
+    assert stats["flat_dense"]["dense_buckets"] == stats["flat_dense"]["hook_calls"] > 0
+    assert stats["node_sparse"]["dense_buckets"] == 0 < stats["node_sparse"]["hook_calls"]
     d = sum(p.numel() for p in flat_model.parameters())
     flat, node = stats["flat"], stats["node"]
     assert flat["bytes_intra"] == flat["bytes_inter"] == 0
