@@ -135,28 +135,13 @@ def markdown_costmodel(results: list[dict[str, Any]], plot_path: str | None) -> 
                             best = w
                     cells.append("never" if best == 1 else ("> 4096" if best == 4096 else str(best)))
                 lines.append(f"| {label} | {rho} | " + " | ".join(cells) + " |")
-        # hierarchical example
-        intra = cm.Link(alpha=5e-6, bandwidth=150e9)
         lines += [
             "",
-            "Multi-GPU nodes (GPU preset, 8 GPUs per node, intra-node 150 GB/s and 5 us; inter-node link per node; "
-            "one 16.8M-entry bucket, density 0.001): predicted ms per bucket for flat dense ring all-reduce over all "
-            "GPUs (bottleneck: the node's NIC), flat sparse all-gather (the NIC carries the node's 8 messages), and "
-            "hierarchical (dense reduce-scatter in the node, sparse all-gather of each GPU's shard across nodes, dense "
-            "all-gather in the node):",
-            "",
-            "| nodes x 8 GPUs | inter-node | flat dense | flat sparse | hierarchical |",
-            "|---|---|---|---|---|",
+            "Multi-GPU nodes (dense inside a node, sparse between nodes: `hierarchical_bucket_time`, node mode of the "
+            "hook): see \"Scale-out\" below (`benchmarks/scaleout.py`): the model's table for nodes of 8 GPUs "
+            "(2 to 512 nodes, 10/25/100 Gbit/s, NVLink-class links inside), and node mode measured on emulated "
+            "nodes of 2 ranks with every stage against the model.",
         ]
-        for nodes in (2, 16, 128):
-            for g in (25, 100):
-                inter = cm.Link.from_gbit(g, latency_us=10.0)
-                p_all = nodes * 8
-                flat_dense = cm.dense_bucket_time(d_big, p_all, inter, gpu)
-                shared = cm.Link(inter.alpha, inter.bandwidth / 8)
-                flat_sparse = cm.sparse_bucket_time(d_big, math.ceil(0.001 * d_big), p_all, shared, gpu)
-                hier = cm.hierarchical_bucket_time(d_big, 0.001, nodes, 8, intra, inter, gpu)
-                lines.append(f"| {nodes} x 8 | {g} Gbit/s | {flat_dense * 1e3:.1f} | {flat_sparse * 1e3:.1f} | {hier * 1e3:.1f} |")
     if plot_path:
         lines += ["", f"![cost model]({os.path.relpath(plot_path, os.path.dirname(throughput.DOCS))})"]
     lines += [
