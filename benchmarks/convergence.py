@@ -192,6 +192,8 @@ def train_one(rank: int, world: int, family: str, method: str, seed: int, task: 
         opts["remedies"] = "none" if remedy == "off" else "auto"
         if remedy in ("freeze", "warm+freeze"):
             opts.update(adam_remedy="freeze", variance_freeze_steps=FREEZE)
+        if remedy.startswith("mc"):
+            opts["remedies"] = "all"
         if remedy == "mc-nomask":
             opts["momentum_masking"] = False
         if remedy == "amsgrad":

@@ -48,7 +48,7 @@ __all__ = [
 ENV_PREFIX = "GAUSSK_"
 DENSE_FALLBACKS = ("auto", "never")
 HIERARCHIES = ("auto", "flat", "node")
-REMEDIES = ("auto", "none")
+REMEDIES = ("auto", "all", "none")
 ADAM_REMEDIES = ("freeze", "amsgrad", "none")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -84,9 +84,10 @@ class GaussKConfig:
         "across nodes; auto: node when the job spans several nodes of several ranks"
     )
     ranks_per_node: int | None = _opt(None, "ranks per node L for node mode (None: from the launcher); must divide the world size")
-    remedies: Literal["auto", "none"] = _opt(
-        "auto", "auto: the strategy (or remedies.wrap_optimizer) adapts recognised optimizers: SGD momentum moves into "
-        "the hook (momentum_correction), Adam/AdamW get adam_remedy; none: optimizers run unchanged"
+    remedies: Literal["auto", "all", "none"] = _opt(
+        "auto", "auto: the strategy (or remedies.wrap_optimizer) adapts recognised optimizers: Adam/AdamW get "
+        "adam_remedy; all: also SGD momentum moves into the hook (momentum_correction; measured mixed, docs/convergence.md); "
+        "none: optimizers run unchanged"
     )
     momentum_correction: float | None = _opt(
         None, "DGC momentum correction: the hook keeps a velocity u = m u + g per entry, accumulates it in the residual "

@@ -58,7 +58,7 @@ def wrap_optimizer(optimizer: Any, state: Any, *, log: bool = True) -> Any:
     """Adapt ``optimizer`` to the hook state ``state`` (a :class:`~lightning_gaussk.GaussKState`)
     by ``state.config.remedies`` and return it (the same object, changed in place).
 
-    - ``torch.optim.SGD`` with ``momentum = m > 0`` (the same in every parameter group, no
+    - ``torch.optim.SGD`` with ``momentum = m > 0``, only under ``remedies="all"`` (the same in every parameter group, no
       Nesterov, no dampening): the hook gets ``momentum_correction = m`` and the optimizer
       ``momentum = 0``. Loading an optimizer ``state_dict`` saved with momentum keeps it at 0.
     - ``torch.optim.Adam`` / ``AdamW``: ``adam_remedy`` (``"freeze"``: second moment frozen from
@@ -89,7 +89,10 @@ def wrap_optimizer(optimizer: Any, state: Any, *, log: bool = True) -> Any:
         return optimizer
     what = "none"
     if type(opt) is torch.optim.SGD and any(m > 0 for m in momenta):
-        what = _adapt_sgd(opt, state, momenta)
+        if cfg.remedies == "all":
+            what = _adapt_sgd(opt, state, momenta)
+        else:  # measured: momentum correction lost to plain error feedback at density 0.01 (docs/convergence.md)
+            what = "none (SGD momentum stays in the optimizer; remedies='all' moves it into the hook)"
     elif type(opt) in (torch.optim.Adam, torch.optim.AdamW):
         what = _adapt_adam(opt, state)
     elif _is_adaptive(opt) and _min_density(cfg) < RISKY_DENSITY:

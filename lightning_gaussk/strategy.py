@@ -88,7 +88,7 @@ class GaussKDDPStrategy(DDPStrategy):
         link_gbit: float | None = None,
         hierarchy: Literal["auto", "flat", "node"] = "auto",
         ranks_per_node: int | None = None,
-        remedies: Literal["auto", "none"] = "auto",
+        remedies: Literal["auto", "all", "none"] = "auto",
         momentum_correction: float | None = None,
         momentum_masking: bool = True,
         adam_remedy: Literal["freeze", "amsgrad", "none"] = "freeze",

@@ -246,7 +246,7 @@ def test_sgd_momentum_moves_into_the_hook_once_and_stays_out_of_the_optimizer():
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     _adam_step(model, opt, 0)  # a momentum buffer exists
     sd = copy.deepcopy(opt.state_dict())
-    state = GaussKState(density=0.01)
+    state = GaussKState(density=0.01, remedies="all")
     assert wrap_optimizer(opt, state, log=False) is opt
     assert state.config.momentum_correction == 0.9
     assert all(g["momentum"] == 0.0 for g in opt.param_groups)
@@ -268,7 +268,7 @@ def test_sgd_momentum_moves_into_the_hook_once_and_stays_out_of_the_optimizer():
 def test_sgd_adaptations_that_cannot_apply_are_refused_clearly(make, match):
     opt = make(list(nn.Linear(4, 3).parameters()))
     with pytest.raises(ValueError, match=match):
-        wrap_optimizer(opt, GaussKState(density=0.01), log=False)
+        wrap_optimizer(opt, GaussKState(density=0.01, remedies="all"), log=False)
 
 
 def test_momentum_in_the_hook_and_in_the_optimizer_is_refused():
@@ -280,6 +280,10 @@ def test_momentum_in_the_hook_and_in_the_optimizer_is_refused():
 def test_remedies_none_changes_nothing_and_unknown_adaptive_optimizers_are_warned_about():
     opt = torch.optim.SGD(nn.Linear(4, 3).parameters(), lr=0.1, momentum=0.9)
     state = GaussKState(density=0.001, remedies="none")
+    wrap_optimizer(opt, state, log=False)
+    assert opt.param_groups[0]["momentum"] == 0.9 and state.config.momentum_correction is None
+    opt = torch.optim.SGD(nn.Linear(4, 3).parameters(), lr=0.1, momentum=0.9)
+    state = GaussKState(density=0.001)  # "auto": SGD stays as it is (measured mixed)
     wrap_optimizer(opt, state, log=False)
     assert opt.param_groups[0]["momentum"] == 0.9 and state.config.momentum_correction is None
     with pytest.warns(UserWarning, match="adaptive optimizer"):
@@ -306,7 +310,7 @@ def test_lightning_strategy_adapts_sgd_momentum_and_logs_it(caplog):
             return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
 
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 4)), batch_size=2)
-    strategy = GaussKDDPStrategy(density=0.5, process_group_backend="gloo")
+    strategy = GaussKDDPStrategy(density=0.5, remedies="all", process_group_backend="gloo")
     trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=1, max_steps=3, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
     with caplog.at_level("INFO"):
