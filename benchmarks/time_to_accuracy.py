@@ -74,10 +74,10 @@ def train_one(method: str, args: argparse.Namespace, rank: int, world: int) -> d
 
     xtr, ytr, xte, yte = digits()
     train = TensorDataset(xtr, ytr)
-    sampler = DistributedSampler(train, num_replicas=world, rank=rank, shuffle=True, seed=0)
+    sampler = DistributedSampler(train, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
     loader = DataLoader(train, batch_size=args.batch_size, sampler=sampler, drop_last=True)
     steps_per_epoch = len(loader)
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     model = make_model()
     ddp = DDP(model)
     state = None
@@ -158,7 +158,7 @@ def worker(args: argparse.Namespace) -> None:
         with open(args.out, "w") as f:
             json.dump({"world": world, "rate": os.environ.get("GK_LINK_RATE", "loopback"), "runs": runs, "config": {
                 "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "warmup_epochs": args.warmup_epochs,
-                "warmup_density": args.warmup_density, "eval_every": args.eval_every}}, f)  # fmt: skip
+                "warmup_density": args.warmup_density, "eval_every": args.eval_every, "seed": args.seed}}, f)  # fmt: skip
     dist.destroy_process_group()
 
 
@@ -273,6 +273,7 @@ def main() -> None:
     p.add_argument("--warmup-epochs", type=int, default=1)
     p.add_argument("--warmup-density", type=float, default=0.1)
     p.add_argument("--eval-every", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0, help="initial weights and the sampler's shuffling (the test split is fixed)")
     p.add_argument("--ranks-per-node", type=int, default=2, help="L of methods 'SELECTOR@RHO/node' (node mode: hierarchy='node')")
     p.add_argument("--local", action="store_true", help="loopback processes, no namespaces, no root")
     p.add_argument("--timeout", type=float, default=900.0)
@@ -302,7 +303,8 @@ def main() -> None:
         args.out = os.path.abspath(args.json) + ".rank0"
         fwd = ["--methods", args.methods, "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
                "--warmup-epochs", str(args.warmup_epochs), "--warmup-density", str(args.warmup_density),
-               "--eval-every", str(args.eval_every), "--ranks-per-node", str(args.ranks_per_node), "--_out", args.out]  # fmt: skip
+               "--eval-every", str(args.eval_every), "--ranks-per-node", str(args.ranks_per_node), "--seed", str(args.seed),
+               "--_out", args.out]  # fmt: skip
         if args.local:
             import torch.multiprocessing as mp
 
