@@ -48,7 +48,7 @@ def _check_node_mode(records: list[dict], steps: int, loss_falls: bool = True) -
         assert tel["bytes_inter"] == tel["bytes_sent"] > 0 and tel["bytes_intra"] > 0
         losses = rec["losses"]
         head, tail = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
-        assert not loss_falls or tail < 0.5 * head, (rank, losses)
+        assert not loss_falls or tail < 0.5 * head, (rank, " ".join(f"{x:.3f}" for x in losses))
     for a in records[1:]:  # every rank holds the same averaged model
         for n, p in a["params"].items():
             torch.testing.assert_close(p, records[0]["params"][n], rtol=0, atol=0)
@@ -88,7 +88,10 @@ def test_lightning_two_nodes_in_two_namespaces_choose_node_mode_and_train(tmp_pa
     out = tmp_path / "out"
     steps = 30
     argv = [str(SCRIPT), "--out", str(out), "--devices", str(DEVICES), "--num-nodes", str(NODES),
-            "--strategy", "gaussk_ddp", "--density", "0.05", "--max-steps", str(steps)]  # fmt: skip
+            "--strategy", "gaussk_ddp", "--density", "0.05", "--max-steps", str(steps),
+            # plain SGD: with momentum 0.9 this 30-step toy oscillates under sparsification in flat
+            # mode as much as in node mode (the momentum problem of docs/convergence.md)
+            "--momentum", "0.0", "--lr", "0.1"]  # fmt: skip
     spec = cluster.ClusterSpec(world=NODES, link=cluster.LinkSpec("1gbit"), ranks_per_host=DEVICES)
     with cluster.EmulatedCluster(spec, log_dir=str(tmp_path / "logs")) as c:
         # one launch per node, inside its namespace: NODE_RANK, MASTER_ADDR = node 0's veth address,

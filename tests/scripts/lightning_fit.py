@@ -235,7 +235,8 @@ def make_strategy(spec: dict):
         return DDPStrategy(start_method=launcher, **timeout)
     if name == "gaussk" or spec.get("density") is not None:  # the class form, with explicit arguments
         return lightning_gaussk.GaussKDDPStrategy(
-            density=spec.get("density", 0.05), selector=spec.get("selector", "gaussk"), start_method=launcher, **timeout
+            density=spec.get("density", 0.05), selector=spec.get("selector", "gaussk"), start_method=launcher,
+            hierarchy=spec.get("hierarchy", "auto"), remedies=spec.get("remedies", "auto"), **timeout,
         )
     return name  # a registered name, with its registered settings
 
