@@ -12,7 +12,11 @@ from pathlib import Path
 MODULES = [
     "lightning_gaussk",
     "lightning_gaussk.selectors",
+    "lightning_gaussk.config",
     "lightning_gaussk.hook",
+    "lightning_gaussk.topology",
+    "lightning_gaussk.node_mode",
+    "lightning_gaussk.checkpoint",
     "lightning_gaussk.strategy",
     "lightning_gaussk.monitor",
     "lightning_gaussk.distribution_stats",

@@ -1,5 +1,6 @@
 """lightning_gaussk: TopK-SGD / Gaussian-k gradient sparsification for DDP, Lightning and Accelerate."""
 
+from lightning_gaussk.config import GaussKConfig
 from lightning_gaussk.hook import GaussKState, gaussk_hook
 from lightning_gaussk.monitor import GradientDistributionMonitor
 from lightning_gaussk.selectors import accumulate_select, available_selectors, get_selector, register_selector, select
@@ -13,6 +14,7 @@ GaussKDDPStrategy.register_strategies(_registry)  # makes Trainer(strategy="gaus
 __version__ = "0.1.0"
 
 __all__ = [
+    "GaussKConfig",
     "GaussKDDPStrategy",
     "GaussKState",
     "GaussKTelemetry",
