@@ -460,14 +460,14 @@ def state_from_shards(
     folder: str | os.PathLike[str],
     target: Layout,
     *,
-    expected_name: Callable[[int], str] = shard_name,
+    expected_name: Callable[[int], str] | None = None,
 ) -> dict[str, Any]:
     """:func:`state_for_layout` over the shard files of ``manifest`` in ``folder`` (each verified by
     :func:`read_shard`; a rank without an entry raises ``FileNotFoundError`` naming
     ``folder / expected_name(rank)``)."""
     check_manifest(manifest, complete=False)
     saved = Layout.from_dict({**manifest["layout"], "rank": 0})
-    return state_for_layout(_shard_reader(manifest, Path(folder), expected_name), saved, target)
+    return state_for_layout(_shard_reader(manifest, Path(folder), expected_name or shard_name), saved, target)
 
 
 def state_from_legacy(saved: Mapping[str, Any], target: Layout) -> dict[str, Any]:
