@@ -91,7 +91,7 @@ class GaussKDDPStrategy(DDPStrategy):
         remedies: Literal["auto", "all", "none"] = "auto",
         momentum_correction: float | None = None,
         momentum_masking: bool = True,
-        adam_remedy: Literal["freeze", "amsgrad", "none"] = "freeze",
+        adam_remedy: Literal["freeze", "amsgrad", "none"] = "none",
         variance_freeze_steps: int | None = None,
         find_unused_parameters: bool = False,
         static_graph: bool = False,

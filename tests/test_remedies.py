@@ -162,7 +162,7 @@ def _adam(cls: type, freeze: int, **kw: object) -> tuple[nn.Module, torch.optim.
     torch.manual_seed(0)
     model = nn.Linear(4, 3)
     opt = cls(model.parameters(), lr=0.01, weight_decay=0.1, **kw)
-    wrap_optimizer(opt, GaussKState(density=0.01, variance_freeze_steps=freeze), log=False)
+    wrap_optimizer(opt, GaussKState(density=0.01, adam_remedy="freeze", variance_freeze_steps=freeze), log=False)
     return model, opt
 
 
@@ -321,15 +321,24 @@ def test_lightning_strategy_adapts_sgd_momentum_and_logs_it(caplog):
     assert "momentum correction in the hook (m=0.9)" in describe(trainer.optimizers[0])
 
 
-def test_adam_freeze_without_settings_adds_a_dense_warm_up_and_explicit_settings_are_kept():
+def test_adam_runs_unchanged_by_default():
+    # measured (docs/convergence.md, 1600 steps): plain error feedback beats the frozen second moment
     state = GaussKState(density=0.01)
+    opt = torch.optim.AdamW(nn.Linear(4, 3).parameters())
+    wrap_optimizer(opt, state, log=False)
+    assert state.config == GaussKState(density=0.01).config  # no warm-up added, nothing moved
+    assert "none" in describe(opt) and not any(g.get("amsgrad") for g in opt.param_groups)
+
+
+def test_adam_freeze_without_settings_adds_a_dense_warm_up_and_explicit_settings_are_kept():
+    state = GaussKState(density=0.01, adam_remedy="freeze")
     opt = torch.optim.AdamW(nn.Linear(4, 3).parameters())
     wrap_optimizer(opt, state, log=False)
     assert (state.config.warmup_steps, state.config.warmup_density) == (100, 1.0)
     assert "warm-up from 1.0 over 100 steps" in describe(opt)
-    state = GaussKState(density=0.01, variance_freeze_steps=50)
+    state = GaussKState(density=0.01, adam_remedy="freeze", variance_freeze_steps=50)
     wrap_optimizer(torch.optim.Adam(nn.Linear(4, 3).parameters()), state, log=False)
     assert state.config.warmup_steps == 0
-    state = GaussKState(density=0.01, warmup_steps=30, warmup_density=0.5)
+    state = GaussKState(density=0.01, adam_remedy="freeze", warmup_steps=30, warmup_density=0.5)
     opt = wrap_optimizer(torch.optim.Adam(nn.Linear(4, 3).parameters()), state, log=False)
     assert (state.config.warmup_steps, state.config.warmup_density) == (30, 0.5) and "from step 30" in describe(opt)
