@@ -355,7 +355,9 @@ def emulated_time(run: dict[str, Any], steps: int, dense: dict[str, Any] | None 
     return steps * compute_step_s(run, dense) + sum(run["comm_s"][:steps])
 
 
-def report(out_path: str = OUT, doc_path: str = DOC) -> str:
+def report(out_path: str = OUT, doc_path: str = DOC, section: str = "convergence") -> str:
+    """Tables into the ``<!-- {section}:begin/end -->`` block of ``doc_path`` and plots
+    ``img/{section}_{family}.png`` from the results in ``out_path``."""
     results = _load(out_path)
     rows = summarise(results)
     lines = []
@@ -383,11 +385,11 @@ def report(out_path: str = OUT, doc_path: str = DOC) -> str:
                          f"{r['step_ms']:.1f} + {r['comm_ms']:.2f} |")  # fmt: skip
         lines.append("")
     body = "\n".join(lines)
-    _plots(results)
+    _plots(results, section)
     if os.path.exists(doc_path):
         with open(doc_path) as f:
             doc = f.read()
-        b, e = "<!-- convergence:begin -->", "<!-- convergence:end -->"
+        b, e = f"<!-- {section}:begin -->", f"<!-- {section}:end -->"
         if b in doc and e in doc:
             doc = doc[: doc.index(b) + len(b)] + "\n" + body + "\n" + doc[doc.index(e) :]
             with open(doc_path, "w") as f:
@@ -405,7 +407,7 @@ def _fmt_hits(values: list[Any], fmt: Any) -> str:
     return text if len(hit) == len(values) else f"{text} ({len(hit)}/{len(values)} seeds)"
 
 
-def _plots(results: list[dict[str, Any]]) -> None:
+def _plots(results: list[dict[str, Any]], section: str = "convergence") -> None:
     try:
         import matplotlib
 
@@ -439,7 +441,7 @@ def _plots(results: list[dict[str, Any]]) -> None:
             ax.grid(alpha=0.3)
         axes[1].legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(os.path.join(_common.IMG, f"convergence_{family}.png"), dpi=90)
+        fig.savefig(os.path.join(_common.IMG, f"{section}_{family}.png"), dpi=90)
         plt.close(fig)
 
 
@@ -459,6 +461,8 @@ def main() -> None:
     ap.add_argument("--out", default=OUT)
     ap.add_argument("--report", action="store_true", help="only rebuild tables and plots from --out")
     ap.add_argument("--skip-done", action="store_true", help="skip (family, method, seed) already in --out")
+    ap.add_argument("--section", default="convergence",
+                    help="docs block <!-- SECTION:begin/end --> and image prefix (e.g. convergence_long for a --steps run)")
     args = ap.parse_args()
     if args.steps:
         for fam in FAMILIES.values():
@@ -471,7 +475,7 @@ def main() -> None:
             done = {(r["family"], r["method"], r["seed"]) for r in _load(args.out)}
             jobs = [j for j in jobs if j not in done]
         run([(f, m, s, FAMILIES[f]["steps"]) for f, m, s in jobs], args.out)
-    print(report(args.out))
+    print(report(args.out, section=args.section))
 
 
 if __name__ == "__main__":
