@@ -378,7 +378,7 @@ def report(out_path: str = OUT, doc_path: str = DOC, section: str = "convergence
             sd = f" ± {r['loss_sd']:.3f}" if len(r["seeds"]) > 1 else ""
             met = f"{r['metric']:.3f}" if family.startswith("lm") else f"{100 * r['metric']:.1f}%"
             gap = "—" if m == "dense" else f"{r['gap_pct']:+.1f}%"
-            st = _fmt_hits(r["steps_to"], lambda v: str(v))
+            st = _fmt_hits(r["steps_to"], lambda v: f"{v:.0f}")
             tt = _fmt_hits(r["time_to"], lambda v: f"{v:.1f} s")
             seeds = ",".join(map(str, r["seeds"]))
             lines.append(f"| {m} | {seeds} | {r['loss']:.3f}{sd} | {met} | {gap} | {st} | {tt} | "
