@@ -25,6 +25,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def init_gloo_worker(timeout_minutes: float) -> tuple[int, int, str]:
+    """A worker on the emulated cluster starts here: one thread, the gloo group of the launcher's
+    ``RANK`` / ``WORLD_SIZE``; returns ``(rank, world, interface of its host)``."""
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(minutes=timeout_minutes))
+    return rank, world, os.environ["GK_IFNAME"]
+
+
 def load_average() -> float:
     """The 1-minute load average (NaN where the platform has none)."""
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")

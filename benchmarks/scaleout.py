@@ -128,17 +128,12 @@ def register(ddp: Any, method: str) -> Any:
 
 
 def worker(args: argparse.Namespace) -> None:
-    from datetime import timedelta
-
     import torch
     import torch.distributed as dist
     from torch import nn
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    torch.set_num_threads(1)
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    ifname = os.environ["GK_IFNAME"]
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(minutes=10))
+    rank, world, ifname = _common.init_gloo_worker(timeout_minutes=10)
     assert world == HOSTS * RPH, world
     intra, _ = dist.new_subgroups_by_enumeration([[n * RPH + j for j in range(RPH)] for n in range(HOSTS)])
     inter, _ = dist.new_subgroups_by_enumeration([[n * RPH + j for n in range(HOSTS)] for j in range(RPH)])

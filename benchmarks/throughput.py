@@ -219,14 +219,10 @@ def register(ddp: Any, method: str) -> Any:
 def worker(args: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
-    from datetime import timedelta
     from torch import nn
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    torch.set_num_threads(1)
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    ifname = os.environ["GK_IFNAME"]
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(minutes=5))
+    rank, world, ifname = _common.init_gloo_worker(timeout_minutes=5)
     methods = args.methods.split(",")
     x, y = make_batch(args.model, args.batch, rank)
     result: dict[str, Any] = {"model": args.model, "world": world, "rate": os.environ.get("GK_LINK_RATE"),
