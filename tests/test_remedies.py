@@ -294,6 +294,8 @@ def test_remedies_none_changes_nothing_and_unknown_adaptive_optimizers_are_warne
 
 
 def test_lightning_strategy_adapts_sgd_momentum_and_logs_it(caplog):
+    import os
+
     import lightning as L
 
     from lightning_gaussk import GaussKDDPStrategy
@@ -313,8 +315,18 @@ def test_lightning_strategy_adapts_sgd_momentum_and_logs_it(caplog):
     strategy = GaussKDDPStrategy(density=0.5, remedies="all", process_group_backend="gloo")
     trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=1, max_steps=3, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
-    with caplog.at_level("INFO"):
-        trainer.fit(Module(), data)
+    environ = dict(os.environ)
+    try:
+        with caplog.at_level("INFO"):
+            trainer.fit(Module(), data)
+    finally:
+        # an in-process DDP fit leaves a process group and MASTER_ADDR/PORT, NODE_RANK, LOCAL_RANK and
+        # OMP_NUM_THREADS in this process: the launchers of later tests would inherit them (a taken
+        # port; LOCAL_RANK makes Lightning's popen launcher believe it is a child and wait forever)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(environ)
     assert strategy.gaussk_state.config.momentum_correction == 0.9
     assert strategy.gaussk_config.momentum_correction == 0.9
     assert trainer.optimizers[0].param_groups[0]["momentum"] == 0.0
