@@ -372,21 +372,6 @@ NVLINK = (5e-6, 150e9)  # alpha, bytes/s: NVLink-class intra-node link (assumed)
 MODEL_BUCKETS = (4_260_964, 16_781_312, 4_235_364)  # the 25.3M MLP's DDP buckets (see the runs' JSON)
 
 
-def node_step_comm(cm: Any, buckets: tuple[int, ...], rho: float, nodes: int, g: int, intra: Any, inter: Any, host: Any) -> float:
-    """Node mode per step (sum over buckets): ``hierarchical_bucket_time``, with the inter-node
-    step an all-reduce of the shard where the byte rule says dense (``N (2k+1) >= 2s``)."""
-    t = 0.0
-    for d in buckets:
-        s = math.ceil(d / g)
-        k = cm.bucket_k(rho, s)
-        if nodes > 1 and cm.byte_rule_dense(s, k, nodes):
-            half = (g - 1) * intra.alpha + (g - 1) / g * 4 * d * intra.beta
-            t += 2 * half + cm.dense_bucket_time(s, nodes, cm.Link(inter.alpha, inter.bandwidth / g), host)
-        else:
-            t += cm.hierarchical_bucket_time(d, rho, nodes, g, intra, inter, host)
-    return t
-
-
 EXCEPTIONS: list[str] = []  # cells of the tables where node mode is not the fastest (filled by scale_table)
 
 
@@ -404,10 +389,8 @@ def scale_table(rho: float, g: int = 8) -> list[str]:
             inter = cm.Link.from_gbit(gb, latency_us=10.0)
             p = nodes * g
             dense = sum(cm.dense_bucket_time(d, p, inter, host) for d in MODEL_BUCKETS)
-            flat = sum(cm.sparse_bucket_time(d, cm.bucket_k(rho, d), p, inter, host)
-                       if not cm.byte_rule_dense(d, cm.bucket_k(rho, d), p) else cm.dense_bucket_time(d, p, inter, host)
-                       for d in MODEL_BUCKETS)  # fmt: skip
-            node = node_step_comm(cm, MODEL_BUCKETS, rho, nodes, g, intra, inter, host)
+            flat = sum(cm.bucket_time(d, cm.bucket_k(rho, d), p, inter, host) for d in MODEL_BUCKETS)  # the one rule
+            node = sum(cm.hierarchical_bucket_time(d, rho, nodes, g, intra, inter, host) for d in MODEL_BUCKETS)
             vals = {"dense": dense, "flat": flat, "node": node}
             best = min(vals, key=vals.get)
             if best != "node":
@@ -511,10 +494,10 @@ def markdown(results: list[dict[str, Any]], digits: dict[str, Any] | None) -> st
         f"intra-node links ({NVLINK[1] / 1e9:.0f} GB/s, {NVLINK[0] * 1e6:.0f} us), inter-node `Link.from_gbit(g, latency_us=10)` "
         "per node, the 25M model's 3 buckets. Entries: predicted communication + host ms per step (compute excluded) of "
         "**dense** (flat ring all-reduce over all 8N GPUs; the ring crosses each node's NIC once each way), **flat** "
-        "sparse (one all-gather over all 8N GPUs: each NIC carries 8N-1 messages; dense where the byte rule says so) "
-        "and **node** mode (`hierarchical_bucket_time`: reduce-scatter in the node, the 8 per-GPU inter-node "
-        "all-gathers of N messages sharing the NIC, all-gather in the node; inter-node all-reduce of the shard where the "
-        "byte rule says so); the fastest in bold.",
+        "sparse (one all-gather over all 8N GPUs: each NIC carries 8N-1 messages; dense where `costmodel.dense_wins` "
+        "says so) and **node** mode (`hierarchical_bucket_time`: reduce-scatter in the node, the 8 per-GPU inter-node "
+        "all-gathers of N messages sharing the NIC, all-gather in the node; inter-node all-reduce of the shard where "
+        "`dense_wins` says so: the byte rule, then the time model); the fastest in bold.",
         "",
     ]
     for rho in (0.001, 0.01):

@@ -35,19 +35,38 @@ A training step (``C`` = compute-only step time of one rank)::
 
 ``overlap`` is the communication hidden behind the backward pass (0 = none, the default).
 
-For nodes of ``G`` GPUs (``N`` nodes, ``P = N G`` ranks), :func:`hierarchical_bucket_time` models
-dense intra-node reduce-scatter, sparse inter-node all-gather of each GPU's shard among the ``N``
-GPUs with the same local rank (the node's NIC shared by its ``G`` GPUs), decode, then dense
-intra-node all-gather.
+Exchanges (``P`` peers, a bucket or shard of ``d`` entries, ``k`` selected per peer; bytes one
+peer sends, = receives; :func:`exchange_bytes`, :func:`exchange_time`)::
 
-Hook API (what ``dense_fallback="auto"`` calls)::
+    "dense"      ring all-reduce               B = 2 (P-1)/P * 4 d
+    "allgather"  ring all-gather of k pairs    B = (P-1) * 4 (2k + 1)                grows with P
+    "allreduce"  bounded sparse all-reduce     B = (P-1) * 4 (2 c1 + 1) + (P-1) * 4 (2 c2 + 1)
+                 stage 1: all_to_all_single, per-peer chunks of (2 c1 + 1) words, c1 = min(ceil(2k/P), floor(d/P))
+                 stage 2: all-gather of (2 c2 + 1) words per peer,             c2 = min(ceil(k/P),  floor(d/P))
+                 so B <= 4 (P-1) (6k/P + 6): 6 words per selected entry, (P-1)/P of it, + 6 per peer
 
-    from lightning_gaussk.costmodel import Link, HostCosts, prefer_dense
-    link = Link.from_gbit(10.0)                       # or Link(alpha=..., bandwidth=...) from a fit
+The one rule (:func:`dense_wins`, :func:`pick_exchange`): a sparse exchange is ruled out when it
+moves no fewer bytes than dense (the byte rule, integer form: ``P (2k + 1) >= 2d`` for
+"allgather", ``P (c1 + c2 + 1) >= d`` for "allreduce"); given a link, the cheapest predicted time
+wins (ties go to the sparse exchange). The hook's ``dense_fallback="auto"``, its
+``exchange="auto"``, :func:`decide`, :func:`hierarchical_bucket_time`, :func:`step_time` and the
+benchmarks' tables all call it.
+
+Node mode (``N`` nodes of ``G`` GPUs, ``P = N G`` ranks): dense intra-node reduce-scatter, the
+inter-node exchange of each GPU's shard (``s = ceil(d/G)`` entries, ``k_s = bucket_k(density, s)``)
+among the ``N`` GPUs with the same local rank, the node's NIC shared by its ``G`` GPUs
+(``share=G``: each sees ``bandwidth / G``), decode, then dense intra-node all-gather
+(:func:`hierarchical_bucket_time`). The inter-node stage is the flat formulas with ``(s, k_s, N)``.
+
+Hook API (what ``dense_fallback="auto"`` and ``exchange="auto"`` call)::
+
+    from lightning_gaussk.costmodel import HostCosts, Link, dense_wins, pick_exchange
+    link = Link.from_gbit(10.0)                       # or Link(alpha=..., bandwidth=...) from a fit; None: bytes only
     host = HostCosts.for_device("cpu")                # or "cuda"; or fitted
-    if prefer_dense(d, k, world, link, host):         # memoise per (d, k, world): it is pure
+    # flat mode: peers = W; node mode: the shard, peers = N nodes, share = L ranks per node
+    if dense_wins(d, k, peers, link, host, exchange="allgather", share=1):   # memoise: it is pure
         ...send this bucket dense...
-    decide(d, k, world, link, host).reason           # for telemetry
+    pick_exchange(d, k, peers, link, host, share=1)   # "dense" | "allgather" | "allreduce"
 
 Every rank must take the same decision (dense all-reduce and sparse all-gather are different
 collectives: ranks that disagree hang or mismatch). The functions are pure, so equal arguments on
@@ -66,18 +85,25 @@ __all__ = [
     "HostSample",
     "Link",
     "Sample",
+    "EXCHANGES",
     "Workload",
     "allgather_time",
     "allreduce_time",
+    "bounded_chunks",
     "bucket_k",
+    "bucket_time",
     "byte_rule_dense",
     "decide",
     "dense_bucket_time",
     "dense_host_time",
+    "dense_wins",
+    "exchange_bytes",
+    "exchange_time",
     "fit_host_costs",
     "fit_link",
     "hierarchical_bucket_time",
     "least_squares",
+    "pick_exchange",
     "prefer_dense",
     "sparse_bucket_time",
     "sparse_host_time",
@@ -87,6 +113,8 @@ __all__ = [
 ]
 
 BYTES_PER_ENTRY = 4  # fp32 values; int32 indices ride in the same fp32 message
+EXCHANGES = ("dense", "allgather", "allreduce")  # the schemes the model prices (see the module docstring)
+SPARSE_EXCHANGES = EXCHANGES[1:]
 
 
 # --------------------------------------------------------------------------------------- links
@@ -159,7 +187,7 @@ def wire_bytes(method: str, d: int, world: int, k: int = 0, elements: int | None
             raise ValueError("wire_bytes('allreduce', ...) needs `elements`")
         return ring * BYTES_PER_ENTRY * elements
     if method == "sparse":
-        return (world - 1) * sparse_message_bytes(k)
+        return float(_sparse_words("allgather", d, k, world) * BYTES_PER_ENTRY)
     raise ValueError(f"method must be 'dense', 'fp16', 'allreduce' or 'sparse', got {method!r}")
 
 
@@ -227,25 +255,15 @@ def dense_host_time(d: int, host: HostCosts) -> float:
 
 
 def sparse_bucket_time(d: int, k: int, world: int, link: Link, host: HostCosts) -> float:
-    """Predicted seconds for one bucket sent sparse: ``H_s + T_ag(4 (2k+1))``."""
-    _check_bucket(d, k)
-    return sparse_host_time(d, k, world, host) + allgather_time(sparse_message_bytes(k), world, link)
+    """Predicted seconds for one bucket sent sparse: ``H_s + T_ag(4 (2k+1))`` (:func:`exchange_time`
+    of ``"allgather"``)."""
+    return exchange_time("allgather", d, k, world, link, host)
 
 
 def dense_bucket_time(d: int, world: int, link: Link, host: HostCosts, bytes_per_entry: int = BYTES_PER_ENTRY) -> float:
     """Predicted seconds for one bucket all-reduced dense: ``H_d + T_ar(bytes_per_entry * d)``."""
     _check_bucket(d, 1)
     return dense_host_time(d, host) + allreduce_time(bytes_per_entry * d, world, link)
-
-
-@dataclass(frozen=True)
-class Decision:
-    """Outcome of :func:`decide`: ``dense`` and why, with both predictions (seconds)."""
-
-    dense: bool
-    reason: str  # "world*(2k+1) >= 2d", "single rank", "sparse slower", "sparse faster"
-    t_sparse: float
-    t_dense: float
 
 
 def bucket_k(density: float, d: int) -> int:
@@ -255,52 +273,208 @@ def bucket_k(density: float, d: int) -> int:
     return min(d, max(1, math.ceil(density * d - 1e-9)))
 
 
+# --------------------------------------------------------------------------------------- exchanges
+def bounded_chunks(d: int, k: int, peers: int) -> tuple[int, int]:
+    """Entries per chunk of the bounded sparse all-reduce (``"allreduce"``): ``(c1, c2)`` with
+    ``c1 = min(ceil(2k/P), floor(d/P))`` (stage 1, all-to-all: what a peer sends into each of the
+    ``P`` regions of ``d/P`` entries) and ``c2 = min(ceil(k/P), floor(d/P))`` (stage 2, all-gather:
+    what a peer keeps of its reduced region). Each chunk travels as ``2c + 1`` fp32 words."""
+    _check_bucket(d, k)
+    _check_world(peers)
+    region = d // peers
+    return min(-(-2 * k // peers), region), min(-(-k // peers), region)
+
+
+def _sparse_words(exchange: str, d: int, k: int, peers: int) -> int:
+    """fp32 words one peer sends in a sparse exchange (an integer: the byte rule compares exactly)."""
+    if exchange == "allgather":
+        return (peers - 1) * (2 * k + 1)
+    if exchange == "allreduce":
+        c1, c2 = bounded_chunks(d, k, peers)
+        return (peers - 1) * (2 * c1 + 1) + (peers - 1) * (2 * c2 + 1)
+    raise ValueError(f"exchange must be one of {EXCHANGES}, got {exchange!r}")
+
+
+def exchange_bytes(exchange: str, d: int, k: int, peers: int) -> float:
+    """Bytes one peer sends (= receives) per bucket of ``d`` entries, ``k`` selected, ``P`` peers::
+
+        "dense"      2 (P-1)/P * 4 d
+        "allgather"  (P-1) * 4 (2k + 1)
+        "allreduce"  (P-1) * 4 (2 c1 + 1) + (P-1) * 4 (2 c2 + 1)     (c1, c2: :func:`bounded_chunks`)
+
+    Flat mode: ``P = W`` ranks. Node mode's inter-node stage: the shard ``s = ceil(d/G)``, its
+    ``k_s`` and ``P = N`` nodes (per GPU; a node's NIC carries ``G`` times this)."""
+    _check_bucket(d, k)
+    _check_world(peers)
+    if exchange == "dense":
+        return 2 * (peers - 1) / peers * BYTES_PER_ENTRY * d
+    return float(_sparse_words(exchange, d, k, peers) * BYTES_PER_ENTRY)
+
+
+def _byte_rule(exchange: str, d: int, k: int, peers: int) -> bool:
+    """The sparse ``exchange`` moves no fewer bytes than dense, in integers (both sides times
+    ``P / (4 (P-1))``): ``P (2k + 1) >= 2d`` for "allgather", ``P (c1 + c2 + 1) >= d`` for "allreduce"."""
+    if exchange == "allgather":
+        return peers * (2 * k + 1) >= 2 * d
+    c1, c2 = bounded_chunks(d, k, peers)
+    return peers * (c1 + c2 + 1) >= d
+
+
+def exchange_time(exchange: str, d: int, k: int, peers: int, link: Link, host: HostCosts | None = None,
+                  share: int = 1) -> float:  # fmt: skip
+    """Predicted seconds of one bucket through ``exchange``, host work included (``beta' = G / bandwidth``
+    with ``share = G`` peers' exchanges on one NIC, as in node mode; 1 in flat mode)::
+
+        "dense"      H_d + 2 (P-1) alpha + 2 (P-1)/P 4d beta'
+        "allgather"  H_s + (P-1) alpha + (P-1) 4 (2k+1) beta'
+        "allreduce"  H_s + g P (c1 + c2 - k) + p (d/P) (1 + s) + q c2        (region: zero, scatter, select)
+                         + 2 (P-1) alpha + (P-1) 4 (2 c1 + 2 c2 + 2) beta'   (all-to-all, then all-gather)
+
+    ``H_s`` and ``H_d`` are :func:`sparse_host_time` and :func:`dense_host_time`. The bounded
+    all-reduce's extra host terms are an assumption (it was not timed here): stage 1 scatters the
+    ``P c1`` received entries into a dense region of ``d/P``, selects ``c2`` of it; the decode
+    scatters ``P c2`` entries instead of the all-gather's ``P k``."""
+    host = CPU_DEFAULT if host is None else host
+    _check_bucket(d, k)
+    _check_world(peers)
+    _check_world(share)
+    wire = Link(link.alpha, link.bandwidth / share)
+    if exchange == "dense":
+        return dense_host_time(d, host) + allreduce_time(BYTES_PER_ENTRY * d, peers, wire)
+    words = _sparse_words(exchange, d, k, peers)
+    hops = peers - 1 if exchange == "allgather" else 2 * (peers - 1)
+    t = sparse_host_time(d, k, peers, host) + hops * wire.alpha + words * BYTES_PER_ENTRY * wire.beta
+    if exchange == "allreduce" and peers > 1:
+        c1, c2 = bounded_chunks(d, k, peers)
+        t += (host.scatter_s * peers * (c1 + c2 - k) + host.pass_s * d / peers * (1 + host.select_passes)
+              + host.select_per_k_s * c2)  # fmt: skip
+    return t
+
+
+# --------------------------------------------------------------------------------------- the rule
+@dataclass(frozen=True)
+class Decision:
+    """Outcome of the one rule for one sparse exchange (``sparse``, default "allgather"):
+    ``dense`` and why, with both predictions in seconds (``nan`` when no link was given)."""
+
+    dense: bool
+    reason: str  # "world*(2k+1) >= 2d" / "P(c1+c2+1) >= d", "single rank", "sparse slower", "sparse faster", "fewer bytes"
+    t_sparse: float
+    t_dense: float
+    sparse: str = "allgather"
+
+    @property
+    def exchange(self) -> str:
+        """What is sent: ``"dense"`` or the sparse exchange."""
+        return "dense" if self.dense else self.sparse
+
+
+_BYTE_REASON = {"allgather": "world*(2k+1) >= 2d", "allreduce": "P(c1+c2+1) >= d"}
+
+
+def _decide(d: int, k: int, peers: int, link: Link | None, host: HostCosts | None, exchange: str, share: int) -> Decision:
+    """The one rule, for one sparse exchange against dense (see :func:`dense_wins`)."""
+    _check_bucket(d, k)
+    _check_world(peers)
+    if exchange not in SPARSE_EXCHANGES:
+        raise ValueError(f"exchange must be one of {SPARSE_EXCHANGES}, got {exchange!r}")
+    if link is None:
+        t_sparse = t_dense = math.nan
+    else:
+        t_sparse = exchange_time(exchange, d, k, peers, link, host, share)
+        t_dense = exchange_time("dense", d, k, peers, link, host, share)
+    if link is not None and peers == 1:
+        return Decision(True, "single rank", t_sparse, t_dense, exchange)
+    if _byte_rule(exchange, d, k, peers):
+        return Decision(True, _BYTE_REASON[exchange], t_sparse, t_dense, exchange)
+    if link is None:
+        return Decision(False, "fewer bytes", t_sparse, t_dense, exchange)
+    if t_sparse > t_dense:
+        return Decision(True, "sparse slower", t_sparse, t_dense, exchange)
+    return Decision(False, "sparse faster", t_sparse, t_dense, exchange)
+
+
+def dense_wins(d: int, k: int, peers: int, link: Link | None = None, host: HostCosts | None = None,
+               exchange: str = "allgather", share: int = 1) -> bool:  # fmt: skip
+    """THE dense-or-sparse rule of a bucket (flat mode) or of node mode's inter-node stage.
+
+    ``d`` entries (node mode: the shard), ``k`` selected per peer, ``peers`` = ``P`` ranks that
+    exchange (flat mode: ``W``; node mode: ``N`` nodes), ``share`` = exchanges sharing one link
+    (node mode: ``G`` ranks per node on the node's NIC; only the time model uses it).
+
+    1. The byte rule: dense when the sparse ``exchange`` moves no fewer bytes than a ring
+       all-reduce, ``P (2k + 1) >= 2d`` ("allgather"), ``P (c1 + c2 + 1) >= d`` ("allreduce").
+    2. With a ``link``: dense also for one peer, and when :func:`exchange_time` predicts the sparse
+       exchange slower than dense (``host`` defaults to :data:`CPU_DEFAULT`; ties go to sparse).
+
+    A pure function of its arguments: every rank that passes the same ones takes the same branch.
+    """
+    return _decide(d, k, peers, link, host, exchange, share).dense
+
+
+def pick_exchange(d: int, k: int, peers: int, link: Link | None = None, host: HostCosts | None = None, share: int = 1,
+                  candidates: Sequence[str] = SPARSE_EXCHANGES) -> str:  # fmt: skip
+    """The cheapest of ``"dense"`` and the sparse ``candidates`` for one bucket (``exchange="auto"``).
+
+    Each candidate passes or fails :func:`dense_wins` (same arguments); of those that pass, the
+    fastest by :func:`exchange_time` (without a link: the fewest :func:`exchange_bytes`) wins,
+    ties to the earlier candidate; ``"dense"`` when none passes. So
+    ``pick_exchange(..., candidates=(e,)) == "dense"`` exactly when ``dense_wins(..., exchange=e)``.
+    """
+    ok = [x for x in (_decide(d, k, peers, link, host, e, share) for e in candidates) if not x.dense]
+    if not ok:
+        return "dense"
+    if link is None:
+        return min(ok, key=lambda x: exchange_bytes(x.sparse, d, k, peers)).sparse
+    return min(ok, key=lambda x: x.t_sparse).sparse
+
+
+def bucket_time(d: int, k: int, peers: int, link: Link, host: HostCosts | None = None, exchange: str = "allgather",
+                share: int = 1) -> float:  # fmt: skip
+    """Predicted seconds of one bucket as the hook sends it with the dense fallback on:
+    :func:`exchange_time` of ``exchange``, or of dense where :func:`dense_wins`; ``exchange="auto"``
+    takes :func:`pick_exchange`'s choice, ``"dense"`` is always dense."""
+    if exchange == "auto":
+        chosen = pick_exchange(d, k, peers, link, host, share)
+    elif exchange == "dense":
+        chosen = "dense"
+    else:
+        chosen = "dense" if dense_wins(d, k, peers, link, host, exchange, share) else exchange
+    return exchange_time(chosen, d, k, peers, link, host, share)
+
+
 def byte_rule_dense(d: int, k: int, world: int) -> bool:
-    """The one byte rule of the dense fallback: ``W (2k + 1) >= 2d``, i.e. the sparse all-gather
-    (``(W-1)(2k+1)`` entries received per rank) moves no fewer bytes than a ring all-reduce
-    (``2 (W-1)/W d``). ``world`` is the number of ranks that exchange messages: ``W`` in flat
-    mode, the number of nodes ``N`` in node mode (each shard of ``d`` entries then)."""
-    return world * (2 * k + 1) >= 2 * d
+    """The byte rule of the all-gather, ``W (2k + 1) >= 2d`` (the sparse all-gather receives
+    ``(W-1)(2k+1)`` entries per rank, a ring all-reduce ``2 (W-1)/W d``): :func:`dense_wins`
+    without a link. ``world`` is the number of peers: ``W`` in flat mode, ``N`` in node mode."""
+    return dense_wins(d, k, world)
 
 
 def decide(d: int, k: int, world: int, link: Link, host: HostCosts | None = None) -> Decision:
-    """Whether a bucket of ``d`` entries, ``k`` of them selected, is predicted faster dense.
-
-    Dense whenever :func:`byte_rule_dense` holds (``W (2k + 1) >= 2d``) or ``W == 1``;
-    otherwise whichever of :func:`sparse_bucket_time` and :func:`dense_bucket_time` is smaller
-    (ties go to sparse).
-    """
-    host = CPU_DEFAULT if host is None else host
-    _check_bucket(d, k)
-    _check_world(world)
-    t_dense = dense_bucket_time(d, world, link, host)
-    t_sparse = sparse_bucket_time(d, k, world, link, host)
-    if world == 1:
-        return Decision(True, "single rank", t_sparse, t_dense)
-    if byte_rule_dense(d, k, world):
-        return Decision(True, "world*(2k+1) >= 2d", t_sparse, t_dense)
-    if t_sparse > t_dense:
-        return Decision(True, "sparse slower", t_sparse, t_dense)
-    return Decision(False, "sparse faster", t_sparse, t_dense)
+    """The one rule (:func:`dense_wins`) for the all-gather with a link, with its reason and both
+    predictions: dense when ``W == 1``, when ``W (2k + 1) >= 2d``, or when the sparse path is
+    predicted slower (ties go to sparse)."""
+    return _decide(d, k, world, link, host, "allgather", 1)
 
 
 def prefer_dense(d: int, k: int, world: int, link: Link, host: HostCosts | None = None) -> bool:
     """``True`` when bucket (``d`` entries, ``k`` sent per rank, ``world`` ranks) should be sent
-    dense: ``W (2k+1) >= 2d``, or the sparse path is predicted slower (see :func:`decide`)."""
-    return decide(d, k, world, link, host).dense
+    dense: :func:`dense_wins` with the link (the all-gather, flat mode)."""
+    return dense_wins(d, k, world, link, host)
 
 
 # --------------------------------------------------------------------------------------- hierarchy
 def hierarchical_bucket_time(d: int, density: float, nodes: int, gpus_per_node: int, intra: Link, inter: Link,
-                             host: HostCosts) -> float:  # fmt: skip
-    """Dense intra-node + sparse inter-node, per bucket (``N`` nodes of ``G`` GPUs)::
+                             host: HostCosts, exchange: str = "allgather") -> float:  # fmt: skip
+    """Node mode, per bucket (``N`` nodes of ``G`` GPUs)::
 
-        T = T_rs^intra(4d, G)                      reduce-scatter: each GPU owns d/G summed entries
-          + H_s(d/G, k_G, N) + T_ag^inter(k_G, N)  k_G = ceil(density d / G); NIC shared by G GPUs
-          + T_ag^intra(4d/G, G)                    all-gather of the decoded dense shards
+        T = T_rs^intra(4d, G)                          reduce-scatter: each GPU owns s = ceil(d/G) summed entries
+          + bucket_time(s, k_s, N, inter, share=G)     k_s = bucket_k(density, s); the NIC shared by G GPUs
+          + T_ag^intra(4d, G)                          all-gather of the decoded dense shards
 
-    with ``T_rs = T_ag^dense = (G-1) alpha + (G-1)/G * 4d * beta`` (half a ring all-reduce each) and
-    the inter-node link's bandwidth divided by ``G``.
+    with ``T_rs = T_ag^dense = (G-1) alpha + (G-1)/G * 4d * beta`` (half a ring all-reduce each).
+    The inter-node stage is :func:`bucket_time`: ``exchange`` ("allgather", "allreduce", "dense"
+    or "auto"), or dense where :func:`dense_wins` says so, as the hook decides it.
     """
     _check_world(nodes)
     _check_world(gpus_per_node)
@@ -308,8 +482,7 @@ def hierarchical_bucket_time(d: int, density: float, nodes: int, gpus_per_node: 
     shard = math.ceil(d / g)
     k = bucket_k(density, shard)
     half_ring = (g - 1) * intra.alpha + (g - 1) / g * BYTES_PER_ENTRY * d * intra.beta if g > 1 else 0.0
-    shared = Link(inter.alpha, inter.bandwidth / g)
-    inter_t = sparse_bucket_time(shard, k, nodes, shared, host) if nodes > 1 else 0.0
+    inter_t = bucket_time(shard, k, nodes, inter, host, exchange, share=g) if nodes > 1 else 0.0
     return half_ring + inter_t + half_ring
 
 
@@ -355,7 +528,7 @@ def step_time(work: Workload, method: str, world: int, link: Link, host: HostCos
                 comm += allreduce_time((BYTES_PER_ENTRY if method == "dense" else 2) * d, world, link)
             elif method == "sparse":
                 k = bucket_k(density, d)
-                if auto and decide(d, k, world, link, host).dense:
+                if auto and dense_wins(d, k, world, link, host):
                     hosts += dense_host_time(d, host)
                     comm += allreduce_time(BYTES_PER_ENTRY * d, world, link)
                 else:

@@ -185,6 +185,56 @@ def test_hierarchical_reduces_to_its_parts():
     assert cm.hierarchical_bucket_time(d, rho, 64, 8, intra, inter, GPU) < cm.dense_bucket_time(d, 512, inter, GPU)
 
 
+# ------------------------------------------------------------------------------------- the one rule
+def _legacy_node_rule(d, k, n, link, host):
+    """What the hook's node mode decided before the one rule: the byte rule with N, then, with a
+    link, the flat time model on the full link."""
+    return cm.byte_rule_dense(d, k, n) or (link is not None and cm.prefer_dense(d, k, n, link, host))
+
+
+@pytest.mark.parametrize("link", [None, cm.Link.from_gbit(1.0), cm.Link.from_gbit(100.0)])
+def test_dense_wins_is_the_hooks_rule(link):
+    """dense_wins with share=1 reproduces the hook's legacy decision (byte rule, then prefer_dense)
+    in every cell; byte_rule_dense, decide and prefer_dense are views of it."""
+    for d in (10, 1_000, 100_000, 4_000_000):
+        for rho in (0.001, 0.01, 0.05, 0.5, 1.0):
+            k = cm.bucket_k(rho, d)
+            for peers in (1, 2, 3, 8, 64, 512):
+                want = _legacy_node_rule(d, k, peers, link, CPU)
+                assert cm.dense_wins(d, k, peers, link, CPU) == want, (d, k, peers)
+                assert cm.byte_rule_dense(d, k, peers) == cm.dense_wins(d, k, peers)
+                if link is not None:
+                    assert cm.decide(d, k, peers, link, CPU).dense == want
+
+
+def test_dense_wins_byte_rule_comes_first_and_share_only_moves_the_time_model():
+    d, k = 10_000, 100
+    fast = cm.Link(alpha=0.0, bandwidth=1e15)  # time says dense (the host work of sparse dominates)
+    assert cm.dense_wins(d, k, 100) and not cm.dense_wins(d, k, 99)  # 100 * 201 >= 2d: bytes alone
+    assert not cm.dense_wins(d, k, 99, None, CPU, share=8)  # without a link, share changes nothing
+    assert cm.dense_wins(d, k, 2, fast, CPU)
+    # a slow shared NIC: sparse wins by time at share=8 where it loses at share=1
+    d, k = 1_000_000, 1_000
+    link = cm.Link(alpha=0.0, bandwidth=4e9)
+    host = cm.HostCosts(pass_s=1e-9, hook_passes=1.0, select_passes=1.0, select_per_k_s=0.0, scatter_s=0.0, call_s=0.0, dense_passes=0.0)
+    assert cm.dense_wins(d, k, 2, link, host, share=1) and not cm.dense_wins(d, k, 2, link, host, share=8)
+
+
+def test_hierarchical_model_and_scaleout_table_take_the_inter_stage_from_dense_wins():
+    intra = cm.Link(alpha=5e-6, bandwidth=150e9)
+    inter = cm.Link.from_gbit(10.0, latency_us=10.0)
+    d, rho, g = 16_781_312, 0.01, 8
+    s = math.ceil(d / g)
+    k = cm.bucket_k(rho, s)
+    half = cm.allgather_time(4 * d / g, g, intra)  # half a ring all-reduce: (G-1)(alpha + 4d/G beta)
+    for nodes in (2, 16, 128, 512):
+        dense = cm.dense_wins(s, k, nodes, inter, GPU, share=g)
+        stage = "dense" if dense else "allgather"
+        want = 2 * half + cm.exchange_time(stage, s, k, nodes, inter, GPU, share=g)
+        assert cm.hierarchical_bucket_time(d, rho, nodes, g, intra, inter, GPU) == pytest.approx(want)
+    assert cm.dense_wins(s, k, 512, inter, GPU, share=g)  # 512 nodes at 0.01: the byte rule (512 * 2k > 2s)
+
+
 # ------------------------------------------------------------------------------------- fits
 def test_least_squares_exact_and_nonnegative():
     rows = [[1.0, x] for x in range(8)]
