@@ -370,31 +370,49 @@ def summarize(res: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------- model at scale
 NVLINK = (5e-6, 150e9)  # alpha, bytes/s: NVLink-class intra-node link (assumed)
 MODEL_BUCKETS = (4_260_964, 16_781_312, 4_235_364)  # the 25.3M MLP's DDP buckets (see the runs' JSON)
+SCALE_NODES = (2, 4, 8, 16, 32, 64, 128, 256, 512)
+SCALE_GBIT = (10, 25, 100)
 
 
-EXCEPTIONS: list[str] = []  # cells of the tables where node mode is not the fastest (filled by scale_table)
+def _flat_bucket(cm: Any, d: int, rho: float, nodes: int, g: int, intra: Any, inter: Any, host: Any) -> float:
+    return cm.bucket_time(d, cm.bucket_k(rho, d), nodes * g, inter, host)  # the one rule, all 8N GPUs as peers
 
 
-def scale_table(rho: float, g: int = 8) -> list[str]:
+# The contenders of the model tables: seconds of one bucket, (cm, d, rho, nodes, g, intra, inter, host).
+AT_SCALE: dict[str, Any] = {
+    "dense": lambda cm, d, rho, n, g, intra, inter, host: cm.dense_bucket_time(d, n * g, inter, host),
+    "flat": _flat_bucket,
+    "node": lambda cm, d, rho, n, g, intra, inter, host: cm.hierarchical_bucket_time(d, rho, n, g, intra, inter, host),
+    "node+allgather": lambda cm, d, rho, n, g, intra, inter, host: cm.hierarchical_bucket_time(d, rho, n, g, intra, inter, host, "allgather"),
+    "node+allreduce": lambda cm, d, rho, n, g, intra, inter, host: cm.hierarchical_bucket_time(d, rho, n, g, intra, inter, host, "allreduce"),
+}
+
+
+def model_step_s(contender: str, rho: float, nodes: int, gbit: float, g: int = 8) -> float:
+    """Predicted communication + host seconds per step of ``contender`` (:data:`AT_SCALE`) for the
+    25M model's buckets on ``nodes`` x ``g`` GPUs: GPU host preset (assumed), NVLink-class links
+    inside a node, ``Link.from_gbit(gbit, latency_us=10)`` per node."""
     cm = cluster.load_costmodel()
-    host = cm.HostCosts.for_device("cuda")
-    intra = cm.Link(*NVLINK)
+    host, intra, inter = cm.HostCosts.for_device("cuda"), cm.Link(*NVLINK), cm.Link.from_gbit(gbit, latency_us=10.0)
+    return sum(AT_SCALE[contender](cm, d, rho, nodes, g, intra, inter, host) for d in MODEL_BUCKETS)
+
+
+def scale_table(rho: float, contenders: tuple[str, ...] = ("dense", "flat", "node"), g: int = 8,
+                exceptions: list[str] | None = None) -> list[str]:  # fmt: skip
+    """Markdown rows: ms per step of each contender, per node count and link rate, the fastest in
+    bold. Cells where the LAST contender is not the fastest are appended to ``exceptions``."""
     lines = [
-        f"| nodes x {g} GPUs | " + " | ".join(f"{gb} Gbit/s: dense / flat / node" for gb in (10, 25, 100)) + " |",
-        "|---|---|---|---|",
+        f"| nodes x {g} GPUs | " + " | ".join(f"{gb} Gbit/s: {' / '.join(contenders)}" for gb in SCALE_GBIT) + " |",
+        "|---|" + "---|" * len(SCALE_GBIT),
     ]
-    for nodes in (2, 4, 8, 16, 32, 64, 128, 256, 512):
+    last = contenders[-1]
+    for nodes in SCALE_NODES:
         cells = []
-        for gb in (10, 25, 100):
-            inter = cm.Link.from_gbit(gb, latency_us=10.0)
-            p = nodes * g
-            dense = sum(cm.dense_bucket_time(d, p, inter, host) for d in MODEL_BUCKETS)
-            flat = sum(cm.bucket_time(d, cm.bucket_k(rho, d), p, inter, host) for d in MODEL_BUCKETS)  # the one rule
-            node = sum(cm.hierarchical_bucket_time(d, rho, nodes, g, intra, inter, host) for d in MODEL_BUCKETS)
-            vals = {"dense": dense, "flat": flat, "node": node}
+        for gb in SCALE_GBIT:
+            vals = {c: model_step_s(c, rho, nodes, gb, g) for c in contenders}
             best = min(vals, key=vals.get)
-            if best != "node":
-                EXCEPTIONS.append(f"{nodes} x {g} at {gb} Gbit/s, density {rho}: {best} {vals[best] * 1e3:.1f} ms vs node {node * 1e3:.1f} ms")
+            if best != last and exceptions is not None:
+                exceptions.append(f"{nodes} x {g} at {gb} Gbit/s, density {rho}: {best} {vals[best] * 1e3:.1f} ms vs {last} {vals[last] * 1e3:.1f} ms")
             cells.append(" / ".join(f"**{v * 1e3:.1f}**" if k == best else f"{v * 1e3:.1f}" for k, v in vals.items()))
         lines.append(f"| {nodes} x {g} | " + " | ".join(cells) + " |")
     return lines
@@ -500,9 +518,10 @@ def markdown(results: list[dict[str, Any]], digits: dict[str, Any] | None) -> st
         "`dense_wins` says so: the byte rule, then the time model); the fastest in bold.",
         "",
     ]
+    exceptions: list[str] = []
     for rho in (0.001, 0.01):
-        lines += [f"Density {rho}:", "", *scale_table(rho), ""]
-    exc = "; ".join(EXCEPTIONS) or "none"
+        lines += [f"Density {rho}:", "", *scale_table(rho, exceptions=exceptions), ""]
+    exc = "; ".join(exceptions) or "none"
     lines += [
         f"Reading: with NVLink-class intra-node links node mode is predicted fastest in every cell but these: {exc}. "
         "It cuts the messages each NIC carries from 8N-1 to N-1 (each of about 1/8 the size), and its intra-node "

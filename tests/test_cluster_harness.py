@@ -342,3 +342,15 @@ def test_time_to_accuracy_table_on_a_synthetic_run():
     assert time_to_accuracy.time_to(runs[0]["curve"], 0.95, "step") == 60
     assert time_to_accuracy.time_to(runs[3]["curve"], 0.95, "step") is None
     json.dumps(data)  # the driver's JSON round-trips
+
+
+def test_bounded_exchange_section_covers_the_grid():
+    """2-512 nodes x 8 GPUs, 10/25/100 Gbit/s, three densities, three contenders (issue 18)."""
+    md = costmodel_report.markdown_exchange()
+    assert md.startswith("## Bounded exchange (model)")
+    for rho in costmodel_report.EXCHANGE_DENSITIES:
+        assert f"Density {rho}:" in md
+    rows = [ln for ln in md.splitlines() if ln.startswith("| ") and " x 8 |" in ln]
+    assert len(rows) == 9 * len(costmodel_report.EXCHANGE_DENSITIES)
+    assert all(ln.count("/") == 3 * 2 for ln in rows)  # dense / node+allgather / node+allreduce, three rates
+    assert "| 2 x 8 |" in md and "| 512 x 8 |" in md and "25 Gbit/s: dense / node+allgather / node+allreduce" in md

@@ -235,6 +235,86 @@ def test_hierarchical_model_and_scaleout_table_take_the_inter_stage_from_dense_w
     assert cm.dense_wins(s, k, 512, inter, GPU, share=g)  # 512 nodes at 0.01: the byte rule (512 * 2k > 2s)
 
 
+# ------------------------------------------------------------------------------------- exchanges
+def test_exchange_bytes_formulas():
+    d, k, P = 1_000_000, 10_000, 8
+    c1, c2 = cm.bounded_chunks(d, k, P)
+    assert (c1, c2) == (2500, 1250)  # ceil(2k/P), ceil(k/P)
+    assert cm.exchange_bytes("dense", d, k, P) == pytest.approx(2 * 7 / 8 * 4 * d)
+    assert cm.exchange_bytes("allgather", d, k, P) == 7 * 4 * (2 * k + 1) == cm.wire_bytes("sparse", d, P, k=k)
+    assert cm.exchange_bytes("allreduce", d, k, P) == 7 * 4 * (2 * c1 + 1) + 7 * 4 * (2 * c2 + 1)
+    assert cm.bounded_chunks(100, 90, 8) == (12, 12)  # both capped at floor(d/P)
+    assert cm.bounded_chunks(10, 3, 4) == (2, 1)
+    with pytest.raises(ValueError, match="exchange"):
+        cm.exchange_bytes("ring", d, k, P)
+
+
+def test_allreduce_bytes_are_bounded_in_peers_and_allgathers_grow():
+    d, k = 10_000_000, 5_040  # k divisible by every P below: the ceilings are exact
+    for P in (2, 3, 4, 6, 8, 12, 16, 24, 48):
+        ar = cm.exchange_bytes("allreduce", d, k, P)
+        assert ar == 4 * (P - 1) / P * 6 * k + 8 * (P - 1)  # 6 words per entry, (P-1)/P of them, + 2 flags per peer
+    for k in (1, 7, 1000, 12_345):
+        for P in range(2, 200):
+            assert cm.exchange_bytes("allreduce", d, k, P) <= 4 * ((P - 1) / P * 6 * k + 6 * (P - 1))
+    k = 10_000
+    ar = {P: cm.exchange_bytes("allreduce", d, k, P) for P in (2, 4, 8)}
+    ag = {P: cm.exchange_bytes("allgather", d, k, P) for P in (2, 4, 8)}
+    assert ar[4] / ar[2] <= (3 / 4) / (1 / 2) * 1.001 and ar[8] / ar[4] <= (7 / 8) / (3 / 4) * 1.001
+    assert ag[4] / ag[2] == pytest.approx(3.0) and ag[8] / ag[4] == pytest.approx(7 / 3)
+    assert ar[8] <= 0.45 * ag[8]  # issue 18's target at 8 hosts, by the formulas
+
+
+def test_allreduce_byte_rule_is_its_bytes_against_dense():
+    for d in (50, 1_000, 100_000):
+        for rho in (0.001, 0.01, 0.1, 0.3, 1.0):
+            k = cm.bucket_k(rho, d)
+            for P in (2, 3, 8, 64, 512):
+                more = cm.exchange_bytes("allreduce", d, k, P) >= cm.exchange_bytes("dense", d, k, P) * (1 - 1e-12)
+                assert cm.dense_wins(d, k, P, exchange="allreduce") == more, (d, k, P)
+
+
+def test_pick_exchange_allgather_for_few_peers_allreduce_for_many():
+    d, k = 2_000_000, 20_000  # a 16.8M bucket's shard on 8 GPUs, density 0.01
+    link = cm.Link.from_gbit(25.0, latency_us=10.0)
+    for ln in (None, link):
+        assert cm.pick_exchange(d, k, 2, ln, GPU, share=8) == "allgather"
+        assert cm.pick_exchange(d, k, 128, ln, GPU, share=8) == "allreduce"
+    assert cm.pick_exchange(d, d, 4, link, GPU) == "dense"  # density 1: both byte rules say dense
+    assert cm.pick_exchange(d, k, 128, link, GPU, candidates=("allgather",)) == "dense"  # 128 (2k+1) >= 2d
+    for P in (2, 8, 128, 1024):  # one candidate: exactly dense_wins
+        for e in cm.SPARSE_EXCHANGES:
+            assert (cm.pick_exchange(d, k, P, link, GPU, 8, (e,)) == "dense") == cm.dense_wins(d, k, P, link, GPU, e, 8)
+
+
+def test_exchange_time_and_the_node_stage():
+    link = cm.Link(alpha=1e-5, bandwidth=1e9)
+    free = cm.HostCosts(pass_s=0, hook_passes=0, select_passes=0, select_per_k_s=0, scatter_s=0, call_s=0, dense_passes=0)
+    d, k, P = 1_000_000, 10_000, 8
+    for e in cm.EXCHANGES:  # without host costs: alpha hops + bytes / (bandwidth / share)
+        hops = {"dense": 2 * (P - 1), "allgather": P - 1, "allreduce": 2 * (P - 1)}[e]
+        want = hops * 1e-5 + cm.exchange_bytes(e, d, k, P) * 4 / 1e9
+        assert cm.exchange_time(e, d, k, P, link, free, share=4) == pytest.approx(want)
+    assert cm.exchange_time("allgather", d, k, P, link, CPU) == cm.sparse_bucket_time(d, k, P, link, CPU)
+    assert cm.exchange_time("dense", d, k, P, link, CPU) == pytest.approx(cm.dense_bucket_time(d, P, link, CPU))
+    # node mode: half rings inside + the inter-node stage as the hook decides it
+    intra, inter = cm.Link(alpha=5e-6, bandwidth=150e9), cm.Link.from_gbit(25.0, latency_us=10.0)
+    d, rho, g, n = 16_781_312, 0.01, 8, 128
+    s = math.ceil(d / g)
+    half = cm.allgather_time(4 * d / g, g, intra)
+    for e in ("allgather", "allreduce", "dense", "auto"):
+        want = 2 * half + cm.bucket_time(s, cm.bucket_k(rho, s), n, inter, GPU, e, share=g)
+        assert cm.hierarchical_bucket_time(d, rho, n, g, intra, inter, GPU, exchange=e) == pytest.approx(want)
+    t = {e: cm.hierarchical_bucket_time(d, rho, n, g, intra, inter, GPU, exchange=e) for e in ("allgather", "allreduce", "auto")}
+    assert t["auto"] == min(t.values()) == t["allreduce"]
+
+
+def test_decision_names_what_is_sent():
+    link = cm.Link.from_gbit(1.0)
+    assert cm.decide(16_000_000, 16_000, 2, link, CPU).exchange == "allgather"
+    assert cm.decide(10_000, 100, 100, link, CPU).exchange == "dense"
+
+
 # ------------------------------------------------------------------------------------- fits
 def test_least_squares_exact_and_nonnegative():
     rows = [[1.0, x] for x in range(8)]
