@@ -1,11 +1,16 @@
-"""What the benchmark scripts share: a free port, the machine line of their reports, and the marked
-sections of docs/benchmarks.md that each script rewrites. Standard library only (the cluster
+"""What the benchmark scripts share: a free port, the one timing loop, DDP's bucket assignment, the
+machine line of their reports, and the marked sections of docs/benchmarks.md that each script
+rewrites. Standard library only (the cluster
 harness and its CI tests import it without torch).
 """
 
 import os
 import platform
 import socket
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
 
 BENCHMARKS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCHMARKS)  # the repository
@@ -37,6 +42,37 @@ def init_gloo_worker(timeout_minutes: float) -> tuple[int, int, str]:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(minutes=timeout_minutes))
     return rank, world, os.environ["GK_IFNAME"]
+
+
+def median_time(fn: Callable[[], Any], reps: int, warm: int = 1) -> float:
+    """The one timing loop of the benchmarks: ``warm`` untimed calls, then the median wall-clock
+    seconds of ``reps`` calls (``time.perf_counter``; the caller synchronises a device in ``fn``)."""
+    for _ in range(warm):
+        fn()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def ddp_bucket_groups(numels: Sequence[int], first_bucket_bytes: int | None = None, cap_bytes: int = 25 * 2**20) -> list[list[int]]:
+    """DDP's buckets after its rebuild, as the numels of the parameters in each, asked of torch
+    itself (``torch.distributed._compute_bucket_assignment_by_size`` on meta tensors of those
+    sizes, fp32): ``numels`` in registration order, buckets in gradient-ready order (reverse
+    registration; first bucket capped at ``dist._DEFAULT_FIRST_BUCKET_BYTES``, the others at
+    ``cap_bytes``). One bucket of everything if the private API is missing."""
+    import torch
+    import torch.distributed as dist
+
+    params = [torch.empty(n, device="meta") for n in reversed(numels)]
+    first = dist._DEFAULT_FIRST_BUCKET_BYTES if first_bucket_bytes is None else first_bucket_bytes
+    try:
+        groups, _ = dist._compute_bucket_assignment_by_size(params, [first, cap_bytes])
+    except (AttributeError, TypeError, RuntimeError):  # private API: one bucket
+        groups = [list(range(len(params)))]
+    return [[params[i].numel() for i in g] for g in groups]
 
 
 def load_average() -> float:

@@ -47,6 +47,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
+import contenders as registry  # noqa: E402
 
 sys.path.insert(0, _common.ROOT)
 OUT = os.path.join(_common.OUT, "convergence.json")
@@ -63,6 +64,18 @@ FAMILIES: dict[str, dict[str, Any]] = {
 DENSITIES = (0.01, 0.001)
 EVAL_EVERY = 20
 
+
+
+# The remedy of a contender "gaussk@RHO/REMEDY" (benchmarks/contenders.py), as GaussKState options.
+REMEDY_TAGS: dict[str, dict[str, Any]] = {
+    "off": {"remedies": "none"},
+    "freeze": {"remedies": "auto", "adam_remedy": "freeze", "variance_freeze_steps": FREEZE},
+    "warm+freeze": {"remedies": "auto", "adam_remedy": "freeze", "variance_freeze_steps": FREEZE, "warmup_steps": FREEZE,
+                    "warmup_density": 1.0},
+    "amsgrad": {"remedies": "auto", "adam_remedy": "amsgrad"},
+    "mc": {"remedies": "all"},
+    "mc-nomask": {"remedies": "all", "momentum_masking": False},
+}
 
 def methods(family: str) -> list[str]:
     return ["dense"] + [f"gaussk@{rho}/{r}" for rho in DENSITIES for r in FAMILIES[family]["remedies"]]
@@ -187,19 +200,7 @@ def train_one(rank: int, world: int, family: str, method: str, seed: int, task: 
 
     state = None
     if method != "dense":
-        rho_s, remedy = method.split("@")[1].split("/")
-        opts: dict[str, Any] = {"density": float(rho_s), "selector": "gaussk", "seed": seed}
-        opts["remedies"] = "none" if remedy == "off" else "auto"
-        if remedy in ("freeze", "warm+freeze"):
-            opts.update(adam_remedy="freeze", variance_freeze_steps=FREEZE)
-        if remedy.startswith("mc"):
-            opts["remedies"] = "all"
-        if remedy == "mc-nomask":
-            opts["momentum_masking"] = False
-        if remedy == "amsgrad":
-            opts["adam_remedy"] = "amsgrad"
-        if remedy == "warm+freeze":
-            opts.update(warmup_steps=FREEZE, warmup_density=1.0)
+        opts = registry.options(registry.parse(method), REMEDY_TAGS, seed=seed)  # "gaussk@0.01/warm+freeze"
         state = GaussKState(**opts).bind(ddp)
 
         def hook(st: Any, bucket: Any) -> Any:

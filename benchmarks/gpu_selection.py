@@ -37,7 +37,6 @@ Usage::
 
 import argparse
 import json
-import math
 import os
 import platform
 import statistics
@@ -140,12 +139,14 @@ def capture(x, values, best_sq: float) -> float:
 def measure(device: str, d: int, density: float, repeats: int, timer: Timer, bw: float) -> list[dict]:
     import torch
 
+    from lightning_gaussk.config import bucket_k
+
     gen = torch.Generator(device=device).manual_seed(d)
     g = torch.randn(d, device=device, generator=gen)
     r = torch.randn(d, device=device, generator=gen).mul_(0.01)
     x = g + r  # the accum_* methods select this same vector, formed from (r, g) on every call
     u = torch.empty_like(x)
-    k = max(1, math.ceil(density * d))
+    k = bucket_k(density, d)  # the package's one formula of k
     fns = method_fns(x, r, g, u, k)
     best_sq = float(torch.topk(x.abs(), k, sorted=False).values.double().pow(2).sum())
     quality = {}
@@ -218,6 +219,7 @@ def profile_bucket(device: str, d: int, density: float) -> list[dict]:
     from torch.profiler import ProfilerActivity, profile
 
     from lightning_gaussk import GaussKState, accumulate_select, gaussk_hook, select
+    from lightning_gaussk.config import bucket_k
 
     if not dist.is_initialized():
         sock = __import__("socket").socket()
@@ -227,7 +229,7 @@ def profile_bucket(device: str, d: int, density: float) -> list[dict]:
         dist.init_process_group(
             "nccl" if device == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1
         )
-    k = max(1, math.ceil(density * d))
+    k = bucket_k(density, d)  # the package's one formula of k
     gen = torch.Generator(device=device).manual_seed(1)
     x = torch.randn(d, device=device, generator=gen)
     r = torch.randn(d, device=device, generator=gen).mul_(0.01)

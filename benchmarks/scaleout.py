@@ -18,8 +18,9 @@ benchmarks/throughput.py, 25.3M parameters) and batch measure, in this order:
    same model and SGD step without DDP, all ranks at once). Per step: time, bytes through the
    host's veth (``/proc/net/dev``: inter-node traffic only), and the hook's telemetry deltas.
 
-Contenders: ``ddp`` (no hook), ``flat@rho`` (``GaussKState(density=rho, hierarchy="flat")``),
-``node@rho`` (``hierarchy="node", ranks_per_node=2``), ``powersgd`` (torch's ``powerSGD_hook``,
+Contenders (benchmarks/contenders.py): ``ddp`` (no hook), ``gaussk@rho/flat``
+(``GaussKState(density=rho, hierarchy="flat")``), ``gaussk@rho/node`` (``hierarchy="node",
+ranks_per_node=2``; older JSON names them ``flat@rho`` and ``node@rho``), ``powersgd`` (torch's ``powerSGD_hook``,
 rank 4, error feedback, one bucket: with several buckets on gloo its callbacks' collectives
 mismatch between ranks).
 
@@ -49,6 +50,7 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
 import cluster  # noqa: E402
+import contenders as registry  # noqa: E402
 import throughput  # noqa: E402
 from _common import DOCS  # noqa: E402
 
@@ -62,20 +64,10 @@ DEFAULT_SETTINGS = ("1gbit:0.001", "20mbit:0.01")
 def default_methods(rate: str, density: float) -> list[str]:
     """Dense contenders only where a dense step takes less than a minute (>= 100 Mbit/s)."""
     dense = cluster.parse_rate(rate) >= 100 * 10**6
-    return (["ddp"] if dense else []) + [f"flat@{density}", f"node@{density}", "powersgd"]
+    return (["ddp"] if dense else []) + [f"gaussk@{density}/flat", f"gaussk@{density}/node", "powersgd"]
 
 
 # ====================================================================================== worker side
-def _median_time(fn: Any, reps: int) -> float:
-    fn()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
-
-
 def calibrate_groups(world: int, groups: tuple[Any, Any], rate_bps: int) -> dict[str, list[dict[str, float]]]:
     """Timed collectives: the 4-rank world (flat), the inter-node pairs (both at once) and the
     intra-node pairs (both nodes at once); sizes capped by the link rate (<= ~1 s per call)."""
@@ -91,40 +83,28 @@ def calibrate_groups(world: int, groups: tuple[Any, Any], rate_bps: int) -> dict
     for nbytes in big:
         x = torch.ones(nbytes // 4)
         dist.barrier()
-        out["flat"].append({"kind": "allreduce", "world": world, "nbytes": nbytes, "seconds": _median_time(lambda: dist.all_reduce(x), 2)})
+        out["flat"].append({"kind": "allreduce", "world": world, "nbytes": nbytes, "seconds": _common.median_time(lambda: dist.all_reduce(x), 2)})
     for nbytes in [n for n in big if n <= cap // 4]:
         x = torch.ones(nbytes // 4)
         y = torch.empty(world * (nbytes // 4))
         dist.barrier()
-        out["flat"].append({"kind": "allgather", "world": world, "nbytes": nbytes, "seconds": _median_time(lambda: gather(y, x), 2)})
+        out["flat"].append({"kind": "allgather", "world": world, "nbytes": nbytes, "seconds": _common.median_time(lambda: gather(y, x), 2)})
     for nbytes in [n for n in big if n <= cap // 2]:
         x = torch.ones(nbytes // 4)
         y = torch.empty(HOSTS * (nbytes // 4))
         dist.barrier()
         out["inter"].append({"kind": "allgather", "world": HOSTS, "nbytes": nbytes,
-                             "seconds": _median_time(lambda: gather(y, x, group=inter), 2)})  # fmt: skip
+                             "seconds": _common.median_time(lambda: gather(y, x, group=inter), 2)})  # fmt: skip
     for nbytes in (64 << 10, 4 << 20, 32 << 20, 64 << 20):  # reduce-scatter of nbytes: message nbytes / L
         full = torch.ones(nbytes // 4)
         shard = torch.empty(nbytes // 4 // RPH)
         dist.barrier()
         out["intra"].append({"kind": "allgather", "world": RPH, "nbytes": nbytes // RPH, "op": "reduce_scatter",
-                             "seconds": _median_time(lambda: rs(shard, full, group=intra), 2)})  # fmt: skip
+                             "seconds": _common.median_time(lambda: rs(shard, full, group=intra), 2)})  # fmt: skip
         dist.barrier()
         out["intra"].append({"kind": "allgather", "world": RPH, "nbytes": nbytes // RPH, "op": "all_gather",
-                             "seconds": _median_time(lambda: gather(full, shard, group=intra), 2)})  # fmt: skip
+                             "seconds": _common.median_time(lambda: gather(full, shard, group=intra), 2)})  # fmt: skip
     return out
-
-
-def register(ddp: Any, method: str) -> Any:
-    from lightning_gaussk import GaussKState, gaussk_hook
-
-    if method in ("ddp", "powersgd"):
-        return throughput.register(ddp, method)
-    mode, rho = method.split("@")
-    kw = {"hierarchy": "flat"} if mode == "flat" else {"hierarchy": "node", "ranks_per_node": RPH}
-    state = GaussKState(density=float(rho), selector="gaussk", **kw).bind(ddp)
-    ddp.register_comm_hook(state, gaussk_hook)
-    return state
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -172,7 +152,7 @@ def worker(args: argparse.Namespace) -> None:
         model = throughput.make_model(args.model)
         cap = {"bucket_cap_mb": 4 * result["numel"] / 2**20 + 1} if method == "powersgd" else {}
         ddp = DDP(model, gradient_as_bucket_view=True, **cap)
-        state = register(ddp, method)
+        state = registry.register(ddp, method, ranks_per_node=RPH)
         contenders[method] = (ddp, torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9), state)
         result["methods"][method] = {"times": [], "rx": [], "tx": [], "telemetry": [],
                                      "buckets": [result["numel"]] if method == "powersgd" else throughput.bucket_entries(model)}  # fmt: skip
@@ -182,31 +162,8 @@ def worker(args: argparse.Namespace) -> None:
     for name, (_, _, state) in contenders.items():  # the layout each gaussk contender resolved
         if hasattr(state, "layout"):
             result["methods"][name]["layout"] = state.layout.to_dict()
-    conc: list[float] = []
-    names = list(contenders)
-    for rnd in range(args.steps):
-        order = names if rnd % 2 == 0 else names[::-1]
-        for name in order:
-            model, opt, state = contenders[name]
-            dist.barrier()
-            net0 = throughput.netdev(ifname)
-            tel0 = dict(state.telemetry) if hasattr(state, "telemetry") else None
-            t = time.perf_counter()
-            train_step(model, opt)
-            dt = time.perf_counter() - t
-            net1 = throughput.netdev(ifname)
-            if name == "compute":
-                conc.append(dt)
-                continue
-            rec = result["methods"][name]
-            rec["times"].append(dt)
-            rec["rx"].append(net1[0] - net0[0])
-            rec["tx"].append(net1[1] - net0[1])
-            if tel0 is not None:
-                rec["telemetry"].append({key: state.telemetry[key] - tel0[key] for key in tel0})
-        if rank == 0:
-            print(f"[{rate} rho={args.density}] step {rnd}: "
-                  + ", ".join(f"{m} {result['methods'][m]['times'][-1] * 1e3:.0f}" for m in methods) + " ms", flush=True)  # fmt: skip
+    conc, _ = throughput.timed_rounds(contenders, train_step, args.steps, ifname, result["methods"], rank,
+                                      f"{rate} rho={args.density}")  # fmt: skip
     result["compute_s"] = statistics.median(conc)
     every: list[Any] = [None] * world
     dist.all_gather_object(every, {"compute_s": result["compute_s"], "methods": result["methods"]})
@@ -243,6 +200,16 @@ def run_setting(setting: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------- cost model
+def _mode(method: str) -> str | None:
+    """"flat" or "node" for a GaussK contender (either naming: gaussk@RHO/node or node@RHO)."""
+    return registry.parse(method).mode
+
+
+def _of_mode(by_method: dict[str, Any], mode: str) -> Any:
+    """The entry of the first contender in ``mode``, or None."""
+    return next((v for m, v in by_method.items() if _mode(m) == mode), None)
+
+
 def fitted(res: dict[str, Any]) -> dict[str, Any]:
     """Links (flat: the veth as a 4-rank ring sees it; inter: one inter-node pair while the other
     pair shares the veth; intra: loopback inside a node) and host costs from the run's calibration."""
@@ -257,18 +224,13 @@ def fitted(res: dict[str, Any]) -> dict[str, Any]:
 
 
 def shard_sizes(param_numels: list[int], bucket: int, buckets: list[int]) -> int:
-    """``s`` of a bucket: sum over its parameters of ceil(n_p / L) (DDP's buckets hold whole
-    parameters, in reverse registration order)."""
-    params = param_numels[::-1]
-    i = 0
-    for b in buckets:
-        group, total = [], 0
-        while total < b and i < len(params):
-            group.append(params[i])
-            total += params[i]
-            i += 1
-        if b == bucket:
-            return sum(math.ceil(n / RPH) for n in group)
+    """``s`` of a bucket in node mode: the entries local rank 0 keeps, its chunk
+    (``topology.chunk_bounds``) of every parameter in the bucket, the bucket's parameters as DDP
+    assigns them (:func:`_common.ddp_bucket_groups`)."""
+    chunk_bounds = cluster.load_topology().chunk_bounds
+    for group in _common.ddp_bucket_groups(param_numels):
+        if sum(group) == bucket:
+            return sum(stop - start for start, stop in (chunk_bounds(n, RPH, 0) for n in group))
     return math.ceil(bucket / RPH)
 
 
@@ -282,7 +244,7 @@ def predict_node_stages(res: dict[str, Any], f: dict[str, Any], rho: float) -> d
     """
     cm = cluster.load_costmodel()
     host, intra, inter = f["host"], f["intra"], f["inter"]
-    buckets = res["methods"].get(f"node@{rho}", {}).get("buckets") or res["methods"]["ddp"]["buckets"]
+    buckets = (_of_mode(res["methods"], "node") or {}).get("buckets") or res["methods"]["ddp"]["buckets"]
     out = dict.fromkeys(STAGES, 0.0)
     for d in buckets:
         s = shard_sizes(res["param_numels"], d, buckets)
@@ -303,9 +265,9 @@ def predict_steps(res: dict[str, Any], f: dict[str, Any]) -> dict[str, float]:
         work = cm.Workload(compute_s=c, buckets=tuple(v["buckets"]))
         if m == "ddp":
             out[m] = cm.step_time(work, "dense", res["world"], f["flat"], f["host"])
-        elif m.startswith("flat@"):
+        elif _mode(m) == "flat":
             out[m] = cm.step_time(work, "sparse", res["world"], f["flat"], f["host"], density=rho)
-        elif m.startswith("node@"):
+        elif _mode(m) == "node":
             out[m] = c + sum(predict_node_stages(res, f, rho).values())
     return out
 
@@ -321,9 +283,9 @@ def predict_bytes(res: dict[str, Any]) -> dict[str, float]:
     for m, v in res["methods"].items():
         if m == "ddp":
             out[m] = cm.wire_bytes("dense", res["numel"], w)
-        elif m.startswith("flat@"):
+        elif _mode(m) == "flat":
             out[m] = sum(cm.wire_bytes("sparse", d, w, k=cm.bucket_k(rho, d)) for d in v["buckets"])
-        elif m.startswith("node@"):
+        elif _mode(m) == "node":
             out[m] = sum(RPH * (HOSTS - 1) * cm.sparse_message_bytes(cm.bucket_k(rho, shard_sizes(res["param_numels"], d, v["buckets"])))
                          for d in v["buckets"])  # fmt: skip
         elif m == "powersgd":
@@ -355,7 +317,7 @@ def summarize(res: dict[str, Any]) -> dict[str, Any]:
     by = {r["method"]: r for r in rows}
     rho = res["density"]
     ratios = {}
-    node, flat = by.get(f"node@{rho}"), by.get(f"flat@{rho}")
+    node, flat = _of_mode(by, "node"), _of_mode(by, "flat")
     if node and flat:
         ratios["bytes_node_over_flat"] = node["tx_host"] / flat["tx_host"]
         ratios["steps_node_over_flat"] = node["steps_per_s"] / flat["steps_per_s"]
@@ -469,7 +431,7 @@ def markdown(results: list[dict[str, Any]], digits: dict[str, Any] | None) -> st
             "| method | steps/s | x flat | predicted step ms | measured step ms | model error | veth tx/step per node (measured) | (model) | hook telemetry bytes_inter/step per rank |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
-        flat_sps = next((r["steps_per_s"] for r in s["rows"] if r["method"].startswith("flat@")), float("nan"))
+        flat_sps = next((r["steps_per_s"] for r in s["rows"] if _mode(r["method"]) == "flat"), float("nan"))
         for r in s["rows"]:
             lines.append(
                 f"| {r['method']} | {r['steps_per_s']:.3f} | {r['steps_per_s'] / flat_sps:.2f} | {_ms(r['pred_s'])} | {_ms(r['step_s'])} | "
@@ -477,7 +439,7 @@ def markdown(results: list[dict[str, Any]], digits: dict[str, Any] | None) -> st
                 f"{'' if r['model_bytes'] is None or math.isnan(r['model_bytes']) else throughput.fmt_bytes(r['model_bytes'])} | "
                 f"{throughput.fmt_bytes(r['bytes_inter_rank']) if 'bytes_inter_rank' in r else ''} |"
             )
-        node = next((r for r in s["rows"] if r["method"].startswith("node@")), None)
+        node = next((r for r in s["rows"] if _mode(r["method"]) == "node"), None)
         if node and "stages" in node:
             lines += [
                 "",
@@ -594,7 +556,7 @@ def run_digits(args: argparse.Namespace) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--settings", default=",".join(DEFAULT_SETTINGS), help="rate:density,... (2 hosts x 2 ranks each)")
-    p.add_argument("--methods", default=None, help="comma list from ddp, flat@RHO, node@RHO, powersgd (default: by rate)")
+    p.add_argument("--methods", default=None, help="comma list from ddp, gaussk@RHO/flat, gaussk@RHO/node, powersgd (default: by rate)")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--delay-ms", type=float, default=0.0)

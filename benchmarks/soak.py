@@ -162,13 +162,12 @@ def _memory_worker(rank: int, world: int, port: int, hook: str, steps: int, widt
         if step % 50 == 0 or step in (1, 5, 10):
             samples.append((step, _rss()))
     state_bytes = 0
-    if state is not None:
-        seen = {}
-        for slot in state._slots.values():
-            for t in (slot.residual, slot.work, slot.out, slot.msg, slot.gathered):
-                if t is not None:
-                    seen[t.data_ptr()] = t.numel() * t.element_size()
-        state_bytes = sum(seen.values())
+    if state is not None:  # public API: the store's bytes (buffers included), else the residuals alone
+        store = getattr(state, "store", None)
+        if store is not None and hasattr(store, "nbytes"):
+            state_bytes = store.nbytes()
+        else:
+            state_bytes = sum(t.numel() * t.element_size() for t in state.residuals().values())
     params = sum(p.numel() for p in model.parameters())
     dist.barrier()
     Path(out, f"{hook}_rank{rank}.json").write_text(json.dumps({"base": base, "samples": samples, "state_bytes": state_bytes, "params": params}))

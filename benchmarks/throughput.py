@@ -38,7 +38,6 @@ Needs root (network namespaces); exits with status 2 otherwise.
 
 import argparse
 import json
-import math
 import os
 import statistics
 import sys
@@ -48,6 +47,7 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
 import cluster  # noqa: E402
+import contenders as registry  # noqa: E402
 from _common import DOCS, IMG  # noqa: E402
 
 sys.path.insert(0, _common.ROOT)  # lightning_gaussk, for the workers
@@ -111,17 +111,6 @@ def netdev(ifname: str) -> tuple[int, int]:
     raise RuntimeError(f"interface {ifname} not in /proc/net/dev")
 
 
-def _median_time(fn: Any, reps: int, warm: int = 1) -> float:
-    for _ in range(warm):
-        fn()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
-
-
 def calibrate_link(world: int, sizes_ar: list[int], sizes_ag: list[int]) -> list[dict[str, float]]:
     import torch
     import torch.distributed as dist
@@ -130,13 +119,13 @@ def calibrate_link(world: int, sizes_ar: list[int], sizes_ag: list[int]) -> list
     for nbytes in sizes_ar:
         x = torch.ones(nbytes // 4)
         dist.barrier()
-        out.append({"kind": "allreduce", "world": world, "nbytes": nbytes, "seconds": _median_time(lambda: dist.all_reduce(x), 3)})
+        out.append({"kind": "allreduce", "world": world, "nbytes": nbytes, "seconds": _common.median_time(lambda: dist.all_reduce(x), 3)})
     for nbytes in sizes_ag:
         x = torch.ones(nbytes // 4)
         y = torch.empty(world * (nbytes // 4))
         gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
         dist.barrier()
-        out.append({"kind": "allgather", "world": world, "nbytes": nbytes, "seconds": _median_time(lambda: gather(y, x), 3)})
+        out.append({"kind": "allgather", "world": world, "nbytes": nbytes, "seconds": _common.median_time(lambda: gather(y, x), 3)})
     return out
 
 
@@ -157,16 +146,16 @@ def calibrate_host(sizes: list[int], world: int, densities: list[float], methods
         r = torch.randn(d, generator=g) * 0.1
         b0 = torch.randn(d, generator=g)
         b = b0.clone()
-        res["pass"].append({"d": d, "seconds": _median_time(lambda: torch.dot(u, u), 5)})
+        res["pass"].append({"d": d, "seconds": _common.median_time(lambda: torch.dot(u, u), 5)})
         for rho in densities:
-            k = math.ceil(rho * d)
+            k = cluster.load_costmodel().bucket_k(rho, d)
             for method in methods:
 
                 def step() -> None:
                     b.copy_(b0)  # a fresh gradient (zeroed by the previous call); the copy is timed apart
                     accumulate_select(r, b, u, k, method, seed=0, step=0, zero_grad=True)
 
-                t = _median_time(step, 3 if method == "gaussk" else 1) - _median_time(lambda: b.copy_(b0), 3)
+                t = _common.median_time(step, 3 if method == "gaussk" else 1) - _common.median_time(lambda: b.copy_(b0), 3)
                 res["select"].append({"method": method, "d": d, "k": k, "seconds": max(t, 0.0)})
             idx_k = torch.randperm(d, generator=g)[:k]
             idx_w = torch.randint(0, d, (world * k,), generator=g, dtype=torch.int64).to(torch.int32)
@@ -176,44 +165,59 @@ def calibrate_host(sizes: list[int], world: int, densities: list[float], methods
                 b.index_add_(0, idx_w, vals, alpha=1.0 / world)
                 u.index_fill_(0, idx_k, 0.0)
 
-            res["hook_rest"].append({"d": d, "k": k, "world": world, "seconds": _median_time(rest, 3)})
+            res["hook_rest"].append({"d": d, "k": k, "world": world, "seconds": _common.median_time(rest, 3)})
     res["pass_s"] = statistics.median(x["seconds"] / x["d"] for x in res["pass"])
     return res
 
 
 def bucket_entries(model: Any) -> list[int]:
-    """DDP's buckets after its rebuild (gradient-ready order ~ reverse registration order; first
-    bucket capped at 1 MiB, the others at 25 MiB), in entries."""
+    """DDP's buckets after its rebuild, in entries (:func:`_common.ddp_bucket_groups`: torch's own
+    assignment)."""
+    return [sum(g) for g in _common.ddp_bucket_groups([p.numel() for p in model.parameters() if p.requires_grad])]
+
+
+def timed_rounds(contenders: dict[str, Any], train_step: Any, steps: int, ifname: str, methods: dict[str, Any], rank: int,
+                 label: str, time_alone: bool = False) -> tuple[list[float], list[float]]:  # fmt: skip
+    """The one step-timing loop of the cluster drivers: ``steps`` rounds, each contender ONE step
+    in turn (order reversed every other round, so drift on a shared machine hits everyone
+    alike), a barrier before each step. Appends to ``methods[name]`` the step time, the bytes
+    through ``ifname`` and the telemetry delta; returns the "compute" contender's times (all ranks
+    at once) and, with ``time_alone``, rank 0's compute step with the other ranks idle."""
     import torch.distributed as dist
 
-    params = [p for p in model.parameters() if p.requires_grad][::-1]
-    try:
-        groups, _ = dist._compute_bucket_assignment_by_size(params, [dist._DEFAULT_FIRST_BUCKET_BYTES, 25 * 2**20])
-        return [sum(params[i].numel() for i in grp) for grp in groups]
-    except Exception:  # private API: fall back to one bucket
-        return [sum(p.numel() for p in params)]
-
-
-def register(ddp: Any, method: str) -> Any:
-    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
-
-    from lightning_gaussk import GaussKState, gaussk_hook
-
-    if method == "ddp":
-        return None
-    if method == "fp16":
-        ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
-        return None
-    if method == "powersgd":
-        state = powerSGD_hook.PowerSGDState(
-            process_group=None, matrix_approximation_rank=4, use_error_feedback=True, warm_start=True, start_powerSGD_iter=2
-        )
-        ddp.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
-        return state
-    selector, density = method.split("@")
-    state = GaussKState(density=float(density), selector=selector).bind(ddp)
-    ddp.register_comm_hook(state, gaussk_hook)
-    return state
+    conc: list[float] = []
+    alone: list[float] = []
+    names = list(contenders)
+    for rnd in range(steps):
+        order = names if rnd % 2 == 0 else names[::-1]
+        for name in order:
+            model, opt, state = contenders[name]
+            dist.barrier()  # every rank starts the step together
+            net0 = netdev(ifname)
+            tel0 = dict(state.telemetry) if hasattr(state, "telemetry") else None
+            t = time.perf_counter()
+            train_step(model, opt)
+            dt = time.perf_counter() - t
+            net1 = netdev(ifname)
+            if name == "compute":
+                conc.append(dt)
+                if time_alone:
+                    dist.barrier()
+                    if rank == 0:  # the same step with the other ranks idle (waiting in the barrier)
+                        t = time.perf_counter()
+                        train_step(model, opt)
+                        alone.append(time.perf_counter() - t)
+                    dist.barrier()
+                continue
+            rec = methods[name]
+            rec["times"].append(dt)
+            rec["rx"].append(net1[0] - net0[0])
+            rec["tx"].append(net1[1] - net0[1])
+            if tel0 is not None:
+                rec["telemetry"].append({key: state.telemetry[key] - tel0[key] for key in tel0})
+        if rank == 0:
+            print(f"[{label}] step {rnd}: " + ", ".join(f"{m} {methods[m]['times'][-1] * 1e3:.0f}" for m in methods) + " ms", flush=True)
+    return conc, alone
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -242,8 +246,9 @@ def worker(args: argparse.Namespace) -> None:
     result["powersgd_elements"], result["powersgd_uncompressed"] = powersgd_elements(probe)
     d_host = max(bucket_entries(probe))
     del probe
-    dens = sorted({float(m.split("@")[1]) for m in methods if "@" in m}) or [0.001]
-    sels = sorted({m.split("@")[0] for m in methods if "@" in m}) or ["gaussk"]
+    sparse = [c for c in map(registry.parse, methods) if c.hook == "gaussk"]
+    dens = sorted({c.density for c in sparse}) or [0.001]
+    sels = sorted({c.selector for c in sparse}) or ["gaussk"]
     dist.barrier()
     result["host"] = calibrate_host([d_host, d_host // 8], world, dens, sels)
 
@@ -260,45 +265,15 @@ def worker(args: argparse.Namespace) -> None:
         # gets one bucket holding every gradient; everyone else DDP's default buckets.
         cap = {"bucket_cap_mb": 4 * result["numel"] / 2**20 + 1} if method == "powersgd" else {}
         ddp = DDP(model, gradient_as_bucket_view=True, **cap)
-        state = register(ddp, method)
+        state = registry.register(ddp, method)
         contenders[method] = (ddp, torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9), state)
         result["methods"][method] = {"times": [], "rx": [], "tx": [], "telemetry": [],
                                      "buckets": [result["numel"]] if method == "powersgd" else bucket_entries(model)}  # fmt: skip
     for name, (model, opt, _) in contenders.items():
         for _ in range(args.warmup):  # DDP rebuilds its buckets after step 0; PowerSGD compresses from step 2
             train_step(model, opt)
-    conc: list[float] = []
-    alone: list[float] = []
-    names = list(contenders)
-    for rnd in range(args.steps):
-        order = names if rnd % 2 == 0 else names[::-1]  # drift on a shared machine hits everyone alike
-        for name in order:
-            model, opt, state = contenders[name]
-            dist.barrier()  # every rank starts the step together
-            net0 = netdev(ifname)
-            tel0 = dict(state.telemetry) if hasattr(state, "telemetry") else None
-            t = time.perf_counter()
-            train_step(model, opt)
-            dt = time.perf_counter() - t
-            net1 = netdev(ifname)
-            if name == "compute":
-                conc.append(dt)
-                dist.barrier()
-                if rank == 0:  # the same step with the other ranks idle (waiting in the barrier)
-                    t = time.perf_counter()
-                    train_step(model, opt)
-                    alone.append(time.perf_counter() - t)
-                dist.barrier()
-                continue
-            rec = result["methods"][name]
-            rec["times"].append(dt)
-            rec["rx"].append(net1[0] - net0[0])
-            rec["tx"].append(net1[1] - net0[1])
-            if tel0 is not None:
-                rec["telemetry"].append({key: state.telemetry[key] - tel0[key] for key in tel0})
-        if rank == 0:
-            print(f"[{args.model} W={world} {result['rate']}] step {rnd}: "
-                  + ", ".join(f"{m} {result['methods'][m]['times'][-1] * 1e3:.0f}" for m in methods) + " ms", flush=True)  # fmt: skip
+    conc, alone = timed_rounds(contenders, train_step, args.steps, ifname, result["methods"], rank,
+                               f"{args.model} W={world} {result['rate']}", time_alone=True)  # fmt: skip
     per_rank = [None] * world
     dist.all_gather_object(per_rank, statistics.median(conc))
     result["compute_concurrent_s"] = statistics.mean(per_rank)
@@ -375,8 +350,8 @@ def summarize(res: dict[str, Any]) -> list[dict[str, Any]]:
         elif m == "powersgd":
             model_b = cm.wire_bytes("allreduce", numel, world, elements=res["powersgd_elements"])
         else:
-            rho = float(m.split("@")[1])
-            model_b = sum(cm.wire_bytes("sparse", d, world, k=max(1, math.ceil(rho * d - 1e-9))) for d in buckets)
+            rho = registry.parse(m).density
+            model_b = sum(cm.wire_bytes("sparse", d, world, k=cm.bucket_k(rho, d)) for d in buckets)
         tel = v["telemetry"]
         row = {
             "method": m,
@@ -433,9 +408,9 @@ def model_check(res: dict[str, Any]) -> list[dict[str, Any]]:
         work = cm.Workload(compute_s=res["compute_concurrent_s"], buckets=tuple(v["buckets"]))
         if m == "ddp":
             pred = cm.step_time(work, "dense", res["world"], link, hosts.get("gaussk"))
-        elif "@" in m:
-            sel, rho = m.split("@")
-            pred = cm.step_time(work, "sparse", res["world"], link, hosts[sel], density=float(rho))
+        elif registry.parse(m).hook == "gaussk":
+            c = registry.parse(m)
+            pred = cm.step_time(work, "sparse", res["world"], link, hosts[c.selector], density=c.density)
         else:
             continue  # fp16 (gloo sums fp16 in software) and PowerSGD (matmuls, QR) are not modelled
         meas = statistics.median(v["times"])
@@ -602,7 +577,7 @@ def plot_throughput(results: list[dict[str, Any]], path: str) -> str:
     for ax, res in zip(axes[0], results):
         rows = summarize(res)
         names = [r["method"] for r in rows]
-        ax.bar(range(len(rows)), [r["steps_per_s"] for r in rows], color=[colors[n.split("@")[0]] for n in names])
+        ax.bar(range(len(rows)), [r["steps_per_s"] for r in rows], color=[colors[registry.parse(n).selector or n] for n in names])
         for i, r in enumerate(rows):
             ax.text(i, r["steps_per_s"], f"{r['vs_ddp']:.2f}x", ha="center", va="bottom", fontsize=7)
         ax.set_xticks(range(len(rows)), names, rotation=60, ha="right", fontsize=8)

@@ -32,6 +32,7 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
 import cluster  # noqa: E402
+import contenders as registry  # noqa: E402
 from _common import DOCS, IMG  # noqa: E402
 
 sys.path.insert(0, _common.ROOT)  # lightning_gaussk, for the workers
@@ -70,7 +71,6 @@ def train_one(method: str, args: argparse.Namespace, rank: int, world: int) -> d
     from torch.utils.data import DataLoader, TensorDataset
     from torch.utils.data.distributed import DistributedSampler
 
-    from lightning_gaussk import GaussKState, gaussk_hook
 
     xtr, ytr, xte, yte = digits()
     train = TensorDataset(xtr, ytr)
@@ -81,16 +81,11 @@ def train_one(method: str, args: argparse.Namespace, rank: int, world: int) -> d
     model = make_model()
     ddp = DDP(model)
     state = None
-    if method != "ddp":
-        core, _, mode = method.partition("/")  # "gaussk@0.01/node": node mode, ranks_per_node from --ranks-per-node
-        hier = {"hierarchy": "node", "ranks_per_node": args.ranks_per_node} if mode == "node" else {"hierarchy": "flat"}
-        selector, rho = core.split("@")
+    if method != "ddp":  # "gaussk@0.01/node": node mode, ranks_per_node from --ranks-per-node (contenders.py)
+        c = registry.parse(method)
         warm = steps_per_epoch * args.warmup_epochs
-        state = GaussKState(
-            density=float(rho), selector=selector, warmup_steps=warm,
-            warmup_density=max(float(rho), args.warmup_density) if warm else None, **hier,
-        ).bind(ddp)  # fmt: skip
-        ddp.register_comm_hook(state, gaussk_hook)
+        state = registry.register(ddp, method, ranks_per_node=args.ranks_per_node, **({} if c.mode else {"hierarchy": "flat"}),
+                                  warmup_steps=warm, warmup_density=max(c.density, args.warmup_density) if warm else None)  # fmt: skip
     opt = torch.optim.SGD(ddp.parameters(), lr=args.lr, momentum=0.9)
     total = steps_per_epoch * args.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
@@ -190,7 +185,7 @@ def plot(data: dict[str, Any], path_prefix: str) -> list[str]:
                 m = run["method"]
                 if m != "ddp" and not m.endswith("@" + rho):
                     continue
-                sel = m.split("@")[0]
+                sel = registry.parse(m).selector
                 xs = [c[key] for c in run["curve"]]
                 ys = [100 * c["acc"] for c in run["curve"]]
                 ax.plot(xs, ys, label=m, color=colors[sel], lw=2 if sel in ("ddp", "gaussk") else 1.3,
@@ -242,8 +237,8 @@ def markdown(data: dict[str, Any], meta: dict[str, Any], images: list[str]) -> s
             f"| {m} | {100 * final[m]:.2f}% | {100 * (final[m] - final['ddp']):+.2f} | {'-' if st is None else st} | "
             f"{'-' if tt is None else f'{tt:.1f}'} | {r['train_s']:.1f} | {r['bytes_sent_per_step'] / 1e3:.1f} kB | {r['rank_spread']:.0e} |"
         )
-    within = [m for m in runs if m.split("@")[0] in ("gaussk", "topk") and abs(final[m] - final["ddp"]) <= 0.01]
-    outside = [m for m in runs if m.split("@")[0] in ("gaussk", "topk") and m not in within]
+    within = [m for m in runs if registry.parse(m).selector in ("gaussk", "topk") and abs(final[m] - final["ddp"]) <= 0.01]
+    outside = [m for m in runs if registry.parse(m).selector in ("gaussk", "topk") and m not in within]
     lines += [
         "",
         f"Within 1 percentage point of plain DDP's final accuracy: {', '.join(within) or 'none'}"

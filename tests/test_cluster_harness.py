@@ -354,3 +354,28 @@ def test_bounded_exchange_section_covers_the_grid():
     assert len(rows) == 9 * len(costmodel_report.EXCHANGE_DENSITIES)
     assert all(ln.count("/") == 3 * 2 for ln in rows)  # dense / node+allgather / node+allreduce, three rates
     assert "| 2 x 8 |" in md and "| 512 x 8 |" in md and "25 Gbit/s: dense / node+allgather / node+allreduce" in md
+
+
+def test_one_contender_format_and_its_legacy_names():
+    import contenders
+
+    c = contenders.parse("gaussk@0.01/node")
+    assert (c.hook, c.selector, c.density, c.mode) == ("gaussk", "gaussk", 0.01, "node")
+    assert contenders.parse("node@0.001").canonical == "gaussk@0.001/node"  # scaleout's first JSON
+    assert contenders.parse("flat@0.01").mode == "flat" and contenders.parse("topk@0.01").mode is None
+    assert contenders.parse("dense").hook == contenders.parse("ddp").hook == "ddp"
+    assert contenders.options(contenders.parse("randk@0.5/allreduce"), seed=3) == {
+        "density": 0.5, "selector": "randk", "exchange": "allreduce", "seed": 3}
+    for bad in ("gaussk", "gaussk@x", "gaussk@0", "@0.1"):
+        with pytest.raises(ValueError):
+            contenders.parse(bad)
+    with pytest.raises(ValueError, match="unknown tag"):
+        contenders.options(contenders.parse("gaussk@0.01/bogus"))
+
+
+def test_ddp_bucket_groups_are_torchs_assignment():
+    import _common
+
+    groups = _common.ddp_bucket_groups([10, 20, 300_000, 5])
+    assert sorted(n for g in groups for n in g) == [5, 10, 20, 300_000]
+    assert throughput.bucket_entries.__doc__ and len(groups) >= 1
