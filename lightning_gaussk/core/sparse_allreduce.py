@@ -91,7 +91,8 @@ class SparseAllReduce(Exchange):
     """Bounded sparse all-reduce: interleaved regions, capacity-2 reduce-scatter of the selections,
     exact top-``ceil(k/P)`` per region, all-gather of the results. About ``6 k (P - 1) / P`` words
     per rank whatever ``P``; delivers the part of each selection that made the global top set and
-    reports it (see the module docstring)."""
+    reports it (see the module docstring). Call each launch's ``finish`` once: it also resets the
+    cached marks that the next call's ``delivered`` relies on."""
 
     name = "allreduce"
 
