@@ -25,6 +25,9 @@ def _make_u(kind: str, d: int, rank: int, world: int, seed: int) -> torch.Tensor
         u[: max(1, d // 10)] *= 100
     elif kind == "strided":  # the large entries all fall in one region: stage 1 must drop some
         u[::world] *= 100
+    elif kind == "shuffled":  # the same large entries (all in region 0) on every rank, ranked differently
+        big = torch.arange(0, d, world)[: d // (10 * world) + 1]
+        u[big] = 100 + torch.randperm(big.numel(), generator=gen).float()
     return u
 
 
@@ -65,7 +68,16 @@ def _check_case(rank: int, world: int, kind: str, d: int, k: int, seed: int, ind
 
     _, c2 = capacities(k, d, world)
     assert int((out != 0).sum()) <= world * c2  # the global update holds about k entries, not P k
-    return {"delivered": int(dlv.sum()), "k": k, "out": out, "u": u, "all_delivered": [int(x[3].sum()) for x in everyone]}
+    # selected entries that were not delivered although their index is in the update (another rank's
+    # value got there, this rank's was dropped in stage 1): the subtle half of the delivery rule
+    dropped_but_in_update = sum(int((out[i_r][~d_r] != 0).sum()) for _, _, i_r, d_r in everyone)
+    return {
+        "delivered": int(dlv.sum()),
+        "out": out,
+        "u": u,
+        "all_delivered": [int(x[3].sum()) for x in everyone],
+        "dropped_but_in_update": dropped_but_in_update,
+    }
 
 
 def _worker(rank: int, world: int) -> None:
@@ -101,6 +113,9 @@ def _worker(rank: int, world: int) -> None:
     assert sum(facts["all_delivered"]) < world * 4 and sum(facts["all_delivered"]) > 0
     facts = _check_case(rank, world, "strided", 1000, 40, 8)
     assert sum(facts["all_delivered"]) < world * 40
+    if world > 2:  # (with 2 peers c1 = k: nothing is ever dropped in stage 1)
+        facts = _check_case(rank, world, "shuffled", 1000, 25, 10)
+        assert facts["dropped_but_in_update"] > 0
     # ... while random selections on a large bucket deliver most of what they send
     facts = _check_case(rank, world, "random", 4099, 41, 9)
     assert facts["delivered"] > 0
