@@ -19,8 +19,9 @@ have no keys for one. So, after ``accelerator.prepare(...)``::
   shard ``gaussk_state_rank{r}.pt`` and manifest ``gaussk_manifest_rank{r}.json`` (sha256, size,
   layout) in the checkpoint folder, atomically (Accelerate writes objects registered with
   ``register_for_checkpointing`` on the main process only, which would lose every other rank's
-  residuals); ``load_state`` reads them with the same checks and layout policy as the Lightning
-  strategy (:mod:`lightning_gaussk.checkpoint`);
+  residuals); ``load_state`` reads them through the same restore protocol as the Lightning
+  strategy (:mod:`lightning_gaussk.checkpoint`: checks, layout policy, and a missing or corrupt
+  shard on any rank raising on every rank);
 - reads its settings from keyword arguments, then ``GAUSSK_*`` environment variables, then the
   defaults (see :data:`ENV_VARS`).
 
@@ -31,9 +32,7 @@ micro-batch synchronises; then the step is counted by a post-step hook on the (f
 optimizer that holds the model's parameters instead.
 """
 
-import json
 import os
-import re
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -45,8 +44,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from lightning_gaussk import checkpoint as ckpt
 from lightning_gaussk.config import GaussKConfig, config_fields, env_options, env_var, parse_env, warn_unknown_env_vars
+from lightning_gaussk.core.log import rank_zero_warn
 from lightning_gaussk.hook import GaussKState, gaussk_hook
-from lightning_gaussk.topology import Layout
 
 try:
     from accelerate import Accelerator
@@ -80,7 +79,8 @@ STATE_FILE = "gaussk_state_rank{rank}.pt"
 #: rank ``rank``'s manifest next to its file: ``{"format": "lightning_gaussk.shards/1", "world_size",
 #: "layout", "files": [its entry: name, sha256, bytes]}`` (merged with the other ranks' at load)
 MANIFEST_FILE = "gaussk_manifest_rank{rank}.json"
-#: format of the per-rank files before shards had manifests (still read, without checksums)
+#: format of the per-rank files before shards had manifests (still read, without checksums, by
+#: :meth:`lightning_gaussk.checkpoint.SavedState.from_folder`)
 FILE_FORMAT = "lightning_gaussk.accelerate/1"
 
 _UNSUPPORTED = {"FSDP", "DEEPSPEED", "MEGATRON_LM", "XLA"}
@@ -339,55 +339,34 @@ def _attach_checkpointing(accelerator: Accelerator, state: GaussKState) -> None:
 
 def _save_files(state: GaussKState, folder: Path, rank: int, world: int, index: int = 0) -> None:
     """This rank's shard ``state_file(rank, index)`` and its one-entry manifest
-    ``manifest_file(rank, index)``, each written atomically, with no collective (Accelerate runs
-    the pre-hook on every process, and a rank must not wait for the others inside it). Rank 0
-    removes this model's files of ranks ``>= world`` (an earlier, larger save into the folder)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    sd = state.state_dict()
-    entry = ckpt.write_shard(sd, folder / state_file(rank, index), rank=rank, world_size=world, extra={"index": index})
-    del sd
-    ckpt.write_json_atomic(folder / manifest_file(rank, index), ckpt.make_manifest([entry], world_size=world))
-    if rank == 0:
-        for name in os.listdir(folder):
-            for pattern in (_pattern(state_file, index), _pattern(manifest_file, index)):
-                m = pattern.match(name)
-                if m and int(m.group(1)) >= world:
-                    (folder / name).unlink(missing_ok=True)
-
-
-def _pattern(namer: Any, index: int) -> re.Pattern[str]:
-    return re.compile("^" + re.escape(namer(0, index)).replace("rank0", r"rank(\d+)") + "$")
-
-
-def _read(path: Path) -> dict[str, Any]:
-    """One shard file, loaded and checked (no checksum: that is in its manifest)."""
-    return ckpt.read_shard(path)
+    ``manifest_file(rank, index)`` (:func:`lightning_gaussk.checkpoint.save_rank_files`: atomic, no
+    collective, since a rank must not wait for the others inside Accelerate's pre-hook)."""
+    ckpt.save_rank_files(
+        state,
+        folder,
+        rank=rank,
+        world_size=world,
+        shard_name=lambda r: state_file(r, index),
+        manifest_name=lambda r: manifest_file(r, index),
+        extra={"index": index},
+    )
 
 
 def _load_into(state: GaussKState, folder: Path, rank: int, world: int, index: int = 0) -> None:
-    """Restore ``state`` from a ``save_state`` folder: this rank's own shard on the same layout,
-    else the documented policy (:mod:`lightning_gaussk.checkpoint`, with a warning). Per-rank
-    manifests are merged; files of the earlier format (no manifest) are read without checksums."""
-    shards = {int(m.group(1)): f for f in os.listdir(folder) if (m := _pattern(state_file, index).match(f))}
-    parts = [
-        json.loads((folder / f).read_text())
-        for f in sorted(os.listdir(folder))
-        if _pattern(manifest_file, index).match(f)
-    ]
-    if not shards and not parts:
-        warnings.warn(
-            f"{folder} has no {state_file(0, index).replace('rank0', 'rank*')} (not saved with register_gaussk?): "
-            "residuals start from zero.",
-            stacklevel=3,
+    """Restore ``state`` from a ``save_state`` folder through the one restore protocol
+    (:func:`lightning_gaussk.checkpoint.restore_state`): this rank's own shard on the same layout,
+    else the documented policy (with a warning); per-rank manifests merged, files of the earlier
+    format read without checksums (:meth:`~lightning_gaussk.checkpoint.SavedState.from_folder`).
+    A collective: a missing or corrupt shard on any rank raises on every rank. A folder without
+    GaussK files on every rank: a warning, residuals start from zero."""
+
+    def open_saved() -> ckpt.SavedState | None:
+        return ckpt.SavedState.from_folder(
+            folder, shard_name=lambda r: state_file(r, index), manifest_name=lambda r: manifest_file(r, index)
         )
-        return
-    if parts:
-        manifest = ckpt.merge_manifests(parts)
-    else:  # the earlier format: self-describing files, no checksums, flat
-        own = shards.get(rank, next(iter(shards.values())))
-        saved_world = int(_read(folder / own)["world_size"])
-        entries = [{"rank": r, "name": f, "sha256": None, "bytes": None} for r, f in shards.items() if r < saved_world]
-        layout = Layout(saved_world, 0).to_dict()
-        manifest = {"format": ckpt.MANIFEST_FORMAT, "world_size": saved_world, "layout": layout, "files": entries}
-    target = ckpt.target_layout(state, world, rank)
-    state.load_state_dict(ckpt.state_from_shards(manifest, folder, target, expected_name=lambda r: state_file(r, index)))
+
+    if not ckpt.restore_state(state, open_saved, rank=rank, world_size=world):
+        rank_zero_warn(
+            f"{folder} has no {state_file(0, index).replace('rank0', 'rank*')} (not saved with register_gaussk?): "
+            "residuals start from zero."
+        )

@@ -36,6 +36,26 @@ Flat to flat on another world size this is the mean of the saved residuals (the 
 ``P`` is reassembled from the shards one file at a time (a running sum per parameter chunk: memory
 is one ``P`` plus one shard, whatever ``W``). Step and counters come from saved rank 0. The same
 layout (same ``W`` and ``L``; ``L = 1`` counts as flat) loads each rank's own file exactly.
+
+Momentum correction's velocities (``state["velocity"]``) are kept in the residuals' layout (flat:
+the rank's velocity of the whole parameter; node mode: chunk ``l`` of the node's summed velocity),
+so they follow the same rule: the new layout carries the same averaged velocity
+``V = (1/W) sum_r v_r`` (``v' = V``, node ``V' = L' V[chunk l']``). No velocity is dropped.
+
+Formats read
+------------
+:class:`SavedState` is the one reader of every format ever written: shard files with a manifest
+(current), per-rank files of the Accelerate integration without manifests
+(``"lightning_gaussk.accelerate/1"``, read without checksums) and the embedded
+``{"world_size": W, "per_rank": [...]}`` of early Lightning checkpoints.
+
+Agreement on failure
+--------------------
+:func:`restore_state` (both integrations) and :func:`save_shards` end in one small
+``all_gather_object`` of each rank's outcome: if any rank failed (a missing or corrupt shard, a
+write error), every rank raises, the failing one its own error and the others a ``RuntimeError``
+naming the failed ranks and their messages. No rank trains on, or walks into the next
+collective, while a peer has died.
 """
 
 from __future__ import annotations
@@ -51,15 +71,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.fabric.utilities.rank_zero import rank_zero_warn
+import torch.distributed as dist
 from torch import Tensor
 
+from lightning_gaussk.core.log import rank_zero_warn
 from lightning_gaussk.topology import Layout, chunk_bounds
 
 __all__ = [
     "MANIFEST_FORMAT",
     "SHARD_DIR_SUFFIX",
     "SHARD_FORMAT",
+    "SavedState",
+    "agree_on_failure",
     "average_states",
     "check_manifest",
     "copy_shards",
@@ -72,6 +95,8 @@ __all__ = [
     "read_shard",
     "remove_shards",
     "residuals_for_layout",
+    "restore_state",
+    "save_rank_files",
     "save_shards",
     "shard_dir",
     "shard_name",
@@ -89,6 +114,8 @@ SHARD_FORMAT = "lightning_gaussk.shard/1"
 #: earlier per-rank files of the Accelerate integration (no layout, no checksum): still read
 _LEGACY_SHARD_FORMATS = ("lightning_gaussk.accelerate/1",)
 SHARD_DIR_SUFFIX = ".gaussk"
+#: the per-parameter buffers of a rank's state dict, both in the residuals' layout: one policy for both
+_BUFFERS = ("residuals", "velocity")
 _CHUNK = 1 << 20  # bytes per read when hashing
 
 
@@ -153,7 +180,8 @@ def warn_layout_change(saved: str, now: str) -> None:
     rank_zero_warn(
         f"Resuming GaussK state saved with {saved} on {now}: residuals follow the documented policy, the new ranks "
         "carry the same pending averaged update P = (1/W) sum of the saved residuals (flat: each rank starts from "
-        "the mean of the saved residuals, r' = P; node mode: R' = L' P[chunk]); see docs/checkpointing.md."
+        "the mean of the saved residuals, r' = P; node mode: R' = L' P[chunk]); momentum-correction velocities "
+        "follow the same rule; see docs/checkpointing.md."
     )
 
 
@@ -363,6 +391,8 @@ def read_shard(path: str | os.PathLike[str], entry: Mapping[str, Any] | None = N
         raise ValueError(f"{path} is not a GaussK shard ({SHARD_FORMAT!r}), format {fmt!r}")
     if not isinstance(payload["state"].get("residuals"), dict):
         raise ValueError(f"GaussK residual shard {path} is malformed: its state has no `residuals` dict")
+    if not isinstance(payload["state"].get("velocity", {}), dict):
+        raise ValueError(f"GaussK residual shard {path} is malformed: its `velocity` is not a dict")
     if entry is not None and payload.get("rank") != entry["rank"]:
         raise ValueError(f"GaussK residual shard {path} holds rank {payload.get('rank')!r}, the manifest lists it for rank {entry['rank']}")
     return payload
@@ -390,49 +420,66 @@ def _shard_reader(manifest: Mapping[str, Any], folder: Path, expected_name: Call
 
 
 # ----------------------------------------------------------------------------- the policy
-def pending_update(read_rank: Callable[[int], Mapping[str, Any]], saved: Layout) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """``P`` per parameter (see the module docstring) from the saved ranks' state dicts, reading
-    them one at a time through ``read_rank(r)``, ``r = 0 .. W-1``: running sums per (parameter,
-    chunk), so memory holds one ``P`` and one state dict. Returns ``(rank 0's state without
-    residuals, P)``. A parameter missing on a rank counts as a zero residual there."""
+def _pending_buffers(
+    read_rank: Callable[[int], Mapping[str, Any]], saved: Layout
+) -> tuple[dict[str, Any], dict[str, dict[str, Tensor]]]:
+    """The pending averages of every per-parameter buffer (``"residuals"``, ``"velocity"``) from the
+    saved ranks' state dicts, read one at a time: ``(rank 0's state without the buffers,
+    {buffer: {name: full-size average}})``. A buffer no rank saved is absent from the result; a
+    parameter missing on a rank counts as zeros there."""
     ws, rpn = _norm(saved)
     parts = 1 if rpn is None else rpn
-    sums: dict[str, dict[int, Tensor]] = {}
+    sums: dict[str, dict[str, dict[int, Tensor]]] = {}
     first: dict[str, Any] | None = None
     for r in range(ws):
         sd = read_rank(r)
         if first is None:
-            first = {k: v for k, v in sd.items() if k != "residuals"}
+            first = {k: v for k, v in sd.items() if k not in _BUFFERS}
         local = r % parts
-        for name, t in sd["residuals"].items():
-            per = sums.setdefault(name, {})
-            flat = t.detach().reshape(-1)
-            if local in per:
-                if per[local].numel() != flat.numel():
-                    raise ValueError(
-                        f"GaussK saved state: residual {name!r} chunk {local} has {flat.numel()} entries on rank {r}, "
-                        f"{per[local].numel()} on an earlier rank"
-                    )
-                per[local].add_(flat.to(torch.float32))
-            else:
-                per[local] = flat.to(torch.float32, copy=True)
+        for key in _BUFFERS:
+            what = "residual" if key == "residuals" else key
+            for name, t in (sd.get(key) or {}).items():
+                per = sums.setdefault(key, {}).setdefault(name, {})
+                flat = t.detach().reshape(-1)
+                if local in per:
+                    if per[local].numel() != flat.numel():
+                        raise ValueError(
+                            f"GaussK saved state: {what} {name!r} chunk {local} has {flat.numel()} entries on rank {r}, "
+                            f"{per[local].numel()} on an earlier rank"
+                        )
+                    per[local].add_(flat.to(torch.float32))
+                else:
+                    per[local] = flat.to(torch.float32, copy=True)
         del sd
     assert first is not None
-    pending: dict[str, Tensor] = {}
-    for name, per in sums.items():
-        if sorted(per) != list(range(parts)):
-            raise ValueError(
-                f"GaussK saved state: residual {name!r} has chunks {sorted(per)} of {parts} saved; cannot reassemble it"
-            )
-        p = per[0] if parts == 1 else torch.cat([per[l] for l in range(parts)])
-        per.clear()
-        pending[name] = p.div_(ws)
-    return first, pending
+    out: dict[str, dict[str, Tensor]] = {}
+    for key, by_name in sums.items():
+        what = "residual" if key == "residuals" else key
+        for name, per in by_name.items():
+            if sorted(per) != list(range(parts)):
+                raise ValueError(
+                    f"GaussK saved state: {what} {name!r} has chunks {sorted(per)} of {parts} saved; cannot reassemble it"
+                )
+            p = per[0] if parts == 1 else torch.cat([per[l] for l in range(parts)])
+            per.clear()
+            out.setdefault(key, {})[name] = p.div_(ws)
+    return first, out
+
+
+def pending_update(read_rank: Callable[[int], Mapping[str, Any]], saved: Layout) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """``P`` per parameter (see the module docstring) from the saved ranks' state dicts, reading
+    them one at a time through ``read_rank(r)``, ``r = 0 .. W-1``: running sums per (parameter,
+    chunk), so memory holds one ``P`` and one state dict. Returns ``(rank 0's state without
+    residuals and velocities, P)``. A parameter missing on a rank counts as a zero residual there.
+    (:func:`state_for_layout` averages the velocities in the same pass, by the same rule.)"""
+    first, buffers = _pending_buffers(read_rank, saved)
+    return first, buffers.get("residuals", {})
 
 
 def residuals_for_layout(pending: Mapping[str, Tensor], target: Layout) -> dict[str, Tensor]:
-    """The target rank's residuals carrying ``P``: flat ``r' = P``; node mode (``L'`` ranks per
-    node, local rank ``l'``) ``R' = L' P[chunk l']``. Tensors of ``pending`` may be reused."""
+    """The target rank's residuals (or velocities) carrying ``P``: flat ``r' = P``; node mode
+    (``L'`` ranks per node, local rank ``l'``) ``R' = L' P[chunk l']``. Tensors of ``pending`` may
+    be reused."""
     _, rpn = _norm(target)
     if rpn is None:
         return dict(pending)
@@ -447,12 +494,16 @@ def state_for_layout(read_rank: Callable[[int], Mapping[str, Any]], saved: Layou
     """The state dict for ``target`` (a rank of the new layout) from the saved ranks' state dicts.
 
     Same layout (``W`` and ``L`` equal): rank ``target.rank``'s own state, exactly (one read).
-    Otherwise the policy of the module docstring, with :func:`warn_layout_change` (rank 0)."""
+    Otherwise the policy of the module docstring for the residuals and, when saved, the velocities,
+    with :func:`warn_layout_change` (rank 0)."""
     if _norm(saved) == _norm(target):
         return {**read_rank(target.rank), "layout": target.to_dict()}
     warn_layout_change(describe_layout(saved), describe_layout(target))
-    first, pending = pending_update(read_rank, saved)
-    return {**first, "layout": target.to_dict(), "residuals": residuals_for_layout(pending, target)}
+    first, buffers = _pending_buffers(read_rank, saved)
+    out = {**first, "layout": target.to_dict(), "residuals": residuals_for_layout(buffers.get("residuals", {}), target)}
+    if "velocity" in buffers:
+        out["velocity"] = residuals_for_layout(buffers["velocity"], target)
+    return out
 
 
 def state_from_shards(
@@ -465,32 +516,267 @@ def state_from_shards(
     """:func:`state_for_layout` over the shard files of ``manifest`` in ``folder`` (each verified by
     :func:`read_shard`; a rank without an entry raises ``FileNotFoundError`` naming
     ``folder / expected_name(rank)``)."""
-    check_manifest(manifest, complete=False)
-    saved = Layout.from_dict({**manifest["layout"], "rank": 0})
-    return state_for_layout(_shard_reader(manifest, Path(folder), expected_name or shard_name), saved, target)
+    return SavedState.from_manifest(manifest, folder, expected_name=expected_name or shard_name).state_for(target)
 
 
 def state_from_legacy(saved: Mapping[str, Any], target: Layout) -> dict[str, Any]:
     """:func:`state_for_layout` over the earlier embedded format
     ``{"world_size": W, "per_rank": [state_dict_0, ...]}``."""
-    per_rank = saved["per_rank"]
-    ws = int(saved["world_size"])
-    layout = layout_of(per_rank[0], ws, 0)
-    return state_for_layout(lambda r: per_rank[r], Layout(ws, 0, layout.ranks_per_node), target)
+    return SavedState.from_embedded(saved).state_for(target)
 
 
 def average_states(per_rank: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
-    """One state dict whose residuals are the mean over ``per_rank`` of each parameter's saved
-    residual (flat policy ``r' = P``; a parameter missing on a rank counts as a zero residual
-    there), summed one rank at a time so memory holds one running sum per parameter."""
+    """One state dict whose residuals (and velocities, when saved) are the mean over ``per_rank``
+    of each parameter's saved buffer (flat policy ``r' = P``; a parameter missing on a rank counts
+    as zeros there), summed one rank at a time so memory holds one running sum per parameter."""
     items = per_rank if isinstance(per_rank, (list, tuple)) else list(per_rank)
     if not items:
         raise ValueError("average_states: `per_rank` is empty")
-    first, pending = pending_update(lambda r: items[r], Layout(len(items), 0))
-    return {**first, "residuals": pending}
+    first, buffers = _pending_buffers(lambda r: items[r], Layout(len(items), 0))
+    return {**first, "residuals": buffers.get("residuals", {}), **({"velocity": buffers["velocity"]} if "velocity" in buffers else {})}
 
 
-# ----------------------------------------------------------------------------- saving (collective)
+# ----------------------------------------------------------------------------- every saved format
+def _malformed(where: str, why: str) -> ValueError:
+    return ValueError(f"{where} is malformed ({why}); refusing to resume with silently reset residuals.")
+
+
+def _is_embedded(entry: Any) -> bool:
+    return isinstance(entry, Mapping) and "per_rank" in entry
+
+
+def _rank_pattern(namer: Callable[[int], str]) -> re.Pattern[str]:
+    """A regex matching ``namer(r)`` for any rank ``r`` (group 1: the rank)."""
+    probe = 987_654_321
+    return re.compile("^" + re.escape(namer(probe)).replace(str(probe), r"(\d+)") + "$")
+
+
+class SavedState:
+    """One save of the hook state, in whichever format it was written; the single reader of them all.
+
+    - shard files with a manifest (:func:`save_shards`, :func:`save_rank_files`), verified by
+      size and sha256 (:meth:`from_manifest`, :meth:`from_checkpoint`, :meth:`from_folder`);
+    - per-rank files of the Accelerate integration from before manifests
+      (``"lightning_gaussk.accelerate/1"``, flat, read without checksums: :meth:`from_folder`);
+    - the embedded ``{"world_size": W, "per_rank": [state_dict_0, ...]}`` of early Lightning
+      checkpoints (:meth:`from_embedded`, :meth:`from_checkpoint`).
+
+    :meth:`state_for` converts it to one rank's state dict by the policy of the module docstring;
+    :meth:`carry_to` gives the checkpoint entry of a save that passes it on unchanged.
+
+    Example::
+
+        saved = SavedState.from_checkpoint(checkpoint["gaussk"], "last.ckpt")
+        state.load_state_dict(saved.state_for(state.layout))
+    """
+
+    __slots__ = ("entry", "folder", "layout", "_read")
+
+    def __init__(
+        self, layout: Layout, read_rank: Callable[[int], Mapping[str, Any]], *, entry: Mapping[str, Any], folder: Path | None
+    ) -> None:
+        self.layout = layout  #: the saved layout, as saved rank 0 described it
+        self.entry = entry  #: what a checkpoint holds for it (a manifest, or the embedded states)
+        self.folder = folder  #: the folder of its shard files (None: embedded)
+        self._read = read_rank
+
+    @property
+    def world_size(self) -> int:
+        """``W``: how many ranks saved it."""
+        return self.layout.world_size
+
+    def __repr__(self) -> str:
+        where = f"shards in {self.folder}" if self.folder is not None else "embedded"
+        return f"SavedState({describe_layout(self.layout)}, {where})"
+
+    # ---------------------------------------------------------------- constructors, one per format
+    @classmethod
+    def from_manifest(
+        cls, manifest: Mapping[str, Any], folder: str | os.PathLike[str], *, expected_name: Callable[[int], str] = shard_name
+    ) -> SavedState:
+        """Shard files in ``folder`` listed by ``manifest`` (entries may lack ranks: a rank without
+        one raises ``FileNotFoundError`` naming ``folder / expected_name(rank)`` when it is read)."""
+        check_manifest(manifest, complete=False)
+        layout = Layout.from_dict({**manifest["layout"], "rank": 0})
+        folder = Path(folder)
+        return cls(layout, _shard_reader(manifest, folder, expected_name), entry=dict(manifest), folder=folder)
+
+    @classmethod
+    def from_embedded(cls, saved: Any, *, where: str = "embedded GaussK state") -> SavedState:
+        """The earlier embedded format ``{"world_size": W, "per_rank": [W state dicts]}`` (flat
+        unless the state dicts say otherwise). Raises ``ValueError`` saying "malformed" otherwise."""
+        ok = (
+            isinstance(saved, Mapping)
+            and isinstance(saved.get("world_size"), int)
+            and not isinstance(saved.get("world_size"), bool)
+            and saved["world_size"] >= 1
+            and isinstance(saved.get("per_rank"), list)
+            and len(saved["per_rank"]) == saved["world_size"]
+            and all(isinstance(sd, Mapping) and isinstance(sd.get("residuals"), Mapping) for sd in saved["per_rank"])
+        )
+        if not ok:
+            raise _malformed(where, "expected world_size and one state dict with residuals per rank")
+        per_rank = saved["per_rank"]
+        ws = saved["world_size"]
+        layout = Layout(ws, 0, layout_of(per_rank[0], ws, 0).ranks_per_node)
+        return cls(layout, lambda r: per_rank[r], entry=saved, folder=None)
+
+    @classmethod
+    def from_checkpoint(cls, entry: Any, checkpoint_path: str | os.PathLike[str], *, key: str = "gaussk") -> SavedState:
+        """What a Lightning checkpoint holds under ``key``: a shard manifest (its folder found by
+        :func:`locate_shards`) or the earlier embedded format. Raises ``ValueError`` naming the
+        checkpoint and saying "malformed" for anything else (no silent reset)."""
+        where = f"Checkpoint {os.fspath(checkpoint_path)}: `{key}` hook state"
+        if isinstance(entry, Mapping) and entry.get("format") == MANIFEST_FORMAT:
+            try:
+                check_manifest(entry)
+            except ValueError as err:
+                raise _malformed(where, str(err)) from None
+            return cls.from_manifest(entry, locate_shards(checkpoint_path, entry))
+        if _is_embedded(entry):
+            return cls.from_embedded(entry, where=where)
+        raise _malformed(where, f"expected a {MANIFEST_FORMAT!r} manifest, or world_size and one state dict per rank")
+
+    @classmethod
+    def from_folder(
+        cls, folder: str | os.PathLike[str], *, shard_name: Callable[[int], str], manifest_name: Callable[[int], str]
+    ) -> SavedState | None:
+        """A folder of per-rank files ``shard_name(r)`` with per-rank manifests ``manifest_name(r)``
+        (each rank's own entry, merged by :func:`merge_manifests`), or, from before manifests,
+        the shard files alone (world size from the lowest rank's file; no checksums). None if the
+        folder holds neither. An unreadable manifest raises ``ValueError`` naming it."""
+        folder = Path(folder)
+        names = sorted(os.listdir(folder)) if folder.is_dir() else []
+        shard_re, manifest_re = _rank_pattern(shard_name), _rank_pattern(manifest_name)
+        parts = []
+        for name in names:
+            if manifest_re.match(name):
+                try:
+                    parts.append(json.loads((folder / name).read_text()))
+                except (OSError, ValueError) as err:
+                    raise ValueError(f"GaussK shard manifest {folder / name} cannot be read ({type(err).__name__}: {err})") from err
+        if parts:
+            return cls.from_manifest(merge_manifests(parts), folder, expected_name=shard_name)
+        shards = {int(m.group(1)): name for name in names if (m := shard_re.match(name))}
+        if not shards:
+            return None
+        lowest = folder / shards[min(shards)]
+        payload = read_shard(lowest)
+        ws = payload.get("world_size")
+        if not isinstance(ws, int) or ws < 1:
+            raise ValueError(f"GaussK residual shard {lowest} is malformed: world_size {ws!r}")
+        entries = [{"rank": r, "name": n, "sha256": None, "bytes": None} for r, n in sorted(shards.items()) if r < ws]
+        manifest = {"format": MANIFEST_FORMAT, "world_size": ws, "layout": Layout(ws, 0).to_dict(), "files": entries}
+        return cls.from_manifest(manifest, folder, expected_name=shard_name)
+
+    # ---------------------------------------------------------------- use
+    def state_for(self, target: Layout) -> dict[str, Any]:
+        """The state dict of rank ``target.rank`` of ``target``: its own saved state on the same
+        layout, else the policy (residuals and velocities), with a warning on rank 0."""
+        return state_for_layout(self._read, self.layout, target)
+
+    def carry_to(self, folder: str | os.PathLike[str], *, copy: bool) -> dict[str, Any]:
+        """The checkpoint entry of a new save that passes this one on unchanged (a save made while
+        not fitting): shard files are copied into ``folder`` when ``copy`` (one rank does it) with
+        the same checksums; embedded states are returned as they are."""
+        if self.folder is None:
+            return dict(self.entry)
+        if copy:
+            return copy_shards(self.entry, self.folder, folder)
+        return {**self.entry, "dir": Path(folder).name}
+
+
+# ----------------------------------------------------------------------------- agreement on failure
+def _describe_error(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"
+
+
+def _gather(value: Any, group: Any = None) -> list[Any] | None:
+    """Every rank's ``value`` (``all_gather_object``, small plain values only), or None without a
+    process group of more than one rank (then only this rank's outcome counts)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) < 2:
+        return None
+    values: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(values, value, group=group)
+    return values
+
+
+def _raise_agreed(error: BaseException | None, messages: list[str | None] | None, what: str) -> None:
+    """Raise ``error`` on its rank, and a ``RuntimeError`` naming the failed ranks on the others."""
+    if error is not None:
+        raise error
+    failed = {r: m for r, m in enumerate(messages or []) if m is not None}
+    if failed:
+        detail = "; ".join(f"rank {r}: {m}" for r, m in sorted(failed.items()))
+        raise RuntimeError(f"GaussK: {what} failed on rank(s) {sorted(failed)}: {detail}")
+
+
+def agree_on_failure(error: BaseException | None, *, what: str = "restoring the saved hook state", group: Any = None) -> None:
+    """Raise on every rank if ``what`` failed on any: a collective (one small ``all_gather_object``
+    of the error messages; call it on every rank of ``group``, the default group when None).
+
+    The failing rank raises its own ``error``; every other rank raises ``RuntimeError("GaussK:
+    <what> failed on rank(s) [r]: rank r: <its error>")``, so a rank whose own part went well
+    neither trains on nor waits in the next collective while a peer has died. Without an
+    initialized process group of more than one rank it just raises ``error`` (if any).
+
+    Example::
+
+        error = None
+        try:
+            state.load_state_dict(saved.state_for(state.layout))
+        except Exception as err:
+            error = err
+        agree_on_failure(error)
+    """
+    messages = _gather(None if error is None else _describe_error(error), group)
+    _raise_agreed(error, messages, what)
+
+
+# ----------------------------------------------------------------------------- restoring (collective)
+def restore_state(
+    state: Any,
+    open_saved: Callable[[], SavedState | None],
+    *,
+    rank: int,
+    world_size: int,
+    group: Any = None,
+) -> bool:
+    """The one restore protocol of both integrations; a collective (call it on every rank).
+
+    1. ``open_saved()`` finds the save (None: nothing saved);
+    2. it is converted for this rank's layout (:func:`target_layout` of ``state``): its own
+       shard on the same layout, else the policy for residuals and velocities;
+    3. ``state.load_state_dict(...)``;
+    4. every rank's outcome is exchanged (:func:`agree_on_failure`).
+
+    Returns True when the saved state was loaded, False when no rank found one (the caller says
+    so). Raises on every rank if any rank failed in steps 1-3 (the failing rank its own error,
+    naming the file, the others ``RuntimeError`` naming it too), or if some ranks found a save
+    and others found none (a checkpoint folder that differs between nodes)."""
+    error: BaseException | None = None
+    found = False
+    try:
+        saved = open_saved()
+        if saved is not None:
+            found = True
+            state.load_state_dict(saved.state_for(target_layout(state, world_size, rank)))
+    except Exception as err:  # noqa: BLE001 - every failure is agreed on, then raised again
+        error = err
+    outcomes = _gather((found, None if error is None else _describe_error(error)), group)
+    _raise_agreed(error, None if outcomes is None else [m for _, m in outcomes], "restoring the saved hook state")
+    if outcomes is not None:
+        absent = [r for r, (f, _) in enumerate(outcomes) if not f]
+        if absent and len(absent) < len(outcomes):
+            present = [r for r, (f, _) in enumerate(outcomes) if f]
+            raise FileNotFoundError(
+                f"GaussK: rank(s) {absent} found no saved hook state where rank(s) {present} found one; is the checkpoint "
+                "the same, and complete, on every node? Refusing to resume with residuals reset on some ranks only."
+            )
+    return found
+
+
+# ----------------------------------------------------------------------------- saving
 def save_shards(
     state: Any,
     folder: str | os.PathLike[str],
@@ -503,25 +789,62 @@ def save_shards(
 
     A collective when ``world_size > 1``: call it on every rank. Each rank holds only its own
     state dict (one copy of its residuals) while writing; the ranks then exchange their small
-    manifest entries (``all_gather_object`` of dicts, no tensors). Rank 0 removes files of the
-    folder that are not in the manifest (an earlier, larger save into the same folder)."""
+    manifest entries (``all_gather_object`` of dicts, no tensors). If writing failed on any rank,
+    every rank raises (the same exchange: see :func:`agree_on_failure`). Rank 0 removes files of
+    the folder that are not in the manifest (an earlier, larger save into the same folder)."""
+    if world_size > 1 and not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(f"save_shards: world_size={world_size} needs an initialized torch.distributed process group")
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    sd = state.state_dict()
-    entry = write_shard(sd, folder / shard_name(rank), rank=rank, world_size=world_size)
-    del sd
-    entries: list[Any] = [entry]
-    if world_size > 1:
-        import torch.distributed as dist
-
-        entries = [None] * world_size
-        dist.all_gather_object(entries, entry, group=group)
+    entry: dict[str, Any] | None = None
+    error: BaseException | None = None
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        sd = state.state_dict()
+        entry = write_shard(sd, folder / shard_name(rank), rank=rank, world_size=world_size)
+        del sd
+    except Exception as err:  # noqa: BLE001 - agreed on below, then raised again
+        error = err
+    outcomes = _gather((entry, None if error is None else _describe_error(error)), group) if world_size > 1 else None
+    _raise_agreed(error, None if outcomes is None else [m for _, m in outcomes], f"saving GaussK shards into {folder}")
+    entries = [entry] if outcomes is None else [e for e, _ in outcomes]
     manifest = make_manifest(entries, world_size=world_size, dir_name=folder.name)
     if rank == 0:
         keep = {e["name"] for e in manifest["files"]}
         for p in folder.iterdir():
             if p.name not in keep and p.is_file() and (p.suffix in (".pt", ".tmp")):
                 p.unlink(missing_ok=True)
+    return manifest
+
+
+def save_rank_files(
+    state: Any,
+    folder: str | os.PathLike[str],
+    *,
+    rank: int,
+    world_size: int,
+    shard_name: Callable[[int], str],
+    manifest_name: Callable[[int], str],
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write this rank's shard ``folder/shard_name(rank)`` and its one-entry manifest
+    ``folder/manifest_name(rank)``, each atomically, with no collective (for hooks that a
+    framework runs on every process, like Accelerate's ``save_state`` pre-hook: the manifests are
+    merged when loading, :meth:`SavedState.from_folder`). Rank 0 removes files of both names for
+    ranks ``>= world_size`` (an earlier, larger save into the folder). Returns the manifest."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    sd = state.state_dict()
+    entry = write_shard(sd, folder / shard_name(rank), rank=rank, world_size=world_size, extra=extra)
+    del sd
+    manifest = make_manifest([entry], world_size=world_size)
+    write_json_atomic(folder / manifest_name(rank), manifest)
+    if rank == 0:
+        patterns = (_rank_pattern(shard_name), _rank_pattern(manifest_name))
+        for name in os.listdir(folder):
+            for pattern in patterns:
+                m = pattern.match(name)
+                if m and int(m.group(1)) >= world_size:
+                    (folder / name).unlink(missing_ok=True)
     return manifest
 
 

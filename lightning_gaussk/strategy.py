@@ -11,12 +11,11 @@
 """
 
 import inspect
+from collections.abc import Mapping
 from datetime import timedelta
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.utilities.types import _PATH
@@ -27,18 +26,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
-from lightning_gaussk.checkpoint import (
-    MANIFEST_FORMAT,
-    check_manifest,
-    copy_shards,
-    locate_shards,
-    remove_shards,
-    save_shards,
-    shard_dir,
-    state_from_legacy,
-    state_from_shards,
-    target_layout,
-)
+from lightning_gaussk.checkpoint import SavedState, remove_shards, restore_state, save_shards, shard_dir
 from lightning_gaussk.config import GaussKConfig, config_fields
 from lightning_gaussk.hook import GaussKState, gaussk_hook
 
@@ -142,8 +130,7 @@ class GaussKDDPStrategy(DDPStrategy):
             **_ddp_kwargs(kwargs),  # a call, not **kwargs: keeps jsonargparse from listing DDP's internals
         )
         self._gaussk_state: GaussKState | None = None
-        self._gaussk_loaded: dict[str, Any] | None = None  # from a checkpoint, before the state exists
-        self._gaussk_folder: Path | None = None  # its shard folder (lightning_gaussk.checkpoint)
+        self._gaussk_loaded: SavedState | None = None  # from a checkpoint, before the state exists
 
     @property
     def gaussk_state(self) -> GaussKState | None:
@@ -201,25 +188,21 @@ class GaussKDDPStrategy(DDPStrategy):
         super().teardown()
 
     # ---------------------------------------------------------------- checkpoints
+    # wiring only: the protocol (formats, layout policy, agreement on failure) is lightning_gaussk.checkpoint
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:
         """Every rank writes its own residual shard ``<filepath>.gaussk/rank{r}.pt`` (atomically);
         the ranks exchange the small manifest entries (a collective: Lightning calls this on every
-        rank) and ``checkpoint["gaussk"]`` gets the manifest; then rank 0 writes the file as usual.
-        No rank holds another rank's residuals. Not fitting (no state) but loaded from a
-        checkpoint: rank 0 copies the loaded shards (or the earlier embedded state) through."""
+        rank; a write error on one rank raises on all) and ``checkpoint["gaussk"]`` gets the
+        manifest; then rank 0 writes the file as usual. No rank holds another rank's residuals.
+        Not fitting (no state) but loaded from a checkpoint: the loaded save is carried through
+        (rank 0 copies its shards; :meth:`SavedState.carry_to`)."""
         if self._gaussk_state is not None:
             checkpoint[CHECKPOINT_KEY] = save_shards(
                 self._gaussk_state, shard_dir(filepath), rank=self.global_rank, world_size=self.world_size
             )
         elif self._gaussk_loaded is not None:  # not fitting: carry the loaded state through unchanged
-            saved = self._gaussk_loaded
-            if "per_rank" in saved:  # the earlier embedded format
-                checkpoint[CHECKPOINT_KEY] = saved
-            else:
-                if self.is_global_zero:
-                    saved = copy_shards(saved, self._gaussk_folder, shard_dir(filepath))
-                checkpoint[CHECKPOINT_KEY] = saved
+            checkpoint[CHECKPOINT_KEY] = self._gaussk_loaded.carry_to(shard_dir(filepath), copy=self.is_global_zero)
         super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
 
     @override
@@ -232,43 +215,35 @@ class GaussKDDPStrategy(DDPStrategy):
 
     @override
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
+        """Lightning's load, then the hook state's entry, checked (``ValueError`` saying "malformed"
+        otherwise; :meth:`SavedState.from_checkpoint`) and restored now if the hook state exists,
+        else when ``configure_ddp`` builds it (its layout is known only then)."""
         checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
-        saved = checkpoint.get(CHECKPOINT_KEY)
-        if saved is None:
+        entry = checkpoint.get(CHECKPOINT_KEY)
+        if entry is None:
             rank_zero_warn(
                 f"Checkpoint {checkpoint_path} has no `{CHECKPOINT_KEY}` hook state (not saved by GaussKDDPStrategy?): "
                 "residuals start from zero."
             )
             return checkpoint
-        _check_saved(saved, checkpoint_path)
-        folder = None if "per_rank" in saved else locate_shards(checkpoint_path, saved)
+        saved = SavedState.from_checkpoint(entry, checkpoint_path, key=CHECKPOINT_KEY)
         if self._gaussk_state is not None:
-            self._restore(saved, folder)
-        else:  # applied when configure_ddp builds the state (its layout is known only then)
-            self._gaussk_loaded, self._gaussk_folder = saved, folder
+            self._restore(saved)
+        else:
+            self._gaussk_loaded = saved
         return checkpoint
 
-    def _restore(self, saved: dict[str, Any], folder: Any = None) -> None:
-        """Give this rank its saved state: its own shard on the same layout, else the documented
-        policy (:mod:`lightning_gaussk.checkpoint`), with a warning. ``saved`` is a shard manifest
-        (files in ``folder``) or the earlier embedded ``{"world_size", "per_rank"}``. If any rank
-        fails (a missing or corrupt shard), every rank raises, naming the failing rank's error."""
+    def _restore(self, saved: SavedState | Mapping[str, Any]) -> None:
+        """Give this rank its saved state (:func:`~lightning_gaussk.checkpoint.restore_state`: its own
+        shard on the same layout, else the documented policy, with a warning). ``saved`` may also be
+        the earlier embedded ``{"world_size", "per_rank"}``. A collective: if any rank fails (a
+        missing or corrupt shard), every rank raises, naming the failing rank's error."""
         assert self._gaussk_state is not None
-        folder = folder if folder is not None else getattr(self, "_gaussk_folder", None)
-        error: BaseException | None = None
-        try:
-            target = target_layout(self._gaussk_state, self.world_size, self.global_rank)
-            if "per_rank" in saved:
-                sd = state_from_legacy(saved, target)
-            else:
-                if folder is None:
-                    raise ValueError("GaussKDDPStrategy: a shard manifest was given without its folder")
-                sd = state_from_shards(saved, folder, target)
-            self._gaussk_state.load_state_dict(sd)
-        except (ValueError, OSError, RuntimeError) as err:  # OSError: FileNotFoundError and friends
-            error = err
-        self._gaussk_folder = None
-        _agree_on_failure(error, self.world_size)
+
+        def open_saved() -> SavedState:
+            return saved if isinstance(saved, SavedState) else SavedState.from_embedded(saved)
+
+        restore_state(self._gaussk_state, open_saved, rank=self.global_rank, world_size=self.world_size)
 
     @classmethod
     @override
@@ -321,44 +296,3 @@ def _validate_ddp_args(kwargs: dict[str, Any], *, timeout: Any, start_method: An
 def _ddp_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     """Further ``DistributedDataParallel`` keywords, without the (None) hook arguments."""
     return {k: v for k, v in kwargs.items() if k not in _REJECTED}
-
-
-def _check_saved(saved: Any, path: _PATH) -> None:
-    """Refuse (``ValueError`` saying "malformed") hook state that is neither a shard manifest
-    (:func:`lightning_gaussk.checkpoint.check_manifest`) nor the earlier embedded
-    ``{"world_size": W, "per_rank": [W state dicts]}``."""
-    if isinstance(saved, dict) and saved.get("format") == MANIFEST_FORMAT:
-        try:
-            check_manifest(saved)
-        except ValueError as err:
-            raise ValueError(
-                f"Checkpoint {path}: `{CHECKPOINT_KEY}` hook state is malformed ({err}); refusing to resume with silently "
-                "reset residuals."
-            ) from None
-        return
-    ok = (
-        isinstance(saved, dict)
-        and isinstance(saved.get("world_size"), int)
-        and isinstance(saved.get("per_rank"), list)
-        and len(saved["per_rank"]) == saved["world_size"]
-        and all(isinstance(sd, dict) and "residuals" in sd for sd in saved["per_rank"])
-    )
-    if not ok:
-        raise ValueError(
-            f"Checkpoint {path}: `{CHECKPOINT_KEY}` hook state is malformed (expected a {MANIFEST_FORMAT!r} manifest, or "
-            "world_size and one state dict per rank); refusing to resume with silently reset residuals."
-        )
-
-
-def _agree_on_failure(error: BaseException | None, world_size: int) -> None:
-    """Raise on every rank if the restore failed on any (one small ``all_gather_object`` of the
-    error messages): a rank whose own shard is fine must not train on while a peer has died."""
-    if world_size > 1 and dist.is_available() and dist.is_initialized():
-        msgs: list[Any] = [None] * world_size
-        dist.all_gather_object(msgs, None if error is None else f"{type(error).__name__}: {error}")
-        if error is None:
-            failed = {r: m for r, m in enumerate(msgs) if m is not None}
-            if failed:
-                raise RuntimeError(f"GaussK: restoring the saved hook state failed on rank(s) {sorted(failed)}: {failed}")
-    if error is not None:
-        raise error

@@ -1,11 +1,14 @@
 """Residual checkpoints that scale (lightning_gaussk/checkpoint.py): per-rank shard files with a
-manifest, the layout-change policy, named errors for missing and corrupt shards, a Lightning fit
-whose old checkpoints are removed with their shards, and peak host memory while saving that does
-not grow with the world size.
+manifest, the layout-change policy for residuals and momentum-correction velocities, every saved
+format through one reader, named errors for missing and corrupt shards, agreement on failure
+(every rank raises, under Lightning and under a real Accelerate save_state/load_state), a
+Lightning fit whose old checkpoints are removed with their shards, and peak host memory while
+saving that does not grow with the world size.
 
 The policy keeps the pending averaged update P (what the saved ranks still owe the model):
 flat P = (1/W) sum_r r_r, node mode P[chunk l] = (1/W) sum_n R_{n,l}; a new flat rank gets r' = P,
-a new node rank (L' per node, local rank l') R' = L' P[chunk l']."""
+a new node rank (L' per node, local rank l') R' = L' P[chunk l']. Velocities (same layout as the
+residuals) follow the same rule: the averaged velocity V is kept."""
 
 import gc
 import json
@@ -28,6 +31,9 @@ from _dist import run_distributed
 from lightning_gaussk import GaussKDDPStrategy, GaussKState
 from lightning_gaussk.checkpoint import (
     MANIFEST_FORMAT,
+    SavedState,
+    agree_on_failure,
+    average_states,
     check_manifest,
     make_manifest,
     read_shard,
@@ -38,7 +44,7 @@ from lightning_gaussk.checkpoint import (
     state_from_shards,
     write_shard,
 )
-from lightning_gaussk.strategy import CHECKPOINT_KEY, _agree_on_failure
+from lightning_gaussk.strategy import CHECKPOINT_KEY
 from lightning_gaussk.topology import Layout, chunk_bounds
 
 SIZES = {"a.weight": 37, "b.bias": 5, "c.weight": 3}  # 3 < L: empty chunks in node mode
@@ -46,28 +52,32 @@ SCRIPT = Path(__file__).parent / "scripts" / "lightning_fit.py"
 
 
 # ============================================================================ synthetic saves
-def saved_states(world: int, rpn: int | None, seed: int = 0) -> list[dict]:
+def saved_states(world: int, rpn: int | None, seed: int = 0, velocity: bool = False) -> list[dict]:
     """One state dict per rank of a layout: flat residuals of whole parameters, or in node mode
-    chunk l of the node's summed residual."""
+    chunk l of the node's summed residual (and, with ``velocity``, momentum-correction velocities
+    in the same layout)."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for r in range(world):
         layout = Layout(world, r, rpn)
-        residuals = {}
+        residuals, velocities = {}, {}
         for name, n in SIZES.items():
             start, stop = layout.chunk(n)
             residuals[name] = torch.randn(stop - start, generator=g)
+            velocities[name] = torch.randn(stop - start, generator=g)
         out.append({"format": "lightning_gaussk.state/1", "config": {"density": 0.1}, "layout": layout.to_dict(),
-                    "step": 11 + r, "telemetry": {"hook_calls": 7 + r}, "residuals": residuals})  # fmt: skip
+                    "step": 11 + r, "telemetry": {"hook_calls": 7 + r}, "residuals": residuals,
+                    **({"velocity": velocities} if velocity else {})})  # fmt: skip
     return out
 
 
-def pending(states: list[dict], world: int, rpn: int | None) -> dict[str, torch.Tensor]:
-    """The reference P: every saved rank's residual put at its chunk, summed, divided by W."""
+def pending(states: list[dict], world: int, rpn: int | None, key: str = "residuals") -> dict[str, torch.Tensor]:
+    """The reference P (or V, ``key="velocity"``): every saved rank's buffer put at its chunk,
+    summed, divided by W."""
     parts = rpn or 1
     out = {name: torch.zeros(n, dtype=torch.float64) for name, n in SIZES.items()}
     for r, sd in enumerate(states):
-        for name, t in sd["residuals"].items():
+        for name, t in sd[key].items():
             start, stop = chunk_bounds(SIZES[name], parts, r % parts)
             out[name][start:stop] += t.double()
     return {name: p / world for name, p in out.items()}
@@ -121,10 +131,61 @@ def test_flat_to_flat_on_another_world_size_is_the_mean_of_the_residuals(tmp_pat
             torch.testing.assert_close(sd["residuals"][name], (states[0]["residuals"][name] + states[1]["residuals"][name]) / 2)
 
 
+@pytest.mark.parametrize(("saved", "new"), LAYOUT_CHANGES, ids=lambda x: f"W{x[0]}L{x[1]}")
+def test_a_layout_change_preserves_the_averaged_velocity_and_drops_none(tmp_path, saved, new):
+    (ws, rpn), (ws2, rpn2) = saved, new
+    states = saved_states(ws, rpn, velocity=True)
+    manifest = write_save(tmp_path, states)
+    with pytest.warns(UserWarning, match="velocities follow the same rule"):
+        loaded = load_all(manifest, tmp_path, ws2, rpn2)
+    before, after = pending(states, ws, rpn, "velocity"), pending(loaded, ws2, rpn2, "velocity")
+    for name in SIZES:
+        torch.testing.assert_close(after[name], before[name], rtol=1e-6, atol=1e-7)
+    for r, sd in enumerate(loaded):  # every velocity fits its new rank: none is dropped by GaussKState
+        assert sd["velocity"].keys() == SIZES.keys()
+        for name, n in SIZES.items():
+            start, stop = Layout(ws2, r, rpn2).chunk(n)
+            assert sd["velocity"][name].numel() == sd["residuals"][name].numel() == stop - start
+
+
+def test_flat_to_flat_velocity_is_the_mean_not_saved_rank_0s(tmp_path):
+    states = saved_states(2, None, velocity=True)
+    with pytest.warns(UserWarning):
+        loaded = load_all(write_save(tmp_path, states), tmp_path, 3, None)
+    mean = {n: (states[0]["velocity"][n] + states[1]["velocity"][n]) / 2 for n in SIZES}
+    for sd in loaded:
+        for name in SIZES:
+            torch.testing.assert_close(sd["velocity"][name], mean[name])
+    assert average_states(states)["velocity"].keys() == SIZES.keys()
+    with pytest.warns(UserWarning):
+        without = load_all(write_save(tmp_path / "none", saved_states(2, None)), tmp_path / "none", 3, None)
+    assert "velocity" not in without[0]  # nothing saved, nothing made up
+
+
+def test_a_live_state_takes_converted_velocities_without_a_drop_warning():
+    """GaussKState restarts a velocity that does not fit from zero, with a warning: converted
+    velocities always fit, so the warning never comes and the velocity is kept."""
+    model = nn.Sequential(nn.Linear(5, 3), nn.Linear(3, 2))
+    sizes = {n: p.numel() for n, p in model.named_parameters()}
+    g = torch.Generator().manual_seed(1)
+    per_rank = [{**GaussKState(density=0.1, momentum_correction=0.9).bind(model).state_dict(), "layout": Layout(2, r).to_dict(),
+                 "residuals": {n: torch.randn(k, generator=g) for n, k in sizes.items()},
+                 "velocity": {n: torch.randn(k, generator=g) for n, k in sizes.items()}} for r in range(2)]  # fmt: skip
+    saved = SavedState.from_embedded({"world_size": 2, "per_rank": per_rank})
+    fresh = GaussKState(density=0.1, momentum_correction=0.9).bind(model)  # flat, whole parameters (in process)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        fresh.load_state_dict(saved.state_for(Layout(3, 1)))
+    assert not [w for w in rec if "velocity" in str(w.message) and "restarts" in str(w.message)], [str(w.message) for w in rec]
+    out = fresh.state_dict()["velocity"]
+    for n in sizes:  # V = the mean of the saved velocities (node-mode targets: the 4-process run below)
+        torch.testing.assert_close(out[n], (per_rank[0]["velocity"][n] + per_rank[1]["velocity"][n]) / 2)
+
+
 @pytest.mark.parametrize("layout", [(2, None), (4, 2)], ids=["flat", "node"])
 def test_the_same_layout_loads_each_ranks_own_shard_exactly_without_a_warning(tmp_path, layout):
     ws, rpn = layout
-    states = saved_states(ws, rpn)
+    states = saved_states(ws, rpn, velocity=True)
     manifest = write_save(tmp_path, states)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -133,6 +194,7 @@ def test_the_same_layout_loads_each_ranks_own_shard_exactly_without_a_warning(tm
         assert sd["step"] == ref["step"] and sd["telemetry"] == ref["telemetry"]
         for name in SIZES:
             assert torch.equal(sd["residuals"][name], ref["residuals"][name])
+            assert torch.equal(sd["velocity"][name], ref["velocity"][name])
 
 
 def test_shards_load_with_weights_only_and_the_manifest_holds_no_tensors(tmp_path):
@@ -203,6 +265,30 @@ def test_the_earlier_embedded_format_follows_the_same_policy():
         loaded = [state_from_legacy(legacy, Layout(4, r, 2)) for r in range(4)]
     for name, p in pending(states, 2, None).items():
         torch.testing.assert_close(pending(loaded, 4, 2)[name], p, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [{"world_size": 2, "per_rank": [{}]}, {"format": MANIFEST_FORMAT, "world_size": 2}, [1, 2], {"format": "other"}],
+    ids=["embedded, too few ranks", "manifest without files", "a list", "unknown format"],
+)
+def test_a_malformed_checkpoint_entry_is_refused_naming_the_checkpoint(entry):
+    with pytest.raises(ValueError, match=r"Checkpoint a\.ckpt: `gaussk` hook state is malformed"):
+        SavedState.from_checkpoint(entry, "a.ckpt")
+
+
+def test_earlier_accelerate_files_without_manifests_read_through_the_same_reader(tmp_path):
+    states = saved_states(2, None)
+    for r, sd in enumerate(states):  # the "lightning_gaussk.accelerate/1" files: no layout, no manifest
+        torch.save({"format": "lightning_gaussk.accelerate/1", "rank": r, "world_size": 2, "state": sd}, tmp_path / f"s{r}.pt")
+    names = {"shard_name": lambda r: f"s{r}.pt", "manifest_name": lambda r: f"m{r}.json"}
+    saved = SavedState.from_folder(tmp_path, **names)
+    assert saved.world_size == 2 and saved.folder == tmp_path
+    assert torch.equal(saved.state_for(Layout(2, 1))["residuals"]["a.weight"], states[1]["residuals"]["a.weight"])
+    assert SavedState.from_folder(tmp_path / "empty", **names) is None
+    (tmp_path / "m0.json").write_text("{not json")
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "m0.json"))):
+        SavedState.from_folder(tmp_path, **names)
 
 
 # ============================================================================ the strategy, in process (world size 1)
@@ -361,9 +447,19 @@ def _legacy_gather(state: GaussKState, world: int) -> None:
     dist.all_gather_object(per_rank, state.state_dict())
 
 
+def _outcome(fn) -> str:
+    """``"no error"`` or ``"<ExceptionType>: <message>"`` of ``fn()``."""
+    try:
+        fn()
+    except Exception as err:  # noqa: BLE001 - what this rank raised
+        return f"{type(err).__name__}: {err}"
+    return "no error"
+
+
 def _agreement_entry(rank: int, world: int, out: str) -> None:
-    """Rank 1's shard is missing: rank 1 fails converting, and through the strategy's exchange
-    of errors rank 0 raises too, naming rank 1's file (nobody trains on alone)."""
+    """Rank 1's shard is missing: rank 1 fails converting, and through the exchange of errors
+    (checkpoint.agree_on_failure, the strategy's) rank 0 raises too, naming rank 1's file (nobody
+    trains on alone). Then a write that fails on rank 1 only: save_shards raises on both."""
     folder = Path(out) / "agree"
     manifest = None
     if rank == 0:
@@ -371,17 +467,69 @@ def _agreement_entry(rank: int, world: int, out: str) -> None:
         (folder / "rank1.pt").unlink()
     box = [manifest]
     dist.broadcast_object_list(box, src=0)
-    try:
+
+    def convert_then_agree() -> None:
         error = None
         try:
             state_from_shards(box[0], folder, Layout(world, rank))
         except (ValueError, OSError) as err:
             error = err
-        _agree_on_failure(error, world)
-        outcome = "no error"
-    except Exception as err:  # noqa: BLE001 - what every rank raises
-        outcome = f"{type(err).__name__}: {err}"
-    Path(out, f"agree_rank{rank}.txt").write_text(outcome)
+        agree_on_failure(error)
+
+    Path(out, f"agree_rank{rank}.txt").write_text(_outcome(convert_then_agree))
+
+    class FailsOnRank1:
+        def state_dict(self) -> dict:
+            if rank == 1:
+                raise OSError(28, "No space left on device (simulated on rank 1)")
+            return saved_states(world, None)[rank]
+
+    save = lambda: save_shards(FailsOnRank1(), Path(out) / "save_fails", rank=rank, world_size=world)  # noqa: E731
+    Path(out, f"save_fails_rank{rank}.txt").write_text(_outcome(save))
+    dist.barrier()
+    _accelerate_agreement_entry(rank, world, out)
+
+
+def _accelerate_agreement_entry(rank: int, world: int, out: str) -> None:
+    """A real Accelerate MULTI_CPU accelerator on the spawned gloo group: register_gaussk,
+    save_state, then load_state with rank 1's shard (a) missing, (b) corrupt (one flipped byte),
+    and (c) intact, each from a copy of the save. Each rank records what load_state raised."""
+    import shutil
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      OMP_NUM_THREADS="1")  # fmt: skip
+    from accelerate import Accelerator
+
+    from lightning_gaussk.accelerate import register_gaussk, state_file
+
+    torch.manual_seed(0)
+    acc = Accelerator(cpu=True)
+    model = acc.prepare(nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 2)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        register_gaussk(acc, model, density=0.2)
+    g = torch.Generator().manual_seed(rank)
+    for _ in range(2):
+        model(torch.randn(4, 6, generator=g)).pow(2).mean().backward()
+    saved = Path(out) / "acc" / "saved"
+    acc.save_state(str(saved))
+    acc.wait_for_everyone()
+    outcomes = {}
+    for case in ("missing", "corrupt", "intact"):
+        folder = Path(out) / "acc" / case
+        if rank == 0:
+            shutil.copytree(saved, folder)
+            victim = folder / state_file(1)
+            if case == "missing":
+                victim.unlink()
+            elif case == "corrupt":
+                data = bytearray(victim.read_bytes())
+                data[len(data) // 2] ^= 0xFF
+                victim.write_bytes(bytes(data))
+        acc.wait_for_everyone()
+        outcomes[case] = _outcome(lambda folder=folder: acc.load_state(str(folder)))
+        acc.wait_for_everyone()
+    Path(out, f"acc_rank{rank}.json").write_text(json.dumps(outcomes))
 
 
 def _save_memory_entry(rank: int, world: int, out: str, legacy: bool) -> None:
@@ -409,9 +557,10 @@ def _save_memory_entry(rank: int, world: int, out: str, legacy: bool) -> None:
 
 
 def _node_round_trip(rank: int, world: int, out: str) -> None:
-    """2 nodes x 2 ranks train 3 steps with the hook, save shards; the shards then load into
-    live states of the same layout (exact), flat on 4 ranks and 1 node of 4 ranks (the policy):
-    GaussKState.load_state_dict accepts every converted chunk. Each rank keeps what it loaded."""
+    """2 nodes x 2 ranks train 3 steps with the hook and momentum correction, save shards; the
+    shards then load into live states of the same layout (exact), flat on 4 ranks and 1 node of 4
+    ranks (the policy): GaussKState.load_state_dict accepts every converted chunk, residual and
+    velocity, and drops no velocity. Each rank keeps what it loaded and any velocity warning."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from lightning_gaussk import gaussk_hook
@@ -419,7 +568,7 @@ def _node_round_trip(rank: int, world: int, out: str) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
     ddp = DDP(model)
-    state = GaussKState(density=0.1, hierarchy="node", ranks_per_node=2).bind(ddp)
+    state = GaussKState(density=0.1, hierarchy="node", ranks_per_node=2, momentum_correction=0.9).bind(ddp)
     state.setup_layout()
     ddp.register_comm_hook(state, gaussk_hook)
     g = torch.Generator().manual_seed(100 + rank)
@@ -430,13 +579,17 @@ def _node_round_trip(rank: int, world: int, out: str) -> None:
     loaded = {}
     for kind, options in {"same": {"hierarchy": "node", "ranks_per_node": 2}, "flat": {"hierarchy": "flat"},
                           "node4": {"hierarchy": "node", "ranks_per_node": 4}}.items():  # fmt: skip
-        fresh = GaussKState(density=0.1, **options).bind(model)
+        fresh = GaussKState(density=0.1, momentum_correction=0.9, **options).bind(model)
         fresh.setup_layout()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
             fresh.load_state_dict(state_from_shards(manifest, folder, fresh.layout))
-        loaded[kind] = {"layout": fresh.layout.to_dict(), "residuals": fresh.state_dict()["residuals"]}
+        after = fresh.state_dict()
+        loaded[kind] = {"layout": fresh.layout.to_dict(), "residuals": after["residuals"], "velocity": after["velocity"],
+                        "velocity_warnings": [str(w.message) for w in rec if "velocity" in str(w.message).split(":")[0]
+                                              or "restarts from zero" in str(w.message)]}  # fmt: skip
     loaded["saved"] = state.state_dict()["residuals"]
+    loaded["saved_velocity"] = state.state_dict()["velocity"]
     torch.save(loaded, Path(out) / f"node_rank{rank}.pt")
 
 
@@ -457,7 +610,30 @@ def test_a_missing_shard_on_one_rank_makes_every_rank_raise_naming_the_file(spaw
     assert peer.startswith("RuntimeError") and "rank(s) [1]" in peer and path in peer, peer
 
 
-def test_a_real_node_mode_save_loads_into_other_layouts_with_the_same_pending_update(spawned):
+def test_a_shard_write_failing_on_one_rank_makes_save_shards_raise_on_every_rank(spawned):
+    mine = (spawned / "save_fails_rank1.txt").read_text()
+    peer = (spawned / "save_fails_rank0.txt").read_text()
+    assert mine.startswith("OSError") and "No space left" in mine, mine
+    assert peer.startswith("RuntimeError") and "rank(s) [1]" in peer and "No space left" in peer, peer
+
+
+@pytest.mark.parametrize(("case", "error", "detail"), [("missing", "FileNotFoundError", "is missing"),
+                                                        ("corrupt", "ValueError", "checksum")])  # fmt: skip
+def test_accelerate_load_state_raises_on_every_rank_when_one_ranks_shard_is_bad(spawned, case, error, detail):
+    """Under a real Accelerate load_state (2 gloo processes), rank 1's shard missing or corrupt:
+    rank 1 raises its own error and rank 0, whose own shard is fine, raises too, both naming
+    rank 1's file; the intact copy of the same save loads on both."""
+    from lightning_gaussk.accelerate import state_file
+
+    path = str(spawned / "acc" / case / state_file(1))
+    mine, peer = (json.loads((spawned / f"acc_rank{r}.json").read_text())[case] for r in (1, 0))
+    assert mine.startswith(error) and path in mine and detail in mine, mine
+    assert peer.startswith("RuntimeError") and "rank(s) [1]" in peer and path in peer and detail in peer, peer
+    for r in (0, 1):
+        assert json.loads((spawned / f"acc_rank{r}.json").read_text())["intact"] == "no error"
+
+
+def test_a_real_node_mode_save_loads_into_other_layouts_with_the_same_pending_update_and_velocity(spawned):
     folder = spawned / "node"
     per_rank = [torch.load(spawned / f"node_rank{r}.pt", weights_only=True) for r in range(4)]
     entries = [read_shard(folder / f"rank{r}.pt") for r in range(4)]
@@ -473,16 +649,20 @@ def test_a_real_node_mode_save_loads_into_other_layouts_with_the_same_pending_up
                 out[n][start:stop] += t.double()
         return {n: v / len(states) for n, v in out.items()}
 
-    saved = p_of([e["state"]["residuals"] for e in entries], 2)
-    assert any(v.abs().max() > 0 for v in saved.values())  # the hook left residuals
-    for r in range(4):  # same layout: exact
-        for n, t in per_rank[r]["saved"].items():
-            assert torch.equal(per_rank[r]["same"]["residuals"][n], t)
-    for kind, rpn in (("flat", None), ("node4", 4)):
-        assert per_rank[1][kind]["layout"]["ranks_per_node"] == rpn
-        after = p_of([per_rank[r][kind]["residuals"] for r in range(4)], rpn)
-        for n in sizes:
-            torch.testing.assert_close(after[n], saved[n], rtol=1e-6, atol=1e-7)
+    for key, kept in (("residuals", "saved"), ("velocity", "saved_velocity")):
+        saved = p_of([e["state"][key] for e in entries], 2)
+        assert any(v.abs().max() > 0 for v in saved.values())  # the hook left residuals and velocities
+        for r in range(4):  # same layout: exact
+            assert per_rank[r][kept].keys() == sizes.keys()
+            for n, t in per_rank[r][kept].items():
+                assert torch.equal(per_rank[r]["same"][key][n], t)
+        for kind, rpn in (("flat", None), ("node4", 4)):
+            assert per_rank[1][kind]["layout"]["ranks_per_node"] == rpn
+            after = p_of([per_rank[r][kind][key] for r in range(4)], rpn)
+            for n in sizes:
+                torch.testing.assert_close(after[n], saved[n], rtol=1e-6, atol=1e-7)
+    for r in range(4):  # GaussKState restarts a velocity that does not fit, with a warning: none came
+        assert all(per_rank[r][kind]["velocity_warnings"] == [] for kind in ("same", "flat", "node4")), r
 
 
 def test_peak_host_memory_while_saving_does_not_grow_with_the_world_size(spawned):
