@@ -120,6 +120,24 @@ def _worker(rank: int, world: int) -> None:
     facts = _check_case(rank, world, "random", 4099, 41, 9)
     assert facts["delivered"] > 0
 
+    if world == 4:  # node mode's inter-node stage: 2 peers in a subgroup, the mean over all 4 ranks
+        groups = [dist.new_group([0, 2]), dist.new_group([1, 3])]
+        peers = [[0, 2], [1, 3]][rank % 2]
+        u = _make_u("layer", 501, rank, world, 14)
+        idx = torch.topk(u.abs(), 20).indices
+        out = torch.zeros(501)
+        route = Route(groups[rank % 2], 2, 4)
+        launched = SparseAllReduce().launch(u, Selection(u[idx], idx, torch.tensor(0.0), 501), out, route, {})
+        launched.work.wait()
+        dlv = launched.finish().delivered
+        everyone = _gather((out, u, idx, dlv), world)
+        expected = torch.zeros(501, dtype=torch.float64)
+        for r in peers:
+            _, u_r, idx_r, dlv_r = everyone[r]
+            assert torch.equal(everyone[r][0], out)
+            expected.index_add_(0, idx_r[dlv_r], u_r[idx_r[dlv_r]].double())
+        assert torch.allclose(out.double(), expected / 4, rtol=1e-6, atol=1e-6)
+
     # a non-finite u on one rank gives a NaN flag on every rank
     u = _make_u("random", 100, rank, world, 11)
     if rank == world - 1:
@@ -162,7 +180,7 @@ def test_one_peer_delivers_everything_without_collectives():
         out = torch.zeros(d)
         launched = ex.launch(u, Selection(u[idx], idx, torch.tensor(0.0), d), out, Route(None, 1, 2), {})
         launched.work.wait()
-        delivery = launched.finish()
+        delivery = launched.work.get_future().then(lambda _: launched.finish()).wait()  # as a DDP hook does
         assert bool(delivery.delivered.all()) and float(delivery.flag) == 0.0
         expected = torch.zeros(d)
         expected[idx] = u[idx] / 2

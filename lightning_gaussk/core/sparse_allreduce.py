@@ -161,7 +161,7 @@ class SparseAllReduce(Exchange):
             work = all_gather(gathered, msg, group=route.group, async_op=True)
         else:
             gathered.copy_(msg)
-            work = _Done()
+            work = _Done(gathered)
 
         prev_marks = cache.get("ar_marks")
         marks = buffer(cache, "ar_marks", d + 1, dev, torch.bool)  # slot d: positions past the end
@@ -192,13 +192,22 @@ class SparseAllReduce(Exchange):
 
 
 class _Done:
-    """A completed work handle (``P = 1``: nothing crosses the wire)."""
+    """A completed work handle (``P = 1``: nothing crosses the wire), with the parts of
+    ``dist.Work`` that drivers use (``wait``, ``is_completed``, ``get_future``)."""
 
-    def wait(self) -> bool:
+    def __init__(self, result: Tensor) -> None:
+        self._result = result
+
+    def wait(self, timeout: object = None) -> bool:
         return True
 
     def is_completed(self) -> bool:
         return True
+
+    def get_future(self) -> torch.futures.Future:
+        fut: torch.futures.Future = torch.futures.Future()
+        fut.set_result([self._result])
+        return fut
 
 
 register_exchange(SparseAllReduce)
