@@ -1,15 +1,41 @@
-"""lightning_gaussk: TopK-SGD / Gaussian-k gradient sparsification for DDP, Lightning and Accelerate."""
+"""lightning_gaussk: TopK-SGD / Gaussian-k gradient sparsification for DDP, Lightning and Accelerate.
+
+The algorithm (:mod:`lightning_gaussk.core`, the DDP hook, selection, configuration) needs only
+torch. The Lightning parts (the strategies, the monitor and telemetry callbacks) are imported
+when Lightning is installed, and ``import lightning_gaussk`` then registers ``"gaussk_ddp"`` and
+its siblings with Lightning's strategy registry.
+"""
+
+from typing import Any
 
 from lightning_gaussk.config import GaussKConfig
 from lightning_gaussk.hook import GaussKState, gaussk_hook
-from lightning_gaussk.monitor import GradientDistributionMonitor
 from lightning_gaussk.selectors import accumulate_select, available_selectors, get_selector, register_selector, select
-from lightning_gaussk.strategy import GaussKDDPStrategy
-from lightning_gaussk.telemetry import GaussKTelemetry, telemetry_figures
 
-from lightning.pytorch.strategies import StrategyRegistry as _registry
+_LIGHTNING_NAMES = ("GaussKDDPStrategy", "GaussKTelemetry", "GradientDistributionMonitor", "telemetry_figures")
 
-GaussKDDPStrategy.register_strategies(_registry)  # makes Trainer(strategy="gaussk_ddp") resolve
+try:
+    from lightning.pytorch.strategies import StrategyRegistry as _registry
+except ModuleNotFoundError as _err:  # raw torch or Accelerate without Lightning
+    if not (_err.name or "").startswith(("lightning", "pytorch_lightning")):
+        raise
+    _missing_lightning: ModuleNotFoundError | None = _err
+else:
+    _missing_lightning = None
+    from lightning_gaussk.monitor import GradientDistributionMonitor
+    from lightning_gaussk.strategy import GaussKDDPStrategy
+    from lightning_gaussk.telemetry import GaussKTelemetry, telemetry_figures
+
+    GaussKDDPStrategy.register_strategies(_registry)  # makes Trainer(strategy="gaussk_ddp") resolve
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LIGHTNING_NAMES and _missing_lightning is not None:
+        raise ModuleNotFoundError(
+            f"lightning_gaussk.{name} needs Lightning (`pip install lightning`): {_missing_lightning}", name="lightning"
+        )
+    raise AttributeError(f"module 'lightning_gaussk' has no attribute {name!r}")
+
 
 __version__ = "0.1.0"
 

@@ -249,7 +249,7 @@ def _grad_scaler_run(rank: int, scaled: bool, density: float) -> tuple[list[torc
             scaler.step(opt)
             scaler.update()
         if step == 3:
-            assert state.telemetry["skipped_buckets"] == len(state._slots)
+            assert state.telemetry["skipped_buckets"] == len(state.store)
     raw = {n: r.clone() for n, r in state.residuals().items()}  # in each bucket's loss scale
     saved = state.state_dict()
     state.load_state_dict(saved)  # unscaled on disk, back to each bucket's scale on load
@@ -511,20 +511,14 @@ def test_every_ddp_mode_equals_plain_ddp_at_density_one_and_conserves_mass_below
 
 # ============================================================================ memory
 def _state_bytes(state: GaussKState) -> tuple[int, int]:
-    """(bytes of every tensor the state holds, the bound: per bucket 8 d [+ 4 d for a non-fp32
-    bucket's decode buffer] + 4 (2k + 1)(1 + W))."""
-    seen: dict[int, int] = {}
+    """(bytes of every tensor the state holds, the bound: per bucket 8 d + 4 (the loss scale)
+    [+ 4 d for a non-fp32 bucket's decode buffer] + 4 (2k + 1)(1 + W))."""
     bound = 0
     world = dist.get_world_size()
-    for slot in state._slots.values():
-        d = slot.residual.numel()
-        bound += 8 * d + (4 * d if slot.out is not None else 0) + 4 * (2 * slot.k + 1) * (1 + world)
-        for t in (slot.residual, slot.work, slot.out, slot.msg, slot.gathered):
-            if t is not None:
-                seen[t.data_ptr()] = t.numel() * t.element_size()
-    for t in state._pending.values():
-        seen[t.data_ptr()] = t.numel() * t.element_size()
-    return sum(seen.values()), bound
+    for slot in state.store.slots():
+        d, msg = slot.size, slot.cache["msg"].numel()
+        bound += 8 * d + 4 + (4 * d if "out" in slot.cache else 0) + 4 * msg * (1 + world)
+    return state.store.nbytes(), bound
 
 
 def _memory(rank: int, world: int) -> None:
@@ -547,8 +541,9 @@ def _memory(rank: int, world: int) -> None:
         assert all(s == sizes[3] for s in sizes[3:]), (ddp_kwargs, sizes[:6], sizes[-1])
         assert total <= bound, (total, bound)
         # the buckets held by the state cover every parameter exactly once: no stale buffers
-        assert sum(slot.residual.numel() for slot in state._slots.values()) == numel
-        assert len(state._home) == len(list(model.parameters())) and not state._pending and not state.captured
+        assert sum(slot.size for slot in state.store.slots()) == numel
+        assert state.store.placed() == {n for n, _ in model.named_parameters()}
+        assert not state.store.pending() and not state.captured
 
 
 def test_hook_memory_is_bounded_and_constant_over_1000_steps():

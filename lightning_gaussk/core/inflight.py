@@ -1,0 +1,54 @@
+"""Communication callbacks still held by torch's threads, and waiting for them (teardown safety).
+
+torch's communication thread releases a ``.then()`` callback just *after* the future the hook
+returned is complete, and it needs the GIL to do so. A process that tears down right then
+(interpreter exit, or a gloo group destroyed while the GIL is held) aborts with "terminate called
+without an active exception" or deadlocks. Each callback holds a :class:`Pending` token as a
+default argument; :func:`wait_idle` waits until every token of an owner is released. It runs at
+exit for every live owner, and in the integrations' teardown.
+"""
+
+from __future__ import annotations
+
+import atexit
+import threading
+import time
+import weakref
+from typing import Any
+
+__all__ = ["Pending", "wait_idle"]
+
+_LIVE: "weakref.WeakSet[Any]" = weakref.WeakSet()  # owners whose callbacks may not be released yet
+_LOCK = threading.Lock()
+
+
+class Pending:
+    """Lives exactly as long as one communication callback of ``owner`` (counted in ``owner._inflight``)."""
+
+    __slots__ = ("owner",)
+
+    def __init__(self, owner: Any) -> None:
+        self.owner = owner
+        with _LOCK:
+            owner._inflight = getattr(owner, "_inflight", 0) + 1
+        _LIVE.add(owner)
+
+    def __del__(self) -> None:
+        with _LOCK:
+            self.owner._inflight -= 1
+
+
+def wait_idle(owner: Any, timeout: float = 5.0) -> bool:
+    """Wait until every callback of ``owner`` is released; False if ``timeout`` seconds passed."""
+    deadline = time.monotonic() + timeout
+    while getattr(owner, "_inflight", 0) > 0:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.001)  # releases the GIL, so the communication thread can finish
+    return True
+
+
+@atexit.register
+def _drain_at_exit() -> None:
+    for owner in list(_LIVE):
+        wait_idle(owner, timeout=2.0)
