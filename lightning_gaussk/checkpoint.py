@@ -1,5 +1,6 @@
-"""Saved hook state: per-rank residual shards, their manifest, and the one policy for a change of
-layout. Used by the Lightning strategy and by the Accelerate integration.
+"""The one checkpoint protocol of the hook state: per-rank residual shards and their manifest,
+every saved format, the policy for a change of layout (residuals and velocities) and agreement on
+failure. The Lightning strategy and the Accelerate integration wire it in; it imports neither.
 
 Shards
 ------

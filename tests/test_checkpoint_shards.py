@@ -37,6 +37,7 @@ from lightning_gaussk.checkpoint import (
     check_manifest,
     make_manifest,
     read_shard,
+    restore_state,
     save_shards,
     shard_dir,
     shard_name,
@@ -486,6 +487,11 @@ def _agreement_entry(rank: int, world: int, out: str) -> None:
 
     save = lambda: save_shards(FailsOnRank1(), Path(out) / "save_fails", rank=rank, world_size=world)  # noqa: E731
     Path(out, f"save_fails_rank{rank}.txt").write_text(_outcome(save))
+
+    full = write_save(folder / f"full{rank}", saved_states(world, None))  # rank 1 then finds nothing at all
+    found = lambda: SavedState.from_manifest(full, folder / f"full{rank}") if rank == 0 else None  # noqa: E731
+    half = lambda: restore_state(GaussKState(density=0.1), found, rank=rank, world_size=world)  # noqa: E731
+    Path(out, f"half_rank{rank}.txt").write_text(_outcome(half))
     dist.barrier()
     _accelerate_agreement_entry(rank, world, out)
 
@@ -615,6 +621,40 @@ def test_a_shard_write_failing_on_one_rank_makes_save_shards_raise_on_every_rank
     peer = (spawned / "save_fails_rank0.txt").read_text()
     assert mine.startswith("OSError") and "No space left" in mine, mine
     assert peer.startswith("RuntimeError") and "rank(s) [1]" in peer and "No space left" in peer, peer
+
+
+def test_a_save_found_on_some_ranks_only_raises_on_every_rank(spawned):
+    for r in (0, 1):  # rank 0 found a save, rank 1 none: neither resumes with residuals reset on one rank only
+        text = (spawned / f"half_rank{r}.txt").read_text()
+        assert text.startswith("FileNotFoundError") and "rank(s) [1] found no saved hook state" in text, text
+
+
+def test_the_checkpoint_protocol_imports_neither_lightning_nor_accelerate():
+    """checkpoint.py and the package modules it imports (transitively) import no `lightning` or
+    `accelerate`, so the protocol serves both integrations and raw DDP; the agreement helper uses
+    torch.distributed only."""
+    import ast
+
+    import lightning_gaussk
+
+    root = Path(lightning_gaussk.__file__).parent
+    todo, seen, foreign = ["lightning_gaussk.checkpoint"], set(), []
+    while todo:
+        mod = todo.pop()
+        if mod in seen:
+            continue
+        seen.add(mod)
+        path = root.joinpath(*mod.split(".")[1:])
+        path = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+        for node in ast.walk(ast.parse(path.read_text())):  # imports inside functions count too
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            for name in names:
+                top = name.split(".")[0]
+                if top in ("lightning", "accelerate", "pytorch_lightning"):
+                    foreign.append((mod, name))
+                elif top == "lightning_gaussk" and name != "lightning_gaussk":
+                    todo.append(name)
+    assert "lightning_gaussk.core.log" in seen and foreign == [], (sorted(seen), foreign)
 
 
 @pytest.mark.parametrize(("case", "error", "detail"), [("missing", "FileNotFoundError", "is missing"),
