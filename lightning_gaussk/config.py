@@ -79,6 +79,12 @@ class GaussKConfig:
         "with link_gbit); never: always sparse"
     )
     link_gbit: float | None = _opt(None, "inter-node link bandwidth in Gbit/s for the cost model of dense_fallback (None: byte rule only)")
+    exchange: str = _opt(
+        "allgather", "how selections are combined: allgather (every rank's k entries to every rank, ~2k(P-1) words per "
+        "rank; the update holds up to P k entries), allreduce (bounded sparse all-reduce, at most ~6k(P-1)/P words per "
+        "rank whatever P; the update holds ~k entries), auto (per bucket, the cheaper by the cost model; dense "
+        "where that is cheaper still), or a name registered with core.exchange.register_exchange"
+    )
     hierarchy: Literal["auto", "flat", "node"] = _opt(
         "auto", "flat: every rank sparsifies its whole bucket; node: reduce-scatter inside a node, sparsify a 1/L shard "
         "across nodes; auto: node when the job spans several nodes of several ranks"
@@ -113,6 +119,14 @@ class GaussKConfig:
             if value is not None:
                 object.__setattr__(self, name, float(value))
 
+    def _validate_exchange(self) -> None:
+        from lightning_gaussk.core import sparse_allreduce  # noqa: F401 (registers "allreduce")
+        from lightning_gaussk.core.exchange import available_exchanges
+
+        choices = ["auto", *(e for e in available_exchanges() if e != "dense")]
+        if not isinstance(self.exchange, str) or self.exchange not in choices:
+            raise ValueError(f"`exchange` must be one of {choices}, got {self.exchange!r}")
+
     def _validate(self) -> None:
         density, warmup_density, warmup_steps = self.density, self.warmup_density, self.warmup_steps
         if self.dense_fallback not in DENSE_FALLBACKS:
@@ -129,6 +143,7 @@ class GaussKConfig:
             raise TypeError(f"`density` must be a float in (0, 1], got {type(density).__name__} {density!r}")
         if not (0.0 < density <= 1.0):  # also rejects NaN
             raise ValueError(f"`density` must be in (0, 1], got {density!r}")
+        self._validate_exchange()
         from lightning_gaussk.selectors import available_selectors, get_selector
 
         if not isinstance(self.selector, str):

@@ -276,12 +276,13 @@ def bucket_k(density: float, d: int) -> int:
 # --------------------------------------------------------------------------------------- exchanges
 def bounded_chunks(d: int, k: int, peers: int) -> tuple[int, int]:
     """Entries per chunk of the bounded sparse all-reduce (``"allreduce"``): ``(c1, c2)`` with
-    ``c1 = min(ceil(2k/P), floor(d/P))`` (stage 1, all-to-all: what a peer sends into each of the
-    ``P`` regions of ``d/P`` entries) and ``c2 = min(ceil(k/P), floor(d/P))`` (stage 2, all-gather:
-    what a peer keeps of its reduced region). Each chunk travels as ``2c + 1`` fp32 words."""
+    ``c1 = min(ceil(2k/P), ceil(d/P))`` (stage 1, all-to-all: what a peer sends into each of the
+    ``P`` regions of at most ``ceil(d/P)`` entries) and ``c2 = min(ceil(k/P), ceil(d/P))`` (stage 2,
+    all-gather: what a peer keeps of its reduced region). Each chunk travels as ``2c + 1`` fp32
+    words. The exchange itself (:mod:`lightning_gaussk.core.sparse_allreduce`) uses this rule."""
     _check_bucket(d, k)
     _check_world(peers)
-    region = d // peers
+    region = -(-d // peers)
     return min(-(-2 * k // peers), region), min(-(-k // peers), region)
 
 

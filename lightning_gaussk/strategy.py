@@ -74,6 +74,7 @@ class GaussKDDPStrategy(DDPStrategy):
         seed: int = 0,
         dense_fallback: Literal["auto", "never"] = "auto",
         link_gbit: float | None = None,
+        exchange: str = "allgather",
         hierarchy: Literal["auto", "flat", "node"] = "auto",
         ranks_per_node: int | None = None,
         remedies: Literal["auto", "all", "none"] = "auto",

@@ -148,11 +148,11 @@ def _nonfinite_cases(rank: int, world: int) -> None:
     _nonfinite(rank, world, 1.0)  # dense_fallback path
 
 
-def _nonfinite(rank: int, world: int, density: float) -> None:
+def _nonfinite(rank: int, world: int, density: float, **options) -> None:
     torch.manual_seed(0)
     model = Net()
     ddp = DDP(model)
-    state = GaussKState(density=density).bind(ddp)
+    state = GaussKState(density=density, **options).bind(ddp)
     ddp.register_comm_hook(state, gaussk_hook)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
     for step in range(6):

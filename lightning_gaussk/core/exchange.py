@@ -63,12 +63,20 @@ class Route:
 @dataclass
 class Selection:
     """One rank's selection from its ``u`` of ``d`` entries: ``k`` ``values`` at ``indices``, and
-    ``flag`` (0-d fp32): 0 when ``u`` is finite, NaN otherwise."""
+    ``flag`` (0-d fp32): 0 when ``u`` is finite, NaN otherwise.
+
+    ``order`` / ``order_inv`` (int64, ``d``; given to exchanges with ``positional = True``): entry
+    ``i`` of ``u`` is entry ``order[i]`` of the canonical layout (the parameters in model order,
+    whatever order the bucket holds them in), and ``order_inv`` is the inverse permutation. An
+    exchange whose result depends on positions works in canonical positions, so the same gradients
+    laid out differently (DDP's bucket rebuild, the first step after a resume) give the same update."""
 
     values: Tensor
     indices: Tensor
     flag: Tensor
     d: int
+    order: Tensor | None = None
+    order_inv: Tensor | None = None
 
     @property
     def k(self) -> int:
@@ -110,10 +118,12 @@ def buffer(cache: dict[str, Tensor], name: str, numel: int, device: torch.device
 class Exchange:
     """One scheme of exchanging selections (subclass it and :func:`register_exchange` it).
 
-    ``sparse``: whether it takes a selection (``launch(sel=...)``) or the whole ``u`` (dense)."""
+    ``sparse``: whether it takes a selection (``launch(sel=...)``) or the whole ``u`` (dense);
+    ``positional``: whether it needs the canonical order of positions (:class:`Selection`)."""
 
     name: ClassVar[str]
     sparse: ClassVar[bool] = True
+    positional: ClassVar[bool] = False  # True: wants Selection.order (its result depends on positions)
 
     def launch(self, u: Tensor, sel: Selection | None, out: Tensor, route: Route, cache: dict[str, Tensor]) -> Launched:
         """Issue this bucket's collectives. ``out`` (fp32, ``d`` entries) holds zeros for a sparse

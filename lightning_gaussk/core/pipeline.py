@@ -79,6 +79,8 @@ def reduce(state: GaussKState, key: int, params: list[Tensor], grad: Tensor) -> 
     g = local if slot.velocity is None else _velocity(state, slot, local, scale)  # DGC: the residual accumulates v
     target = topo.target(slot, grad, local)
     sel = _select(state, key, slot, g, target, k, scale) if exchange.sparse else _dense_u(state, slot, g, scale)
+    if sel is not None and exchange.positional:  # the same update whatever order the bucket holds its parameters in
+        sel.order, sel.order_inv = slot.canonical_order(state.store.ranks())
     t2 = clock()
     if grad_copy is not None and sel is not None:
         state.captured[key] = {

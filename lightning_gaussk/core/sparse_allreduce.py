@@ -59,6 +59,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lightning_gaussk.costmodel import bounded_chunks
 from lightning_gaussk.core import codec
 from lightning_gaussk.core.exchange import (
     Delivery,
@@ -81,10 +82,7 @@ _PAST_END = -1.0  # score of a position past a short region's end (below everyth
 def capacities(k: int, d: int, peers: int) -> tuple[int, int]:
     """``(c1, c2)``: entries per region in stage 1 (``min(ceil(2k/P), ceil(d/P))``) and per owner in
     stage 2 (``min(ceil(k/P), ceil(d/P))``)."""
-    if peers < 1 or d < 1 or not 1 <= k <= d:
-        raise ValueError(f"capacities: need peers >= 1, d >= 1 and 1 <= k <= d, got k={k}, d={d}, peers={peers}")
-    region = -(-d // peers)
-    return min(-(-2 * k // peers), region), min(-(-k // peers), region)
+    return bounded_chunks(d, k, peers)  # the one rule, shared with the cost model
 
 
 class SparseAllReduce(Exchange):
@@ -95,6 +93,7 @@ class SparseAllReduce(Exchange):
     cached marks that the next call's ``delivered`` relies on."""
 
     name = "allreduce"
+    positional = True  # regions are positions mod P: work in the canonical layout
 
     def launch(self, u: Tensor, sel: Selection | None, out: Tensor, route: Route, cache: dict[str, Tensor]) -> Launched:
         assert sel is not None
@@ -108,6 +107,8 @@ class SparseAllReduce(Exchange):
 
         # --- stage 1: pack per destination region ([P, W1] chunks, then 2k trash words) ---------
         idx = sel.indices.long()
+        if sel.order is not None:  # canonical positions: the same regions whatever the bucket layout
+            idx = sel.order.index_select(0, idx)
         vals = sel.values.to(torch.float32)
         region = idx % P
         local = idx // P
@@ -173,7 +174,10 @@ class SparseAllReduce(Exchange):
             g = pos.view(P, c2).long() * P + ar_p.view(P, 1)  # global index l P + j
             g = g.view(-1)
             real = g < d
-            out.index_add_(0, torch.where(real, g, 0), torch.where(real, values, 0.0), alpha=1.0 / route.divisor)
+            at = torch.where(real, g, 0)
+            if sel.order_inv is not None:  # back from canonical positions to this tensor's
+                at = sel.order_inv.index_select(0, at)
+            out.index_add_(0, at, torch.where(real, values, 0.0), alpha=1.0 / route.divisor)
             g_mark = torch.where(real, g, d)
             marks.index_fill_(0, g_mark, True)
             delivered = marks.index_select(0, idx).logical_and_(sent)

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from lightning_gaussk import costmodel
 from lightning_gaussk.config import GaussKConfig, bucket_k
 from lightning_gaussk.core import inflight
+from lightning_gaussk.core import sparse_allreduce  # noqa: F401 (registers "allreduce")
 from lightning_gaussk.core.exchange import Exchange, get_exchange
 from lightning_gaussk.core.log import rank_zero_info, rank_zero_warn
 from lightning_gaussk.core.store import ResidualStore
@@ -112,7 +113,8 @@ class GaussKState:
         self.store = ResidualStore()
         self._numels: dict[str, int] = {}  # name -> numel of the whole parameter
         self._exchanges: dict[str, Exchange] = {}
-        self._dense_cache: dict[tuple[int, int, int, str], bool] = {}
+        self._choices: dict[tuple[int, int, int, str, str], str] = {}  # exchange per bucket shape
+        self._logged: set[tuple[int, int, str]] = set()
         # clocks
         self.step = 0  # optimizer steps; set by the owner (set_step) or counted per backward
         self._external_step = False
@@ -244,26 +246,48 @@ class GaussKState:
 
     # ---------------------------------------------------------------- the exchange of a bucket
     def prefer_dense(self, d: int, k: int, world: int, device_type: str) -> bool:
-        """Whether a bucket of ``d`` entries goes dense at ``k`` among ``world`` peers (see
-        ``dense_fallback``).
+        """Whether a bucket of ``d`` entries goes dense at ``k`` among ``world`` peers with the
+        all-gather (``dense_fallback``; :func:`lightning_gaussk.costmodel.dense_wins`)."""
+        return self.exchange_for(d, k, world, device_type, exchange="allgather").name == "dense"
 
-        A pure function of configuration and shapes, so every rank takes the same branch (they
-        must: the two branches call different collectives)."""
-        key = (d, k, world, device_type)
-        if key not in self._dense_cache:
-            dense = False
-            if self.dense_fallback == "auto":
-                dense = costmodel.byte_rule_dense(d, k, world)
-                if not dense and self.link_gbit is not None:
-                    link = costmodel.Link.from_gbit(self.link_gbit)
-                    dense = costmodel.prefer_dense(d, k, world, link, costmodel.HostCosts.for_device(device_type))
-            self._dense_cache[key] = dense
-        return self._dense_cache[key]
+    def exchange_for(self, d: int, k: int, peers: int, device_type: str, exchange: str | None = None) -> Exchange:
+        """The exchange of a bucket of ``d`` entries at ``k`` among ``peers`` (``exchange``: the
+        configured one by default).
 
-    def exchange_for(self, d: int, k: int, peers: int, device_type: str) -> Exchange:
-        """The exchange of a bucket of ``d`` entries at ``k`` among ``peers``: dense when
-        :meth:`prefer_dense` says so, else the sparse all-gather."""
-        return self._exchange("dense" if self.prefer_dense(d, k, peers, device_type) else "allgather")
+        - ``dense_fallback="auto"``: dense when :func:`~lightning_gaussk.costmodel.dense_wins`
+          says so for the exchange (the byte rule; with ``link_gbit`` also the time model, the
+          ``L`` ranks of a node sharing its link in node mode);
+        - ``exchange="auto"``: the cheapest of dense, all-gather and all-reduce
+          (:func:`~lightning_gaussk.costmodel.pick_exchange`; without ``link_gbit``: the fewest
+          bytes), logged once per bucket size and choice.
+
+        A pure function of configuration and shapes, cached, so every rank takes the same branch
+        (they must: the branches call different collectives)."""
+        name = self.config.exchange if exchange is None else exchange
+        key = (d, k, peers, device_type, name)
+        if key not in self._choices:
+            self._choices[key] = choice = self._choose(d, k, peers, device_type, name)
+            if name == "auto" and (d, peers, choice) not in self._logged:
+                self._logged.add((d, peers, choice))
+                rank_zero_info(f"GaussK: exchange='auto' sends buckets of {d} entries (k={k}) among {peers} peers by {choice}")
+        return self._exchange(self._choices[key])
+
+    def _choose(self, d: int, k: int, peers: int, device_type: str, name: str) -> str:
+        cfg = self.config
+        link = costmodel.Link.from_gbit(cfg.link_gbit) if cfg.link_gbit is not None else None
+        host = costmodel.HostCosts.for_device(device_type)
+        share = self.layout.ranks_per_node or 1  # node mode: a node's L exchanges share its link
+        sparse = costmodel.SPARSE_EXCHANGES
+        if cfg.dense_fallback == "never":
+            if name != "auto":
+                return name
+            if link is None:
+                return min(sparse, key=lambda e: costmodel.exchange_bytes(e, d, k, peers))
+            return min(sparse, key=lambda e: costmodel.exchange_time(e, d, k, peers, link, host, share))
+        if name == "auto":
+            return costmodel.pick_exchange(d, k, peers, link, host, share)
+        priced = name if name in sparse else "allgather"  # a registered exchange is priced as the all-gather
+        return "dense" if costmodel.dense_wins(d, k, peers, link, host, exchange=priced, share=share) else name
 
     def _exchange(self, name: str) -> Exchange:
         if name not in self._exchanges:

@@ -54,6 +54,28 @@ class Slot:
         # (deadlock seen with gloo). It is released here, on the Python side, at the next step.
         self.handle: Any = None
 
+    def canonical_order(self, rank_of: dict[int, int]) -> tuple[Tensor, Tensor]:
+        """``(order, order_inv)``: entry ``i`` of this slot is entry ``order[i]`` of the canonical
+        layout, its parameters sorted by ``rank_of[id(p)]`` (model order; unknown ones last, in
+        slot order), each parameter's entries kept together; padding entries (node mode's short
+        chunks) come last. Computed once per slot, on first use."""
+        cached = self.cache.get("order")
+        if cached is not None:
+            return cached, self.cache["order_inv"]
+        d, device = self.size, self.residual.device
+        order = torch.full((d,), -1, dtype=torch.int64)
+        pos = 0
+        seq = sorted(range(len(self.key)), key=lambda i: (rank_of.get(self.key[i], len(rank_of) + i), i))
+        for i in seq:
+            off, n = self.places[i]
+            order[off : off + n] = torch.arange(pos, pos + n)
+            pos += n
+        free = order < 0
+        order[free] = torch.arange(pos, d)
+        order = order.to(device)
+        self.cache["order"], self.cache["order_inv"] = order, torch.argsort(order)
+        return order, self.cache["order_inv"]
+
     @property
     def size(self) -> int:
         return self.residual.numel()
@@ -78,6 +100,7 @@ class ResidualStore:
         self._home: dict[int, tuple[Slot, int, int]] = {}  # id(parameter) -> (slot, offset, entries)
         self._pending: dict[str, Tensor] = {}  # loaded residuals, unscaled, not yet placed
         self._pending_velocity: dict[str, Tensor] = {}
+        self._ranks: dict[int, int] = {}
 
     # ---------------------------------------------------------------- read API
     def keys(self) -> list[Any]:
@@ -87,6 +110,10 @@ class ResidualStore:
     def slots(self) -> list[Slot]:
         return list(self._slots.values())
 
+    def slot(self, key: Any) -> Slot:
+        """The slot of ``key`` (``KeyError`` if it has none yet)."""
+        return self._slots[key]
+
     def __len__(self) -> int:
         return len(self._slots)
 
@@ -94,6 +121,12 @@ class ResidualStore:
         """Bytes held by every slot and by loaded-but-unplaced state."""
         pending = [*self._pending.values(), *self._pending_velocity.values()]
         return sum(s.nbytes() for s in self._slots.values()) + sum(t.numel() * t.element_size() for t in pending)
+
+    def ranks(self) -> dict[int, int]:
+        """id of a parameter -> its position in the bound model (the canonical order)."""
+        if len(self._ranks) != len(self.names):
+            self._ranks = {pid: i for i, pid in enumerate(self.names)}
+        return self._ranks
 
     def placed(self) -> set[str]:
         """Names of the parameters whose residual lives in a slot."""
