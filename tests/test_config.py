@@ -30,6 +30,7 @@ CHANGED = {
     "seed": 11,
     "dense_fallback": "auto",
     "link_gbit": 2.5,
+    "exchange": "allreduce",
     "hierarchy": "flat",
     "ranks_per_node": 2,
     "remedies": "none",
