@@ -223,6 +223,7 @@ def get_exchange(name: str) -> Exchange:
 
 
 def available_exchanges() -> list[str]:
+    """The registered exchange names, sorted (``"dense"`` is the dense fallback's)."""
     return sorted(_EXCHANGES)
 
 
