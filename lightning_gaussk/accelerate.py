@@ -79,9 +79,6 @@ STATE_FILE = "gaussk_state_rank{rank}.pt"
 #: rank ``rank``'s manifest next to its file: ``{"format": "lightning_gaussk.shards/1", "world_size",
 #: "layout", "files": [its entry: name, sha256, bytes]}`` (merged with the other ranks' at load)
 MANIFEST_FILE = "gaussk_manifest_rank{rank}.json"
-#: format of the per-rank files before shards had manifests (still read, without checksums, by
-#: :meth:`lightning_gaussk.checkpoint.SavedState.from_folder`)
-FILE_FORMAT = "lightning_gaussk.accelerate/1"
 
 _UNSUPPORTED = {"FSDP", "DEEPSPEED", "MEGATRON_LM", "XLA"}
 
