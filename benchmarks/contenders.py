@@ -7,8 +7,8 @@ A contender is named ``HOOK`` or ``SELECTOR@DENSITY[/TAG]...``:
 - ``gaussk@0.01``, ``topk@0.001``, ``randk@0.01``: the GaussK hook with that selector and density;
 - tags after ``/`` set options of the hook by name (:data:`TAGS`): ``/flat`` and ``/node``
   (``hierarchy``; ``/node`` takes ``ranks_per_node`` from the caller), ``/allgather`` and
-  ``/allreduce`` (``exchange``). A script may add its own tags (convergence.py's remedies) by
-  passing ``tags=`` to :func:`options`.
+  ``/allreduce`` (``exchange``), ``/nodense`` (``dense_fallback="never"``). A script may add its
+  own tags (convergence.py's remedies) by passing ``tags=`` to :func:`options`.
 
 Older names still parse (their JSON results keep them): ``flat@RHO`` = ``gaussk@RHO/flat`` and
 ``node@RHO`` = ``gaussk@RHO/node`` (scaleout.py's first runs).
@@ -26,6 +26,7 @@ TAGS: dict[str, dict[str, Any]] = {
     "node": {"hierarchy": "node"},
     "allgather": {"exchange": "allgather"},
     "allreduce": {"exchange": "allreduce"},
+    "nodense": {"dense_fallback": "never"},  # never switch a bucket to dense (benchmarks of the sparse exchanges)
 }
 _LEGACY = {"flat": "flat", "node": "node"}  # old "MODE@RHO" names: gaussk in that mode
 

@@ -200,7 +200,7 @@ def train_one(rank: int, world: int, family: str, method: str, seed: int, task: 
 
     state = None
     if method != "dense":
-        opts = registry.options(registry.parse(method), REMEDY_TAGS, seed=seed)  # "gaussk@0.01/warm+freeze"
+        opts = registry.options(registry.parse(method), {**registry.TAGS, **REMEDY_TAGS}, seed=seed)  # "gaussk@0.01/warm+freeze/allreduce"
         state = GaussKState(**opts).bind(ddp)
 
         def hook(st: Any, bucket: Any) -> Any:
@@ -259,6 +259,7 @@ def train_one(rank: int, world: int, family: str, method: str, seed: int, task: 
     return {
         "family": family, "method": method, "seed": seed, "steps": steps, "curve": curve, "remedy": remedy_text,
         "step_median_s": statistics.median(step_times), "comm_s": comm_times, "hook_s": hook_s, "params": sum(p.numel() for p in params),
+        "world": world, "bytes_wire_per_step": state.telemetry["bytes_wire"] / max(len(step_times), 1) if state is not None else None,
     }  # fmt: skip
 
 
@@ -302,11 +303,11 @@ def _load(path: str) -> list[dict[str, Any]]:
         return json.load(f)
 
 
-def run(jobs: list[tuple[str, str, int, int]], out_path: str) -> None:
+def run(jobs: list[tuple[str, str, int, int]], out_path: str, world: int = 2) -> None:
     import torch.multiprocessing as mp
 
     os.makedirs(os.path.dirname(out_path), exist_ok=True)
-    mp.spawn(_worker, args=(2, _common.free_port(), jobs, out_path), nprocs=2, join=True)
+    mp.spawn(_worker, args=(world, _common.free_port(), jobs, out_path), nprocs=world, join=True)
 
 
 # ============================================================================== report
@@ -464,6 +465,8 @@ def main() -> None:
     ap.add_argument("--skip-done", action="store_true", help="skip (family, method, seed) already in --out")
     ap.add_argument("--section", default="convergence",
                     help="docs block <!-- SECTION:begin/end --> and image prefix (e.g. convergence_long for a --steps run)")
+    ap.add_argument("--world", type=int, default=2, help="gloo ranks on loopback (the docs' tables are for 2)")
+    ap.add_argument("--no-report", action="store_true", help="write only --out: no docs block, no plots")
     args = ap.parse_args()
     if args.steps:
         for fam in FAMILIES.values():
@@ -475,8 +478,9 @@ def main() -> None:
         if args.skip_done:
             done = {(r["family"], r["method"], r["seed"]) for r in _load(args.out)}
             jobs = [j for j in jobs if j not in done]
-        run([(f, m, s, FAMILIES[f]["steps"]) for f, m, s in jobs], args.out)
-    print(report(args.out, section=args.section))
+        run([(f, m, s, FAMILIES[f]["steps"]) for f, m, s in jobs], args.out, args.world)
+    if not args.no_report:
+        print(report(args.out, section=args.section))
 
 
 if __name__ == "__main__":

@@ -274,6 +274,12 @@ def worker(args: argparse.Namespace) -> None:
             train_step(model, opt)
     conc, alone = timed_rounds(contenders, train_step, args.steps, ifname, result["methods"], rank,
                                f"{args.model} W={world} {result['rate']}", time_alone=True)  # fmt: skip
+    mine = {m: {"tx": statistics.median(v["tx"]), "rx": statistics.median(v["rx"]),
+                "bytes_wire": statistics.median(t.get("bytes_wire", 0) for t in v["telemetry"]) if v["telemetry"] else None}
+            for m, v in result["methods"].items()}  # fmt: skip
+    every: list[Any] = [None] * world
+    dist.all_gather_object(every, mine)
+    result["per_rank"] = every  # each host's own veth counters (and telemetry), median per step
     per_rank = [None] * world
     dist.all_gather_object(per_rank, statistics.median(conc))
     result["compute_concurrent_s"] = statistics.mean(per_rank)
@@ -350,8 +356,9 @@ def summarize(res: dict[str, Any]) -> list[dict[str, Any]]:
         elif m == "powersgd":
             model_b = cm.wire_bytes("allreduce", numel, world, elements=res["powersgd_elements"])
         else:
-            rho = registry.parse(m).density
-            model_b = sum(cm.wire_bytes("sparse", d, world, k=cm.bucket_k(rho, d)) for d in buckets)
+            c = registry.parse(m)
+            exch = "allreduce" if "allreduce" in c.tags else "allgather"  # the hook's default: all-gather
+            model_b = sum(cm.exchange_bytes(exch, d, cm.bucket_k(c.density, d), world) for d in buckets)
         tel = v["telemetry"]
         row = {
             "method": m,

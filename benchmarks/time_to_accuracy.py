@@ -128,6 +128,7 @@ def train_one(method: str, args: argparse.Namespace, rank: int, world: int) -> d
         t = state.telemetry
         out["bytes_sent_per_step"] = t["bytes_sent"] / max(step, 1)
         out["bytes_dense_per_step"] = t["bytes_dense"] / max(step, 1)
+        out["bytes_wire_per_step"] = t["bytes_wire"] / max(step, 1)  # as the exchange's collectives send them
     else:
         out["bytes_sent_per_step"] = out["bytes_dense_per_step"] = 4.0 * w.numel()
     dist.barrier()
