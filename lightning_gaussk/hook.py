@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lightning_gaussk.config import DENSE_FALLBACKS, GaussKConfig, bucket_k  # noqa: F401 (old import paths)
-from lightning_gaussk.core.pipeline import _TIMES_LOCK as _TELEMETRY_LOCK  # noqa: F401 (benchmarks time the same lock)
+from lightning_gaussk.core.timing import LOCK as _TELEMETRY_LOCK  # noqa: F401 (benchmarks time the same lock)
 from lightning_gaussk.core.pipeline import reduce
 from lightning_gaussk.core.state import STATE_FORMAT, GaussKState
 

@@ -21,6 +21,7 @@ import torch
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning_gaussk.core.timing import fold as fold_device_times
 
 __all__ = ["FIGURES", "GaussKTelemetry", "telemetry_figures"]
 
@@ -82,7 +83,7 @@ def telemetry_figures(before: Mapping[str, int], after: Mapping[str, int], world
         out["traffic_vs_allreduce"] = ((peers - 1) * sent) / (2 * (world_size - 1) / world_size * dense)
     if diff.get("entries_total", 0) > 0:
         out["density"] = diff["entries_sent"] / diff["entries_total"]
-    if diff.get("hook_ns", 0) > 0:  # timed (CPU buckets)
+    if diff.get("hook_ns", 0) > 0:  # timed (host clocks on CPU, CUDA events on a GPU)
         out["select_ms"] = diff.get("select_ns", 0) / 1e6
         out["comm_ms"] = diff.get("comm_ns", 0) / 1e6
         out["hook_ms"] = diff["hook_ns"] / 1e6
@@ -167,6 +168,7 @@ class GaussKTelemetry(Callback):
         if self._before is None:
             return
         state = self._state(trainer)
+        fold_device_times(state)  # GPU stage times whose CUDA events are complete (no sync)
         now = dict(state.telemetry)
         figures = telemetry_figures(self._before, now, trainer.world_size, nodes=state.layout.nodes)
         self._before = now

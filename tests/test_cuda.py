@@ -36,6 +36,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from _dist import free_port
+from lightning_gaussk.core.timing import fold as fold_device_times
 from lightning_gaussk import GaussKState, accumulate_select, gaussk_hook, select
 from lightning_gaussk._histselect import NUM_BINS, bin_index, boundary, hist_select, histogram, threshold_from_moments
 from lightning_gaussk.kernels import triton_accumulate_select, triton_available, triton_select
@@ -457,6 +458,16 @@ def _hook_body_sync_free(rank: int, world: int) -> None:
                 torch.cuda.set_sync_debug_mode(0)
             assert result.dtype == dtype and result.numel() == before.numel()
             assert bool(torch.isfinite(result).all()) == (step != 1)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            fold_device_times(state)  # reading the stage times is sync-free too (incomplete events wait)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        torch.cuda.synchronize()
+        fold_device_times(state)
+        # GPU telemetry: every stage timed with CUDA events, folded once the events are complete
+        assert state.telemetry["select_ns"] > 0 and state.telemetry["hook_ns"] >= state.telemetry["select_ns"]
+        assert state.telemetry["comm_ns"] > 0, state.telemetry
 
 
 @pytest.mark.parametrize("world", WORLDS)

@@ -29,8 +29,6 @@ fixed by ``(k, d, P)``, and the commit's choice stays on the device.
 
 from __future__ import annotations
 
-import threading
-import time
 from typing import Any
 
 import torch
@@ -40,14 +38,13 @@ from lightning_gaussk.core.exchange import Delivery, Exchange, Selection
 from lightning_gaussk.core.inflight import Pending
 from lightning_gaussk.core.state import GaussKState
 from lightning_gaussk.core.store import Slot
+from lightning_gaussk.core.timing import StageClock
 from lightning_gaussk.core.topology import Topology
 from lightning_gaussk.selectors import _accumulate as accumulate  # the one formula of u
 from lightning_gaussk.selectors import accumulate_select, select
 
 __all__ = ["reduce"]
 
-# communication callbacks may complete on a backend thread: their counter updates take this lock
-_TIMES_LOCK = threading.Lock()
 
 
 def reduce(state: GaussKState, key: int, params: list[Tensor], grad: Tensor) -> torch.futures.Future[Tensor]:
@@ -56,19 +53,18 @@ def reduce(state: GaussKState, key: int, params: list[Tensor], grad: Tensor) -> 
     if not state._layout_ready:  # raw use: decided at the first call, the same point on every rank
         state.setup_layout()
     topo = state.topology
-    timed = grad.device.type == "cpu"  # host clocks mean nothing for asynchronous device work
-    clock = time.perf_counter_ns if timed else _zero
-    t0 = clock()
 
     # Step 1: the key's slot (residuals follow their parameters if the key's parameters changed)
     slot = state.store.slot_for(
         key, params, lambda ids: topo.make_slot(ids, params, grad.device, grad.numel()),
         state.loss_scale, state._scaled, state.config.momentum_correction is not None,
     )  # fmt: skip
+    clock = StageClock(state, slot, grad.device)  # host ns on CPU, CUDA events (read later) on a GPU
+    t0 = clock.mark()
 
     # Step 2: topology in
     local = topo.enter(slot, grad)
-    t1 = clock()
+    t1 = clock.mark()
 
     # Step 3: u = g + (S / S_r) r and its selection, or u for a dense exchange
     d, route = local.numel(), topo.route
@@ -81,7 +77,7 @@ def reduce(state: GaussKState, key: int, params: list[Tensor], grad: Tensor) -> 
     sel = _select(state, key, slot, g, target, k, scale) if exchange.sparse else _dense_u(state, slot, g, scale)
     if sel is not None and exchange.positional:  # the same update whatever order the bucket holds its parameters in
         sel.order, sel.order_inv = slot.canonical_order(state.store.ranks())
-    t2 = clock()
+    t2 = clock.mark()
     if grad_copy is not None and sel is not None:
         state.captured[key] = {
             "u": slot.work.clone(), "indices": sel.indices.clone(), "k": k, "parameters": list(params),
@@ -94,21 +90,21 @@ def reduce(state: GaussKState, key: int, params: list[Tensor], grad: Tensor) -> 
     delivery: Delivery | None = None
     if topo.gathers:  # the update goes back through one more collective: finish the exchange first
         launched.work.wait()
-        t3 = clock()
+        t3 = clock.mark()
         delivery = launched.finish()
-        t4 = clock()
+        t4 = clock.mark()
         slot.handle = topo.leave(slot, target, delivery.flag)  # Step 5, issued here
-        _add_times(state, timed, intra_ns=t1 - t0, select_ns=t2 - t1, inter_ns=t3 - t2, decode_ns=t4 - t3, hook_ns=clock() - t0)
+        spans = [("intra_ns", t0, t1), ("inter_ns", t2, t3), ("decode_ns", t3, t4)]
     else:
         slot.handle = launched.work  # see Slot.handle
-        _add_times(state, timed, select_ns=t2 - t1, hook_ns=clock() - t0)
-    t5 = clock()
+        spans = []
+    t5 = clock.mark()
+    spans += [("select_ns", t1, t2), ("hook_ns", t0, t5)]
     indices = None if sel is None else sel.indices
 
     def finish(fut: torch.futures.Future[Any], _pending: Pending = Pending(state)) -> Tensor:
-        if timed:
-            dt = clock() - t5
-            _add_times(state, True, comm_ns=dt, **({"intra_ns": dt} if topo.gathers else {}))
+        t6 = clock.mark()  # the last collective is complete
+        clock.spans([*spans, ("comm_ns", t5, t6), *([("intra_ns", t5, t6)] if topo.gathers else [])])
         fut.value()  # re-raises a failed collective (peer died, timeout): never decode a stale buffer
         done = delivery if delivery is not None else launched.finish()
         flag = topo.arrive(slot, grad, target, done.flag)  # Step 5: the update into grad
@@ -189,15 +185,3 @@ def _count(state: GaussKState, topo: Topology, slot: Slot, exchange: Exchange, g
     if topo.gathers:
         tel["bytes_inter"] += sent
         tel["bytes_intra"] += topo.intra_bytes(slot)
-
-
-def _add_times(state: GaussKState, timed: bool, **times: int) -> None:
-    """Add host times to the counters; callbacks may run on a backend thread, hence the lock."""
-    if timed:
-        with _TIMES_LOCK:
-            for name, ns in times.items():
-                state.telemetry[name] += ns
-
-
-def _zero() -> int:
-    return 0
