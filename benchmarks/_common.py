@@ -58,21 +58,11 @@ def median_time(fn: Callable[[], Any], reps: int, warm: int = 1) -> float:
 
 
 def ddp_bucket_groups(numels: Sequence[int], first_bucket_bytes: int | None = None, cap_bytes: int = 25 * 2**20) -> list[list[int]]:
-    """DDP's buckets after its rebuild, as the numels of the parameters in each, asked of torch
-    itself (``torch.distributed._compute_bucket_assignment_by_size`` on meta tensors of those
-    sizes, fp32): ``numels`` in registration order, buckets in gradient-ready order (reverse
-    registration; first bucket capped at ``dist._DEFAULT_FIRST_BUCKET_BYTES``, the others at
-    ``cap_bytes``). One bucket of everything if the private API is missing."""
-    import torch
-    import torch.distributed as dist
+    """DDP's buckets after its rebuild: :func:`lightning_gaussk.preflight.ddp_bucket_groups` (the
+    one copy; the pre-flight command prices the same buckets)."""
+    from lightning_gaussk.preflight import ddp_bucket_groups as groups
 
-    params = [torch.empty(n, device="meta") for n in reversed(numels)]
-    first = dist._DEFAULT_FIRST_BUCKET_BYTES if first_bucket_bytes is None else first_bucket_bytes
-    try:
-        groups, _ = dist._compute_bucket_assignment_by_size(params, [first, cap_bytes])
-    except (AttributeError, TypeError, RuntimeError):  # private API: one bucket
-        groups = [list(range(len(params)))]
-    return [[params[i].numel() for i in g] for g in groups]
+    return groups(numels, first_bucket_bytes, cap_bytes)
 
 
 def load_average() -> float:

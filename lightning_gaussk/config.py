@@ -78,7 +78,11 @@ class GaussKConfig:
         "auto", "auto: a bucket goes dense when sparse cannot be cheaper (costmodel.byte_rule_dense, and the cost model "
         "with link_gbit); never: always sparse"
     )
-    link_gbit: float | None = _opt(None, "inter-node link bandwidth in Gbit/s for the cost model of dense_fallback (None: byte rule only)")
+    link_gbit: float | Literal["measure"] | None = _opt(
+        None, "inter-node link bandwidth in Gbit/s for the cost model of dense_fallback and exchange='auto' (None: byte "
+        "rule only); 'measure': timed once at setup with real collectives (lightning_gaussk.preflight), rank 0's "
+        "figure used by every rank"
+    )
     exchange: str = _opt(
         "allgather", "how selections are combined: allgather (every rank's k entries to every rank, ~2k(P-1) words per "
         "rank; the update holds up to P k entries), allreduce (bounded sparse all-reduce, at most ~6k(P-1)/P words per "
@@ -116,7 +120,7 @@ class GaussKConfig:
         self._validate()
         for name in ("density", "warmup_density", "link_gbit", "momentum_correction"):  # ints given for floats become floats
             value = getattr(self, name)
-            if value is not None:
+            if value is not None and value != "measure":
                 object.__setattr__(self, name, float(value))
 
     def _validate_exchange(self) -> None:
@@ -132,8 +136,8 @@ class GaussKConfig:
         if self.dense_fallback not in DENSE_FALLBACKS:
             raise ValueError(f"`dense_fallback` must be one of {DENSE_FALLBACKS}, got {self.dense_fallback!r}")
         link = self.link_gbit
-        if link is not None and (isinstance(link, bool) or not isinstance(link, (int, float)) or not 0 < link < math.inf):
-            raise ValueError(f"`link_gbit` must be a number of Gbit/s > 0 or None, got {link!r}")
+        if link is not None and link != "measure" and (isinstance(link, bool) or not isinstance(link, (int, float)) or not 0 < link < math.inf):
+            raise ValueError(f"`link_gbit` must be a number of Gbit/s > 0, 'measure' or None, got {link!r}")
         if link is not None and self.dense_fallback == "never":
             raise ValueError(
                 f"`link_gbit` = {link!r} has no effect with `dense_fallback` = 'never' (the cost model only decides "
@@ -263,7 +267,18 @@ def parse_env(var: str, raw: str, hint: Any) -> Any:
     if optional:
         if text.lower() in _NONE:
             return None
-        (hint,) = [a for a in args if a is not type(None)]
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) > 1:  # e.g. float | Literal["measure"]: a listed word, else the first type's parse
+            words = [w for a in rest if typing.get_origin(a) is Literal for w in typing.get_args(a)]
+            if text in words:
+                return text
+            try:
+                return parse_env(var, raw, rest[0] | None)
+            except ValueError:
+                raise ValueError(
+                    f"environment variable {var}={raw!r} is invalid: expected a {rest[0].__name__}, one of {words} or 'none'"
+                ) from None
+        (hint,) = rest
     if hint is bool:
         if text.lower() in _TRUE | _FALSE:
             return text.lower() in _TRUE

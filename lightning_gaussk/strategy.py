@@ -73,7 +73,7 @@ class GaussKDDPStrategy(DDPStrategy):
         warmup_density: float | None = None,
         seed: int = 0,
         dense_fallback: Literal["auto", "never"] = "auto",
-        link_gbit: float | None = None,
+        link_gbit: float | Literal["measure"] | None = None,
         exchange: str = "allgather",
         hierarchy: Literal["auto", "flat", "node"] = "auto",
         ranks_per_node: int | None = None,

@@ -115,6 +115,10 @@ class GaussKState:
         self._exchanges: dict[str, Exchange] = {}
         self._choices: dict[tuple[int, int, int, str, str], str] = {}  # exchange per bucket shape
         self._logged: set[tuple[int, int, str]] = set()
+        # the link of the cost model: from link_gbit, or measured by setup_layout (link_gbit="measure")
+        self.link: costmodel.Link | None = (
+            costmodel.Link.from_gbit(config.link_gbit) if isinstance(config.link_gbit, float) else None
+        )
         # clocks
         self.step = 0  # optimizer steps; set by the owner (set_step) or counted per backward
         self._external_step = False
@@ -191,7 +195,25 @@ class GaussKState:
         self._layout_ready = True
         self._resize()
         rank_zero_info(f"GaussK: {layout.describe()} (hierarchy={cfg.hierarchy!r}, ranks per node from the launcher: {hint})")
+        if cfg.link_gbit == "measure":
+            self._measure_link()
         return layout
+
+    def _measure_link(self) -> None:
+        """``link_gbit="measure"``: time the link the exchange runs on (node mode: between nodes),
+        once, on every rank; rank 0's fit is broadcast, so every rank prices buckets alike."""
+        from lightning_gaussk.preflight import measure_link
+
+        self.link = measure_link(self.topology)
+        self._choices.clear()
+        if self.link is None:
+            rank_zero_info("GaussK: link_gbit='measure': one rank or one node, no link to measure (byte rule only)")
+        else:
+            rank_zero_info(
+                f"GaussK: link_gbit='measure': {self.link.gbit:.3f} Gbit/s payload, latency {self.link.alpha * 1e6:.0f} us "
+                f"({'between nodes' if self.layout.mode == 'node' else 'among all ranks'}); the dense rule and "
+                "exchange='auto' use it"
+            )
 
     def set_step(self, step: int) -> None:
         """Tell the hook the current optimizer step (the Lightning strategy does this).
@@ -274,7 +296,7 @@ class GaussKState:
 
     def _choose(self, d: int, k: int, peers: int, device_type: str, name: str) -> str:
         cfg = self.config
-        link = costmodel.Link.from_gbit(cfg.link_gbit) if cfg.link_gbit is not None else None
+        link = self.link  # from link_gbit, or measured at setup: the same on every rank
         host = costmodel.HostCosts.for_device(device_type)
         share = self.layout.ranks_per_node or 1  # node mode: a node's L exchanges share its link
         sparse = costmodel.SPARSE_EXCHANGES
