@@ -5,9 +5,18 @@
     python benchmarks/soak.py raw --runs 50 --end exit --hook gaussk   # raw DDP, 2 spawned processes
     python benchmarks/soak.py memory --steps 1000                  # RSS of plain DDP vs the hook
 
-``fits`` runs tests/scripts/lightning_fit.py with a one-fit ``--plan`` (one short fit per run, GaussKDDPStrategy, 2 CPU
-processes) and counts runs whose processes did not all exit with status 0 (with popen, rank 0
-waits for its child and fails if the child did not exit with 0). ``raw`` runs a short training
+``fits`` runs tests/scripts/lightning_fit.py with a ``--plan`` (2 CPU processes) and counts runs
+whose processes did not all exit with status 0 (with popen, rank 0 waits for its child and fails
+if the child did not exit with 0) and runs whose output says "terminate called" (a C++ abort at
+teardown). ``--plan one`` (the default) is one short fit per run; ``--plan resume`` is the
+checkpoint/resume plan of tests/test_faults.py and tests/test_strategy.py in one process pair: a
+fit that checkpoints every 4 steps and saves at step 8, a fit resumed from that save, the
+uninterrupted fit; ``--plan '<JSON list>'`` runs that plan (``{ckpt}`` in a value is the run's
+folder). ``--strategy gaussk`` (GaussKDDPStrategy, ``--hierarchy auto|flat``) or ``ddp`` (plain
+Lightning DDPStrategy, the same plan):
+
+    python benchmarks/soak.py fits --plan resume --runs 30 --strategy gaussk --hierarchy auto
+    python benchmarks/soak.py fits --plan resume --runs 30 --strategy ddp ``raw`` runs a short training
 loop with torch DDP and ends it the way ``--end`` says: ``exit`` (just return: the interpreter
 tears the process group down), ``destroy`` (``destroy_process_group()`` right away),
 ``barrier_destroy`` or ``idle_destroy`` (``state.wait_idle()`` first). ``memory`` trains the same model under plain DDP and under the hook and
@@ -18,6 +27,7 @@ overhead. Results are printed and, with ``--json``, appended to a file.
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -43,33 +53,74 @@ def _report(args: argparse.Namespace, result: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------------ fits
+PLANS = {
+    "one": [{"name": "fit", "max_steps": None}],
+    # the checkpoint/resume plan fit (tests/test_faults.py's resumed/straight pair, test_strategy.py's save/resume)
+    "resume": [
+        {"name": "half", "max_steps": 8, "ckpt_every": 4, "ckpt_dir": "{ckpt}/ckpts", "save_ckpt": "{ckpt}/half.ckpt"},
+        {"name": "resumed", "max_steps": 14, "resume": "{ckpt}/half.ckpt"},
+        {"name": "straight", "max_steps": 14},
+    ],
+}
+
+
+def _plan(args: argparse.Namespace, run_dir: Path) -> list[dict]:
+    plan = PLANS[args.plan] if args.plan in PLANS else json.loads(args.plan)
+    out = []
+    for spec in plan:
+        spec = {k: (v.replace("{ckpt}", str(run_dir)) if isinstance(v, str) else v) for k, v in spec.items()}
+        spec.setdefault("launcher", args.launcher)
+        if spec.get("max_steps", 0) is None:
+            spec["max_steps"] = args.steps
+        if args.strategy == "ddp":
+            spec.update(strategy="ddp", density=None)
+        else:
+            spec.setdefault("density", 0.05)
+            spec.setdefault("hierarchy", args.hierarchy)
+        out.append(spec)
+    return out
+
+
 def fits(args: argparse.Namespace) -> None:
     work = Path(args.workdir or f"/tmp/soak_{args.launcher}_{os.getpid()}")
     work.mkdir(parents=True, exist_ok=True)
-    plan = [{"name": "fit", "launcher": args.launcher, "density": 0.05, "max_steps": args.steps}]
-    bad, codes, seconds = [], [], []
+    bad, aborted, codes, seconds = [], [], [], []
     for i in range(args.runs):
+        run_dir = work / f"run{i}"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        plan = _plan(args, run_dir)
         t0 = time.monotonic()
         try:
             proc = subprocess.run(
-                [sys.executable, str(SCRIPT), "--out", str(work / f"run{i}"), "--plan", json.dumps(plan)],
-                cwd=work, capture_output=True, text=True, timeout=args.timeout,
+                [sys.executable, str(SCRIPT), "--out", str(run_dir / "out"), "--plan", json.dumps(plan)],
+                cwd=run_dir, capture_output=True, text=True, timeout=args.timeout,
             )
             rc, log = proc.returncode, proc.stdout + proc.stderr
         except subprocess.TimeoutExpired as e:
             rc, log = "timeout", f"{e.stdout or ''}{e.stderr or ''}"
         seconds.append(round(time.monotonic() - t0, 1))
-        ok = rc == 0 and len(list((work / f"run{i}" / "fit").glob("rank*.pt"))) == 2
+        ok = rc == 0 and all(len(list((run_dir / "out" / spec["name"]).glob("rank*.pt"))) == 2 for spec in plan)
         codes.append(rc)
+        if "terminate called" in str(log):
+            aborted.append(i)
         if not ok:
             bad.append(i)
+        if not ok or i in aborted:
             (work / f"run{i}.log").write_text(str(log))
             tail = str(log).strip().splitlines()[-3:]
-            print(f"run {i}: rc={rc} {tail}", flush=True)
+            print(f"run {i}: rc={rc} terminate_called={i in aborted} {tail}", flush=True)
         elif args.verbose:
             print(f"run {i}: ok {seconds[-1]} s", flush=True)
-    _report(args, {"kind": "fits", "launcher": args.launcher, "runs": args.runs, "failed": len(bad), "failed_runs": bad,
-                   "exit_codes": sorted(set(map(str, codes))), "mean_s": round(sum(seconds) / len(seconds), 1)})
+        if not args.keep and ok:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        if args.budget_s and sum(seconds) > args.budget_s:
+            print(f"stopping after {i + 1} runs: budget of {args.budget_s} s spent", flush=True)
+            break
+    _report(args, {"kind": "fits", "plan": args.plan, "strategy": args.strategy,
+                   "hierarchy": args.hierarchy if args.strategy != "ddp" else None, "launcher": args.launcher,
+                   "runs": len(seconds), "failed": len(bad), "failed_runs": bad, "terminate_called": len(aborted),
+                   "terminate_called_runs": aborted, "exit_codes": sorted(set(map(str, codes))),
+                   "mean_s": round(sum(seconds) / len(seconds), 1)})
 
 
 # ------------------------------------------------------------------------------------------ raw
@@ -204,6 +255,11 @@ def main() -> None:
     p.add_argument("what", choices=["fits", "raw", "memory"])
     p.add_argument("--runs", type=int, default=50)
     p.add_argument("--launcher", choices=["spawn", "popen"], default="spawn")
+    p.add_argument("--plan", default="one", help="fits: 'one', 'resume' (checkpoint/resume) or a JSON list of fit specs")
+    p.add_argument("--strategy", choices=["gaussk", "ddp"], default="gaussk", help="fits: GaussKDDPStrategy or plain DDPStrategy")
+    p.add_argument("--hierarchy", choices=["auto", "flat", "node"], default="auto", help="fits with gaussk")
+    p.add_argument("--budget-s", type=float, default=None, help="fits: stop after this many seconds of runs")
+    p.add_argument("--keep", action="store_true", help="fits: keep the folders of good runs")
     p.add_argument("--steps", type=int, default=None, help="fits: 5, raw: 10, memory: 1000")
     p.add_argument("--hook", choices=["gaussk", "allreduce", "none"], default="gaussk")
     p.add_argument("--end", choices=["exit", "destroy", "barrier_destroy", "idle_destroy"], default="exit")
