@@ -361,9 +361,24 @@ def report(out_path: str = OUT, doc_path: str = DOC, section: str = "convergence
     """Tables into the ``<!-- {section}:begin/end -->`` block of ``doc_path`` and plots
     ``img/{section}_{family}.png`` from the results in ``out_path``."""
     results = _load(out_path)
+    body = render(results)
+    _plots(results, section)
+    if os.path.exists(doc_path):
+        with open(doc_path) as f:
+            doc = f.read()
+        b, e = f"<!-- {section}:begin -->", f"<!-- {section}:end -->"
+        if b in doc and e in doc:
+            doc = doc[: doc.index(b) + len(b)] + "\n" + body + "\n" + doc[doc.index(e) :]
+            with open(doc_path, "w") as f:
+                f.write(doc)
+    return body
+
+
+def render(results: list[dict[str, Any]], machine: str | None = None) -> str:
+    """The tables of :func:`report` (no files written); ``machine``: the line's machine, this one by default."""
     rows = summarise(results)
     lines = []
-    machine = _common.machine_description("2 gloo ranks, 1 thread each")
+    machine = machine or _common.machine_description("2 gloo ranks, 1 thread each")
     lines.append(f"Measured on {machine}. Equal steps for all methods of a family; seed 0 unless more seeds are listed "
                  "(then means, ± the standard deviation of the final loss). Time: median measured step time + "
                  f"cost-model communication on a {LINK_GBIT:g} Gbit/s link (2 ranks).\n")  # fmt: skip
@@ -372,7 +387,8 @@ def report(out_path: str = OUT, doc_path: str = DOC, section: str = "convergence
         if not fam_rows:
             continue
         metric = "val bits/char" if family.startswith("lm") else "val accuracy"
-        lines.append(f"**{family}** ({FAMILIES[family]['steps']} steps; loss = {'bits/char' if family.startswith('lm') else 'nats'})\n")
+        steps = max(r["steps"] for r in results if r["family"] == family)  # a --steps run's, not the family's default
+        lines.append(f"**{family}** ({steps} steps; loss = {'bits/char' if family.startswith('lm') else 'nats'})\n")
         lines.append(f"| method | seeds | final val loss | {metric} | vs dense | steps to dense's final loss | "
                      "time to it, 1 Gbit/s | step ms (compute + comm) |")  # fmt: skip
         lines.append("|---|---|---|---|---|---|---|---|")
@@ -386,17 +402,7 @@ def report(out_path: str = OUT, doc_path: str = DOC, section: str = "convergence
             lines.append(f"| {m} | {seeds} | {r['loss']:.3f}{sd} | {met} | {gap} | {st} | {tt} | "
                          f"{r['step_ms']:.1f} + {r['comm_ms']:.2f} |")  # fmt: skip
         lines.append("")
-    body = "\n".join(lines)
-    _plots(results, section)
-    if os.path.exists(doc_path):
-        with open(doc_path) as f:
-            doc = f.read()
-        b, e = f"<!-- {section}:begin -->", f"<!-- {section}:end -->"
-        if b in doc and e in doc:
-            doc = doc[: doc.index(b) + len(b)] + "\n" + body + "\n" + doc[doc.index(e) :]
-            with open(doc_path, "w") as f:
-                f.write(doc)
-    return body
+    return "\n".join(lines)
 
 
 def _fmt_hits(values: list[Any], fmt: Any) -> str:

@@ -102,10 +102,9 @@ def markdown_costmodel(results: list[dict[str, Any]], plot_path: str | None) -> 
             f"The 25M-parameter model (buckets {', '.join(f'{b / 1e6:.1f}M' for b in buckets)}; C = "
             f"{work.compute_s * 1e3:.0f} ms; host costs of this CPU as fitted in the 2-host 1 Gbit/s run; links "
             f"`Link.from_gbit(g)`: 95% of the rate as payload, 50 us per hop). Entries: predicted steps/s of plain DDP / "
-            "gaussk at density 0.001 / `auto` (each bucket sent the way `prefer_dense` says: the model's faster choice, "
-            "except that a bucket with `W (2k+1) > d` always goes dense, even where the model still predicts the sparse "
-            "all-gather faster: between `d` and `2d` gathered entries the sparse path still moves fewer bytes than a "
-            "ring all-reduce, e.g. 512 workers at 1 Gbit/s below).",
+            "gaussk at density 0.001 / `auto` (each bucket sent the way `prefer_dense` says, i.e. `costmodel.dense_wins`: "
+            "dense when the all-gather moves no fewer bytes than a ring all-reduce, `W (2k+1) >= 2d`, else the model's "
+            "faster choice).",
             "",
             "| workers | " + " | ".join(f"{g} Gbit/s: ddp / gaussk / auto" for g in (1, 10, 100)) + " |",
             "|---|" + "---|" * 3,
@@ -119,29 +118,7 @@ def markdown_costmodel(results: list[dict[str, Any]], plot_path: str | None) -> 
                 au = cm.step_time(work, "sparse", w, ln, host, density=0.001, auto=True)
                 cells.append(f"{1 / dn:.2f} / {1 / sp:.2f} / {1 / au:.2f}")
             lines.append(f"| {w} | " + " | ".join(cells) + " |")
-        # where the targets would hold
-        gpu = cm.HostCosts.for_device("cuda")
-        lines += [
-            "",
-            "Break-even (largest worker count at which one 16.8M-entry bucket is predicted faster sparse than dense; "
-            "above it `prefer_dense` answers True):",
-            "",
-            "| host costs | density | 1 Gbit/s | 10 Gbit/s | 100 Gbit/s |",
-            "|---|---|---|---|---|",
-        ]
-        d_big = max(buckets)
-        for label, hc in (("this CPU (fitted)", host), ("GPU preset (assumed, not measured)", gpu)):
-            for rho in (0.01, 0.001):
-                k = math.ceil(rho * d_big)
-                cells = []
-                for g in (1, 10, 100):
-                    ln = cm.Link.from_gbit(g)
-                    best = 1
-                    for w in range(2, 4097):
-                        if not cm.prefer_dense(d_big, k, w, ln, hc):
-                            best = w
-                    cells.append("never" if best == 1 else ("> 4096" if best == 4096 else str(best)))
-                lines.append(f"| {label} | {rho} | " + " | ".join(cells) + " |")
+        lines += ["", "<!-- break_even:begin -->", markdown_break_even(), "<!-- break_even:end -->"]
         lines += [
             "",
             "Multi-GPU nodes (dense inside a node, sparse between nodes: `hierarchical_bucket_time`, node mode of the "
@@ -164,6 +141,33 @@ def markdown_costmodel(results: list[dict[str, Any]], plot_path: str | None) -> 
         "```",
         "",
     ]
+    return "\n".join(lines)
+
+
+def markdown_break_even(d: int = max(scaleout.MODEL_BUCKETS)) -> str:
+    """The break-even table: the largest worker count at which one bucket of ``d`` entries is
+    predicted faster sparse (all-gather) than dense, by ``costmodel.dense_wins`` (the byte rule
+    ``W (2k+1) >= 2d``, then the time model), for the CPU and GPU host presets. The model only."""
+    cm = cluster.load_costmodel()
+    lines = [
+        f"Break-even (largest worker count at which one {d / 1e6:.1f}M-entry bucket is predicted faster sparse than "
+        "dense; above it `prefer_dense` answers True; `costmodel.dense_wins`: the byte rule `W (2k+1) >= 2d` caps it "
+        "near `2/density`, the host costs can lower it):",
+        "",
+        "| host costs | density | 1 Gbit/s | 10 Gbit/s | 100 Gbit/s | byte rule alone |",
+        "|---|---|---|---|---|---|",
+    ]
+    presets = (("this CPU (`CPU_DEFAULT`, fitted)", cm.CPU_DEFAULT), ("GPU preset (assumed, not measured)", cm.HostCosts.for_device("cuda")))
+    for label, hc in presets:
+        for rho in (0.01, 0.001):
+            k = cm.bucket_k(rho, d)
+            cells = []
+            for g in (1, 10, 100):
+                ln = cm.Link.from_gbit(g)
+                best = max((w for w in range(2, 4097) if not cm.prefer_dense(d, k, w, ln, hc)), default=1)
+                cells.append("never" if best == 1 else ("> 4096" if best == 4096 else str(best)))
+            rule = max(w for w in range(1, 4097) if not cm.byte_rule_dense(d, k, w) or w == 1)
+            lines.append(f"| {label} | {rho} | " + " | ".join(cells) + f" | {rule} |")
     return "\n".join(lines)
 
 

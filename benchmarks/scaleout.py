@@ -484,13 +484,17 @@ def markdown(results: list[dict[str, Any]], digits: dict[str, Any] | None) -> st
     for rho in (0.001, 0.01):
         lines += [f"Density {rho}:", "", *scale_table(rho, exceptions=exceptions), ""]
     exc = "; ".join(exceptions) or "none"
+    ratios = [(model_step_s("dense", rho, n, gb, 8) / min(model_step_s(c, rho, n, gb, 8) for c in ("flat", "node")), n, gb, rho)
+              for rho in (0.001, 0.01) for n in SCALE_NODES for gb in SCALE_GBIT]  # fmt: skip
+    lo = min(ratios)
     lines += [
         f"Reading: with NVLink-class intra-node links node mode is predicted fastest in every cell but these: {exc}. "
         "It cuts the messages each NIC carries from 8N-1 to N-1 (each of about 1/8 the size), and its intra-node "
         "stages cost about 2 x 100 MB / 150 GB/s ~ 1.3 ms per step. Flat sparse equals dense where the byte rule "
         "sends its buckets dense (density 0.01 from 16 nodes, 0.001 from 128); node mode's own inter-node step turns "
         "dense by the same rule from 128 nodes at density 0.01 (its shard all-reduce is still 1/8 of a flat one per GPU). "
-        "Dense all-reduce is never close here (at least 8x node mode's time). On this CPU emulation, with TCP loopback "
+        f"Dense all-reduce is at least {lo[0]:.1f}x the fastest sparse mode's time in these tables (closest: "
+        f"{lo[1]} x 8 at {lo[2]} Gbit/s, density {lo[3]}). On this CPU emulation, with TCP loopback "
         "instead of NVLink inside a node, the intra-node stages cost about a second per step, which is why the "
         "measured 1 Gbit/s run favours flat sparse.",
         "",
@@ -524,6 +528,54 @@ def targets(results: list[dict[str, Any]], digits: dict[str, Any] | None) -> lis
         ok = v <= thr if op == "<=" else v >= thr
         out.append(f"| {name} | {v:.2f} | {'yes' if ok else '**no**'} |")
     return out + [""]
+
+
+def markdown_seeds(runs: dict[str, dict[int, float]], bytes_per_step: dict[str, float]) -> str:
+    """The "Scale-out accuracy over three seeds" table: final test accuracy (%) of each method per
+    seed (:func:`load_seeds`), their mean and the bytes one rank sends per step."""
+    seeds = sorted({s for by in runs.values() for s in by})
+    names = {"gaussk@0.01": "flat, density 0.01", "gaussk@0.01/node": "node, density 0.01",
+             "gaussk@0.001": "flat, density 0.001", "gaussk@0.001/node": "node, density 0.001",
+             "gaussk@0.002/node": "node, density 0.002"}  # fmt: skip
+    lines = ["| method | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | bytes sent / step / rank |",
+             "|---|" + "---|" * (len(seeds) + 2)]  # fmt: skip
+    for m, by in runs.items():
+        accs = [by.get(s) for s in seeds]
+        mean = sum(a for a in accs if a is not None) / max(1, sum(a is not None for a in accs))
+        cells = " | ".join("" if a is None else f"{a:.2f}" for a in accs)
+        lines.append(f"| {names.get(m, m)} | {cells} | {mean:.2f} | {bytes_per_step[m]:,.0f} |")
+
+    def mean(m: str) -> float:
+        return sum(runs[m].values()) / len(runs[m])
+
+    gaps = [f"density {rho}: {mean(f'gaussk@{rho}/node') - mean(f'gaussk@{rho}'):+.2f} points"
+            for rho in (0.01, 0.001) if f"gaussk@{rho}" in runs and f"gaussk@{rho}/node" in runs]  # fmt: skip
+    if gaps:
+        lines += ["", "Node mode minus flat, mean of the seeds: " + "; ".join(gaps) + "."]
+    if "gaussk@0.002/node" in runs and "gaussk@0.001" in runs:
+        lines.append(f"Node mode at density 0.002 minus flat at 0.001: {mean('gaussk@0.002/node') - mean('gaussk@0.001'):+.2f} "
+                     f"points, at {bytes_per_step['gaussk@0.002/node'] / bytes_per_step['gaussk@0.001']:.2f}x its bytes per rank.")  # fmt: skip
+    return "\n".join(lines)
+
+
+def load_seeds() -> tuple[dict[str, dict[int, float]], dict[str, float]]:
+    """Final test accuracy per method and seed from benchmarks/out/scaleout-digits*.json (the seed
+    from each file's config), and each method's bytes sent per step per rank (seed 0's run)."""
+    import glob
+
+    runs: dict[str, dict[int, float]] = {}
+    sent: dict[str, float] = {}
+    for path in sorted(glob.glob(os.path.join(OUT_DIR, "scaleout-digits*.json"))):
+        with open(path) as f:
+            data = json.load(f)
+        seed = int(data["config"].get("seed", 0))
+        for run in data["runs"]:
+            runs.setdefault(run["method"], {})[seed] = 100 * run["curve"][-1]["acc"]
+            if seed == 0 or run["method"] not in sent:
+                sent[run["method"]] = run["bytes_sent_per_step"]
+    order = ["gaussk@0.01", "gaussk@0.01/node", "gaussk@0.001", "gaussk@0.001/node"]
+    ranked = sorted(runs, key=lambda m: (order.index(m) if m in order else len(order), m))
+    return {m: runs[m] for m in ranked}, sent
 
 
 def load_results() -> tuple[list[dict[str, Any]], dict[str, Any] | None]:

@@ -75,3 +75,52 @@ def test_every_name_documented_before_still_imports_from_where_it_was_documented
     assert resolve_config(environ={}, density=0.01)["density"] == 0.01  # resolve_config(**kwargs) as documented
     assert config_from_env({"GAUSSK_DENSITY": "0.5"}) == {"density": 0.5}
     validate_config(0.01, "gaussk", True, 0, None, 0)  # the positional form documented before
+
+
+# ------------------------------------------------------------------ generated figures (docs/gen_figures.py)
+import gen_figures  # noqa: E402
+
+
+def test_generated_figures_are_current():
+    # regenerate with: python docs/gen_figures.py (tables from benchmarks/out/*.json and the cost model)
+    assert gen_figures.stale() == []
+
+
+def test_every_block_that_can_be_regenerated_here_is_checked():
+    checked = {f"{b.path} {b.name}" for b in gen_figures.BLOCKS if gen_figures.available(b)}
+    assert {"docs/convergence.md convergence", "docs/convergence.md convergence_long", "docs/convergence.md convergence_summary",
+            "lightning_gaussk/remedies.py adaptive_measured", "docs/benchmarks.md break_even", "docs/benchmarks.md scaleout",
+            "docs/benchmarks.md exchange", "docs/benchmarks.md scaleout_seeds"} <= checked  # fmt: skip
+
+
+def _copy(tmp_path, paths):
+    import shutil
+
+    for p in paths:
+        (tmp_path / p).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / p, tmp_path / p)
+
+
+def test_a_hand_edited_figure_fails_the_check(tmp_path):
+    paths = sorted({b.path for b in gen_figures.BLOCKS})
+    _copy(tmp_path, paths)
+    assert gen_figures.stale(tmp_path) == []
+    conv = tmp_path / "docs" / "convergence.md"
+    conv.write_text(conv.read_text().replace("| +2.4% (3 seeds) |", "| +1.4% (3 seeds) |", 1))
+    bench = tmp_path / "docs" / "benchmarks.md"
+    text = bench.read_text()
+    row = next(ln for ln in text.splitlines() if ln.startswith("| 64 x 8 | 200.6 / "))
+    bench.write_text(text.replace(row, row.replace("200.6", "210.6", 1), 1))
+    rem = tmp_path / "lightning_gaussk" / "remedies.py"
+    rem.write_text(rem.read_text().replace("0.001: 21.0}", "0.001: 12.0}", 1))
+    assert gen_figures.stale(tmp_path) == [
+        "docs/convergence.md convergence_summary", "lightning_gaussk/remedies.py adaptive_measured", "docs/benchmarks.md scaleout",
+    ]  # fmt: skip
+
+
+def test_the_adaptive_warning_quotes_the_measured_figures():
+    from lightning_gaussk import remedies
+
+    gaps = {rho: g for (fam, rho, steps), (g, _) in gen_figures.headline_gaps().items() if fam == "lm-adamw" and steps == 1600}
+    assert remedies.ADAPTIVE_MEASURED == {rho: round(g, 1) for rho, g in gaps.items()}
+    assert remedies.RISKY_DENSITY == 0.01
