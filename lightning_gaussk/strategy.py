@@ -11,6 +11,7 @@
 """
 
 import inspect
+import os
 from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any, Literal
@@ -22,12 +23,12 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.strategies.strategy import _StrategyRegistry
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
 from lightning_gaussk.checkpoint import SavedState, remove_shards, restore_state, save_shards, shard_dir
-from lightning_gaussk.config import GaussKConfig, config_fields
+from lightning_gaussk.config import GaussKConfig, config_fields, env_options, env_var, warn_unknown_env_vars
 from lightning_gaussk.hook import GaussKState, gaussk_hook
 
 __all__ = ["CHECKPOINT_KEY", "GaussKDDPStrategy"]
@@ -103,7 +104,7 @@ class GaussKDDPStrategy(DDPStrategy):
                     "Use DDPStrategy for other hooks."
                 )
         given = locals()
-        self._gaussk_config = GaussKConfig(**{name: given[name] for name in config_fields()})  # validates
+        self._gaussk_config = _config_with_env({name: given[name] for name in config_fields()}, os.environ)  # validates
         _validate_ddp_args(
             kwargs,
             find_unused_parameters=find_unused_parameters,
@@ -157,9 +158,12 @@ class GaussKDDPStrategy(DDPStrategy):
 
     @override
     def setup_optimizers(self, trainer: Any) -> None:
-        """Lightning's optimizers, then the remedies (``remedies="auto"``, :mod:`lightning_gaussk.remedies`):
-        a ``torch.optim.SGD`` momentum moves into the hook (momentum correction), Adam/AdamW get
-        ``adam_remedy``; what is done is logged once, on rank 0."""
+        """Lightning's optimizers, then the remedies (:func:`lightning_gaussk.remedies.wrap_optimizer`):
+        under ``remedies="auto"`` (the default) Adam/AdamW get ``adam_remedy`` (``"none"`` by
+        default) and SGD keeps its momentum; only ``remedies="all"`` also moves a
+        ``torch.optim.SGD`` momentum into the hook (momentum correction); ``"none"`` changes
+        nothing. An adaptive optimizer below the measured safe density is warned about. What is
+        done is logged once, on rank 0."""
         super().setup_optimizers(trainer)
         state = self._gaussk_state
         if state is None:
@@ -272,6 +276,42 @@ def _options_doc() -> str:
 
 
 GaussKDDPStrategy.__doc__ = (GaussKDDPStrategy.__doc__ or "").replace("{options}", _options_doc())
+
+
+def _config_with_env(values: Mapping[str, Any], environ: Mapping[str, str]) -> GaussKConfig:
+    """The strategy's options: keyword > ``GAUSSK_*`` variable > default, the precedence of
+    :func:`lightning_gaussk.accelerate.resolve_config` (docs/configuration.md).
+
+    Every argument reaches ``__init__`` with a value (LightningCLI passes all it has), so a keyword
+    counts as given when it differs from the strategy's default. A variable for an option left at
+    its default is used, and logged on rank 0; a variable for an option given as a keyword is
+    overridden, with a warning; unknown ``GAUSSK_*`` names are warned about. Nothing is ignored
+    silently.
+    """
+    defaults = inspect.signature(GaussKDDPStrategy.__init__).parameters
+    given = {n: v for n, v in values.items() if not _same(v, defaults[n].default)}
+    warn_unknown_env_vars(environ)
+    env = env_options(environ)  # ValueError naming the variable for text that does not parse
+    overridden = [n for n in env if n in given and not _same(env[n], given[n])]
+    if overridden:
+        rank_zero_warn(
+            "GaussKDDPStrategy: "
+            + ", ".join(f"{env_var(n)}={environ[env_var(n)]!r} is overridden by {n}={given[n]!r}" for n in overridden)
+            + " (precedence: keyword argument > GAUSSK_* variable > default)"
+        )
+    config = GaussKConfig.from_env(environ, **given)  # validates; names the variable of a bad value
+    used = [n for n in env if n not in given]
+    if used:
+        rank_zero_info(
+            "GaussKDDPStrategy: from the environment: "
+            + ", ".join(f"{n}={getattr(config, n)!r} ({env_var(n)})" for n in used)
+        )
+    return config
+
+
+def _same(a: Any, b: Any) -> bool:
+    """``a == b`` for option values (``True == 1`` is not the same option value)."""
+    return type(a) is type(b) and a == b
 
 
 def _validate_ddp_args(kwargs: dict[str, Any], *, timeout: Any, start_method: Any, **flags: Any) -> None:
