@@ -34,6 +34,7 @@ MODULES = [
     "lightning_gaussk.accelerate",
     "lightning_gaussk.remedies",
     "lightning_gaussk.costmodel",
+    "lightning_gaussk.preflight",
 ]
 OUT = Path(__file__).with_name("api.md")
 

@@ -175,16 +175,33 @@ def time_collectives(group: Any, device: torch.device, max_bytes: int, *, min_by
         nbytes = min(nbytes * 4, max_bytes)
 
 
-def fit(samples: Sequence[costmodel.Sample]) -> costmodel.Link | None:
-    """:func:`~lightning_gaussk.costmodel.fit_link`, or the largest sample's bandwidth when the
-    fit finds none (None without samples)."""
-    if not samples:
+def fit(samples: Sequence[costmodel.Sample], small_bytes: int = 16384) -> costmodel.Link | None:
+    """The link behind timed collectives (None without samples).
+
+    Each kind (all-gather, all-reduce) is fitted on its own by
+    :func:`~lightning_gaussk.costmodel.fit_link`, and the faster fit is the link: a collective
+    whose implementation does not reach the wire's rate (gloo's all-gather of large messages on a
+    busy host) says something about that implementation, not about the link. When the fit pins
+    the latency to 0 (a token-bucket shaper lets the first burst through at once, which pulls the
+    intercept below zero), ``alpha`` is the median of ``(seconds - bytes * beta) / hops`` over
+    the messages of at most ``small_bytes``."""
+    fits = []
+    for kind in sorted({s.kind for s in samples}):
+        mine = [s for s in samples if s.kind == kind]
+        try:
+            fits.append((costmodel.fit_link(mine), mine))
+        except ValueError:
+            big = max(mine, key=lambda s: s.features()[1])
+            if big.features()[1] > 0:
+                fits.append((costmodel.Link(alpha=0.0, bandwidth=big.features()[1] / big.seconds), mine))
+    if not fits:
         return None
-    try:
-        return costmodel.fit_link(samples)
-    except ValueError:
-        big = max(samples, key=lambda s: s.features()[1])
-        return costmodel.Link(alpha=0.0, bandwidth=max(big.features()[1], 1.0) / big.seconds)
+    link, mine = max(fits, key=lambda f: f[0].bandwidth)
+    if link.alpha == 0.0:
+        rest = sorted(max(0.0, (s.seconds - s.features()[1] * link.beta) / s.features()[0]) for s in mine if s.nbytes <= small_bytes)
+        if rest:
+            link = costmodel.Link(alpha=statistics.median(rest), bandwidth=link.bandwidth)
+    return link
 
 
 def _groups(topology: Any) -> tuple[Any, bool, Any, bool]:
@@ -277,7 +294,7 @@ def predict_table(buckets: Sequence[int], nodes: int, ranks_per_node: int, intra
     - ``flat`` + exchange: :func:`costmodel.bucket_time` among all ranks (the hook's dense
       fallback included; ``auto`` = :func:`costmodel.pick_exchange` per bucket);
     - ``node`` + exchange: :func:`costmodel.hierarchical_bucket_time` (only with several nodes of
-      several ranks).
+      several ranks); ``node`` + ``dense`` is its all-dense form (a hierarchical all-reduce).
 
     Flat mode runs on the inter-node link when there are several nodes, on the intra-node one
     otherwise. Rows: ``{"mode", "exchange", "density", "ms", "vs_dense"}`` (``vs_dense``: dense
@@ -289,6 +306,10 @@ def predict_table(buckets: Sequence[int], nodes: int, ranks_per_node: int, intra
     dense = sum(costmodel.dense_bucket_time(d, world, flat_link, host) for d in buckets)
     rows = [{"mode": "dense", "exchange": "dense", "density": None, "ms": dense * 1e3, "vs_dense": 1.0}]
     node = nodes > 1 and ranks_per_node > 1 and intra is not None and inter is not None
+    if node:  # dense in node mode: reduce-scatter, all-reduce of the shard between nodes, all-gather
+        assert intra is not None and inter is not None
+        t = sum(costmodel.hierarchical_bucket_time(d, 1.0, nodes, ranks_per_node, intra, inter, host, "dense") for d in buckets)
+        rows.append({"mode": "node", "exchange": "dense", "density": None, "ms": t * 1e3, "vs_dense": dense / t})
     for rho in densities:
         for ex in EXCHANGE_ROWS:
             t = sum(costmodel.bucket_time(d, costmodel.bucket_k(rho, d), world, flat_link, host, ex) for d in buckets)
@@ -315,9 +336,12 @@ def recommend(table: Sequence[dict[str, Any]], link: costmodel.Link | None, marg
     """``(GaussKConfig keyword arguments, why)``, or ``(None, why)`` to stay dense.
 
     The densest of the table's densities at which some sparse row is predicted at least
-    ``margin`` times faster than dense (a higher density converges closer to dense training), and
-    at it the fastest row (ties: flat before node, fixed exchanges before ``auto``)."""
-    dense = next((r for r in table if r["mode"] == "dense"), None)
+    ``margin`` times faster than the fastest dense row (DDP's all-reduce, or node mode's
+    hierarchical dense: node mode with every bucket falling back to dense is not a reason to
+    sparsify), as a higher density converges closer to dense training; and at it the fastest row
+    (ties: flat before node, fixed exchanges before ``auto``)."""
+    denses = [r for r in table if r["density"] is None]
+    dense = min(denses, key=lambda r: r["ms"]) if denses else None
     if dense is None or link is None:
         return None, "one rank (or no link measured): nothing to send"
     for rho in sorted({r["density"] for r in table if r["density"] is not None}, reverse=True):
@@ -326,11 +350,12 @@ def recommend(table: Sequence[dict[str, Any]], link: costmodel.Link | None, marg
         if best["ms"] * margin <= dense["ms"]:
             rec = {"hierarchy": best["mode"], "exchange": best["exchange"], "density": rho, "link_gbit": nominal_gbit(link)}
             why = (f"at density {rho} {best['mode']} mode with exchange={best['exchange']!r} is predicted "
-                   f"{best['ms']:.1f} ms/step vs dense {dense['ms']:.1f} ms ({best['vs_dense']:.2f}x)")  # fmt: skip
+                   f"{best['ms']:.1f} ms/step vs {dense['mode']} dense {dense['ms']:.1f} ms "
+                   f"({dense['ms'] / best['ms']:.2f}x)")  # fmt: skip
             return rec, why
     lo = min(r["density"] for r in table if r["density"] is not None)
     best = min((r for r in table if r["density"] == lo), key=lambda r: r["ms"])
-    return None, (f"stay dense: no sparse configuration is predicted {margin:g}x faster than dense "
+    return None, (f"stay dense: no sparse configuration is predicted {margin:g}x faster than {dense['mode']} dense "
                   f"({dense['ms']:.1f} ms/step; best at density {lo}: {best['ms']:.1f} ms)")  # fmt: skip
 
 
@@ -483,6 +508,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "inter_node_latency_us": _us(inter_link),
             "intra_node_gbit": _gbit(intra_link),
             "intra_node_latency_us": _us(intra_link),
+            "links": {k: None if v is None else {"alpha_s": v.alpha, "bandwidth_bytes_s": v.bandwidth}
+                      for k, v in (("inter", inter_link), ("intra", intra_link))},  # fmt: skip
             "samples": samples,
             "host_costs": dataclasses.asdict(host),
             "select": select_raw,
