@@ -46,7 +46,6 @@ from lightning_gaussk.selectors import accumulate_select, select
 __all__ = ["reduce"]
 
 
-
 def reduce(state: GaussKState, key: int, params: list[Tensor], grad: Tensor) -> torch.futures.Future[Tensor]:
     """Steps 1-6 of the module docstring for one flat gradient ``grad`` (fp32, bf16 or fp16) of
     ``params``; returns a future of ``grad`` overwritten with the averaged update."""
