@@ -53,6 +53,7 @@ __all__ = [
     "measure_select",
     "model_numels",
     "nominal_gbit",
+    "params_numels",
     "predict_table",
     "recommend",
     "time_collectives",
@@ -565,6 +566,9 @@ def print_report(r: dict[str, Any]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command (``python -m lightning_gaussk.preflight``, ``gaussk-preflight``): parse
+    ``argv`` (bad input exits with status 2 and a message naming the argument, on every rank,
+    before any collective), measure, and on rank 0 print the report and write ``--json``."""
     args = parser().parse_args(argv)
     if args.json is not None:
         parent = os.path.dirname(os.path.abspath(args.json))
