@@ -35,6 +35,8 @@ def _density_one(rank: int, mode: dict) -> None:
         torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
     assert state.telemetry["dense_buckets"] == 0 and state.telemetry["hook_calls"] > 0
     assert all(int(r.count_nonzero()) == 0 for r in state.residuals().values())  # all of u was delivered
+    dense = GaussKState(density=1.0, exchange="allreduce", **mode)  # dense_fallback="auto": k = d goes dense
+    assert dense.exchange_for(1000, 1000, 4 if mode.get("hierarchy") == "flat" else 2, "cpu").name == "dense"
 
 
 def _conservation(rank: int, world: int, mode: dict) -> int:
@@ -43,8 +45,8 @@ def _conservation(rank: int, world: int, mode: dict) -> int:
     torch.manual_seed(0)
     model = Net()
     ddp = DDP(model, bucket_cap_mb=0.002)
-    state = GaussKState(density=0.05, selector="topk", **AR, **mode).bind(ddp)
-    ddp.register_comm_hook(state, gaussk_hook)
+    state = GaussKState(density=0.05, selector="topk", warmup_steps=2, warmup_density=0.3, **AR, **mode).bind(ddp)
+    ddp.register_comm_hook(state, gaussk_hook)  # a density warm-up: k (and the message sizes) change
     opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
     pname = {p: n for n, p in model.named_parameters()}
     undelivered = 0
@@ -153,3 +155,21 @@ def test_allreduce_exchange_in_flat_mode_on_4_ranks():
 
 def test_allreduce_exchange_as_node_modes_inter_node_stage_on_2x2():
     run_distributed(_node, world=4)
+
+
+def test_auto_picks_per_bucket_from_the_cost_model_and_logs_each_choice_once(caplog):
+    import logging
+
+    state = GaussKState(density=0.01, exchange="auto")
+    with caplog.at_level(logging.INFO, logger="lightning_gaussk"):
+        assert state.exchange_for(1_000_000, 10_000, 2, "cpu").name == "allgather"  # 2 peers: fewer bytes
+        assert state.exchange_for(1_000_000, 10_000, 8, "cpu").name == "allreduce"  # 8 peers: bounded
+        assert state.exchange_for(100, 50, 8, "cpu").name == "dense"  # tiny bucket, high density
+        for _ in range(3):
+            state.exchange_for(1_000_000, 10_000, 8, "cpu")
+    lines = [r.getMessage() for r in caplog.records if "exchange='auto'" in r.getMessage()]
+    assert len(lines) == 3 and "by allreduce" in lines[1], lines  # once per bucket size and choice
+    timed = GaussKState(density=0.01, exchange="auto", link_gbit=10.0)  # with a link: by predicted time
+    assert timed.exchange_for(25_000_000, 250_000, 2, "cuda").name == "allgather"
+    assert timed.exchange_for(25_000_000, 250_000, 64, "cuda").name == "allreduce"
+    assert timed.exchange_for(25_000_000, 250_000, 2, "cpu").name == "dense"  # CPU selection costs more than the link saves
