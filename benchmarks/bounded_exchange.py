@@ -48,6 +48,7 @@ import contenders as registry  # noqa: E402
 BENCH = _common.BENCHMARKS
 OUT_TP = os.path.join(_common.OUT, "bounded_exchange.json")
 OUT_DIGITS = os.path.join(_common.OUT, "bounded_exchange-digits-seed{seed}.json")
+OUT_DIGITS_MORE = os.path.join(_common.OUT, "bounded_exchange-digits-more-seed{seed}.json")  # --more-densities
 OUT_LSTM = os.path.join(_common.OUT, "bounded_exchange-lstm-{steps}.json")
 IMG = os.path.join(_common.IMG, "bench_bounded_exchange.png")
 DENSITY = 0.01
@@ -119,10 +120,11 @@ def digits_methods() -> list[str]:
     return ["ddp", AG, AR, f"gaussk@{rho:g}/allreduce/nodense"]
 
 
-def run_digits(args: argparse.Namespace) -> None:
-    methods = digits_methods()
+def run_digits(args: argparse.Namespace, more: list[float] | None = None) -> None:
+    """The equal-density / equal-bytes contenders, or (``more``) the all-reduce at other densities."""
+    methods = [f"gaussk@{rho:g}/allreduce/nodense" for rho in more] if more else digits_methods()
     for seed in args.seeds:
-        out = OUT_DIGITS.format(seed=seed)
+        out = (OUT_DIGITS_MORE if more else OUT_DIGITS).format(seed=seed)
         cmd = [sys.executable, os.path.join(BENCH, "time_to_accuracy.py"), "--local", "--world", str(DIGITS_WORLD),
                "--methods", ",".join(methods), "--seed", str(seed), "--json", out, "--markdown", "none"]  # fmt: skip
         print("$", " ".join(cmd), flush=True)
@@ -132,13 +134,13 @@ def run_digits(args: argparse.Namespace) -> None:
 def digits_table() -> tuple[list[str], dict[str, dict[str, Any]]] | None:
     runs: dict[str, dict[int, dict[str, Any]]] = {}
     for seed in SEEDS:
-        path = OUT_DIGITS.format(seed=seed)
-        if not os.path.exists(path):
-            continue
-        with open(path) as f:
-            data = json.load(f)
-        for r in data["runs"]:
-            runs.setdefault(r["method"], {})[seed] = r
+        for path in (OUT_DIGITS.format(seed=seed), OUT_DIGITS_MORE.format(seed=seed)):
+            if not os.path.exists(path):
+                continue
+            with open(path) as f:
+                data = json.load(f)
+            for r in data["runs"]:
+                runs.setdefault(r["method"], {})[seed] = r
     if not runs:
         return None
     order = list(runs)
@@ -155,8 +157,18 @@ def digits_table() -> tuple[list[str], dict[str, dict[str, Any]]] | None:
 
 
 # ====================================================================================== 3. LSTM
+def lstm_buckets() -> list[int]:
+    import convergence
+
+    model = convergence.make_task("lm-adamw")["model"]()
+    return [sum(g) for g in _common.ddp_bucket_groups([p.numel() for p in model.parameters()])]
+
+
 def lstm_methods() -> list[str]:
-    return ["dense", f"gaussk@{DENSITY:g}/off/allgather/nodense", f"gaussk@{DENSITY:g}/off/allreduce/nodense"]
+    """Dense, both exchanges at density 0.01, and the all-reduce at equal wire bytes (4 peers)."""
+    rho = equal_bytes_density(lstm_buckets())
+    return ["dense", f"gaussk@{DENSITY:g}/off/allgather/nodense", f"gaussk@{DENSITY:g}/off/allreduce/nodense",
+            f"gaussk@{rho:g}/off/allreduce/nodense"]  # fmt: skip
 
 
 def run_lstm(args: argparse.Namespace) -> None:
@@ -320,7 +332,7 @@ def markdown(images: list[str]) -> str:
             "the all-gather's update holds up to 4k entries, the all-reduce's at most about k (its regions keep `ceil(k/P)` "
             "each). Final test accuracy (297 images, 1 image = 0.34 points):",
             "",
-            "| contender | seed 0 | seed 1 | seed 2 | mean ± sd | wire bytes / step / rank (telemetry) |",
+            "| contender | seed 0 | seed 1 | seed 2 | mean ± sd | wire bytes / step / rank (telemetry, whole run incl. the warm-up epoch) |",
             "|---|---|---|---|---|---|",
         ]
         for m in order:
@@ -350,8 +362,9 @@ def markdown(images: list[str]) -> str:
             f"{' '.join(map(str, seeds))} --headline-seeds --steps {steps} --out benchmarks/out/bounded_exchange-lstm-{steps}.json "
             "--no-report` (run by `bounded_exchange.py --lstm`): convergence.py's character-level 2-layer LSTM "
             f"({p:,} parameters), AdamW lr 3e-3, clip 0.5, batch 16 x 64 characters per rank, 4 loopback ranks, "
-            f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}; remedy `off` (AdamW unchanged). Final validation bits/char "
-            "(lower is better):",
+            f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}; remedy `off` (AdamW unchanged); one bucket of "
+            f"{p:,} entries, so the all-reduce at density {equal_bytes_density(lstm_buckets()):g} puts as many bytes per rank on the wire "
+            f"as the all-gather at {DENSITY:g} (`exchange_bytes`, 4 peers). Final validation bits/char (lower is better):",
             "",
             "| contender | val bits/char | vs dense | wire bytes / step / rank (telemetry) | step ms (rank 0, loopback) |",
             "|---|---|---|---|---|",
@@ -399,6 +412,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--timeout", type=float, default=900.0)
     p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=list(SEEDS))
+    p.add_argument("--more-densities", type=lambda s: [float(x) for x in s.split(",")], default=None,
+                   help="with --digits: only the all-reduce at these densities (its own JSON per seed)")
     p.add_argument("--lstm-steps", type=int, default=400)
     p.add_argument("--lstm-seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0])
     p.add_argument("--json", default=OUT_TP)
@@ -408,7 +423,7 @@ def main() -> None:
     if args.throughput:
         run_throughput(args)
     if args.digits:
-        run_digits(args)
+        run_digits(args, args.more_densities)
     if args.lstm:
         run_lstm(args)
     report(args.markdown)
