@@ -25,6 +25,8 @@ MODULES = [
     "lightning_gaussk.core.codec",
     "lightning_gaussk.core.log",
     "lightning_gaussk.core.inflight",
+    "lightning_gaussk.core.linkprobe",
+    "lightning_gaussk.core.timing",
     "lightning_gaussk.checkpoint",
     "lightning_gaussk.strategy",
     "lightning_gaussk.monitor",

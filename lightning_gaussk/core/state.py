@@ -26,6 +26,7 @@ from lightning_gaussk.config import GaussKConfig, bucket_k
 from lightning_gaussk.core import inflight
 from lightning_gaussk.core import sparse_allreduce  # noqa: F401 (registers "allreduce")
 from lightning_gaussk.core.exchange import Exchange, get_exchange
+from lightning_gaussk.core.linkprobe import measure_link
 from lightning_gaussk.core.log import rank_zero_info, rank_zero_warn
 from lightning_gaussk.core.store import ResidualStore
 from lightning_gaussk.core.topology import Flat, Topology, build_topology
@@ -202,8 +203,6 @@ class GaussKState:
     def _measure_link(self) -> None:
         """``link_gbit="measure"``: time the link the exchange runs on (node mode: between nodes),
         once, on every rank; rank 0's fit is broadcast, so every rank prices buckets alike."""
-        from lightning_gaussk.preflight import measure_link
-
         self.link = measure_link(self.topology)
         self._choices.clear()
         if self.link is None:
