@@ -386,8 +386,8 @@ class GaussKState:
         cfg = state_dict.get("config", {})
         if cfg.get("error_feedback", True) and not self.error_feedback and residuals:
             warnings.warn("GaussKState: loading residuals into a state with error_feedback=False; they are dropped")
-        self.store.validate(residuals)  # everything is checked before anything changes
+        self.store.validate(residuals, state_dict.get("velocity") or {})  # everything is checked before anything changes
         self.step = int(state_dict["step"])
         self.telemetry.update({k: int(v) for k, v in state_dict.get("telemetry", {}).items()})
         if self.error_feedback:
-            self.store.load(residuals, state_dict.get("velocity") or {}, warn=warnings.warn)
+            self.store.load(residuals, state_dict.get("velocity") or {})

@@ -253,25 +253,29 @@ class ResidualStore:
             velocity.setdefault(n, v.detach().to("cpu", copy=True))
         return residuals, velocity
 
-    def validate(self, residuals: dict[str, Any]) -> None:
-        """Check loaded residuals (tensors, sizes that fit this rank, finite) before anything changes."""
-        for name, tensor in residuals.items():
-            if not isinstance(tensor, Tensor):
-                raise ValueError(f"GaussKState.load_state_dict: residual {name!r} is a {type(tensor).__name__}, not a tensor")
-            if name in self.sizes and tensor.numel() != self.sizes[name]:
-                raise ValueError(
-                    f"GaussKState.load_state_dict: residual {name!r} has {tensor.numel()} entries, parameter has {self.sizes[name]}"
-                )
-            if not bool(torch.isfinite(tensor).all()):
-                raise ValueError(
-                    f"GaussKState.load_state_dict: residual {name!r} has non-finite entries (corrupted state?); "
-                    "refusing to resume error feedback from it"
-                )
+    def validate(self, residuals: dict[str, Any], velocity: dict[str, Any] | None = None) -> None:
+        """Check loaded residuals and velocities (tensors, sizes that fit this rank, finite) before
+        anything changes. A checkpoint of another layout is converted first
+        (:func:`lightning_gaussk.checkpoint.state_for_layout`): a misfit here is a wrong file."""
+        for kind, tensors in (("residual", residuals), ("velocity", velocity or {})):
+            for name, tensor in tensors.items():
+                if not isinstance(tensor, Tensor):
+                    raise ValueError(f"GaussKState.load_state_dict: {kind} {name!r} is a {type(tensor).__name__}, not a tensor")
+                if name in self.sizes and tensor.numel() != self.sizes[name]:
+                    raise ValueError(
+                        f"GaussKState.load_state_dict: {kind} {name!r} has {tensor.numel()} entries, parameter has "
+                        f"{self.sizes[name]} on this rank (a checkpoint of another layout? load it through "
+                        "lightning_gaussk.checkpoint, which converts it)"
+                    )
+                if not bool(torch.isfinite(tensor).all()):
+                    raise ValueError(
+                        f"GaussKState.load_state_dict: {kind} {name!r} has non-finite entries (corrupted state?); "
+                        "refusing to resume error feedback from it"
+                    )
 
-    def load(self, residuals: dict[str, Tensor], velocity: dict[str, Any], *, warn: Callable[[str], None]) -> None:
+    def load(self, residuals: dict[str, Tensor], velocity: dict[str, Any]) -> None:
         """Place loaded (unscaled, :meth:`validate`-d) residuals and velocities: into live slots
-        (in their scale), else kept by name until the parameter's slot is made. A velocity whose
-        size does not fit this rank (another layout) restarts from zero, with a warning."""
+        (in their scale), else kept by name until the parameter's slot is made."""
         by_name = {n: pid for pid, n in self.names.items()}
         for name, tensor in residuals.items():
             pid = by_name.get(name)
@@ -285,23 +289,16 @@ class ResidualStore:
                 if self.names and name not in by_name:
                     raise ValueError(f"GaussKState.load_state_dict: no parameter named {name!r} in the bound model")
                 self._pending[name] = tensor.detach().float().reshape(-1)
-        self._load_velocity(velocity, by_name, warn)
+        self._load_velocity(velocity, by_name)
 
-    def _load_velocity(self, velocity: dict[str, Any], by_name: dict[str, int], warn: Callable[[str], None]) -> None:
+    def _load_velocity(self, velocity: dict[str, Any], by_name: dict[str, int]) -> None:
         for name, tensor in velocity.items():
-            if not isinstance(tensor, Tensor) or not bool(torch.isfinite(tensor).all()):
-                raise ValueError(f"GaussKState.load_state_dict: velocity {name!r} is not a finite tensor")
             pid = by_name.get(name)
             home = self._home.get(pid) if pid is not None else None
-            size = home[2] if home is not None else self.sizes.get(name)
-            if size is not None and tensor.numel() != size:
-                warn(
-                    f"GaussKState: saved velocity {name!r} has {tensor.numel()} entries, this rank keeps {size} "
-                    "(another layout): momentum correction's velocity restarts from zero"
-                )
-                continue
             if home is not None and home[0].velocity is not None:
                 slot, off, n = home
+                if tensor.numel() != n:
+                    raise ValueError(f"GaussKState.load_state_dict: velocity {name!r} has {tensor.numel()} entries, parameter has {n}")
                 torch.mul(tensor.reshape(-1).to(slot.velocity), slot.scale, out=slot.velocity[off : off + n])
             else:
                 self._pending_velocity[name] = tensor.detach().float().reshape(-1)
