@@ -195,7 +195,7 @@ class GaussKState:
         self.topology = build_topology(layout, self.process_group)
         self._layout_ready = True
         self._resize()
-        rank_zero_info(f"GaussK: {layout.describe()} (hierarchy={cfg.hierarchy!r}, ranks per node from the launcher: {hint})")
+        rank_zero_info(self.startup_line(hint))
         if cfg.link_gbit == "measure":
             self._measure_link()
         return layout
@@ -213,6 +213,36 @@ class GaussKState:
                 f"({'between nodes' if self.layout.mode == 'node' else 'among all ranks'}); the dense rule and "
                 "exchange='auto' use it"
             )
+
+    def startup_line(self, launcher_rpn: int | None = None) -> str:
+        """The line logged once at setup: the mode and why, the exchange, and what a node or a
+        rank sends per bucket of ``d`` entries."""
+        cfg, layout = self.config, self.layout
+        head = f"GaussK: {layout.describe()} (hierarchy={cfg.hierarchy!r}, ranks per node from the launcher: {launcher_rpn})"
+        rho = cfg.density if not cfg.warmup_steps else f"{cfg.warmup_density} -> {cfg.density} over {cfg.warmup_steps} steps"
+        if layout.mode == "node":
+            L = layout.ranks_per_node
+            what = (
+                f"each rank selects ceil(density * d / {L}) entries of its node-summed shard, so a node sends about "
+                f"density * d entries per bucket between nodes ({L}x fewer than flat mode's {L} ranks would); "
+                "it assumes fast links inside a node (NVLink/NVSwitch): on PCIe-only nodes flat mode may win, "
+                "`gaussk-preflight` measures both"
+            )
+            why = f"; auto chose node mode: {layout.nodes} nodes of {L} ranks" if cfg.hierarchy == "auto" else ""
+        else:
+            what = "each rank selects ceil(density * d) entries of a bucket of d"
+            why = ""
+            if cfg.hierarchy == "auto" and layout.world_size > 1:
+                why = "; auto stayed flat: " + (
+                    "the launcher gives no ranks per node" if launcher_rpn is None and cfg.ranks_per_node is None
+                    else "one node, or one rank per node"
+                )
+        exchange = {
+            "allgather": "all-gather (each selection to every peer: bytes per rank grow with the peers)",
+            "allreduce": "bounded sparse all-reduce (about 6k(P-1)/P words per rank; the update keeps about k entries)",
+            "auto": "auto (per bucket by the cost model; each choice logged once)",
+        }.get(cfg.exchange, repr(cfg.exchange))
+        return f"{head}{why}; density {rho}: {what}; exchange: {exchange}; dense fallback: {cfg.dense_fallback}"
 
     def set_step(self, step: int) -> None:
         """Tell the hook the current optimizer step (the Lightning strategy does this).
