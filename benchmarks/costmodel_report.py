@@ -183,8 +183,8 @@ def markdown_exchange() -> str:
         "`hierarchical_bucket_time(..., exchange=...)`, the inter-node stage dense where `dense_wins` says so. "
         "Per GPU and bucket (`P` peers, `d` entries, `k` selected): **dense** ring all-reduce `2(P-1)/P * 4d` bytes; "
         "**all-gather** `(P-1) * 4(2k+1)`; bounded sparse **all-reduce** `(P-1) * 4(2c1+1) + (P-1) * 4(2c2+1)`, "
-        "`c1 = min(ceil(2k/P), floor(d/P))` (stage 1, all-to-all into P regions), `c2 = min(ceil(k/P), floor(d/P))` "
-        "(stage 2, all-gather of each region's selection): at most `6k (P-1)/P + 6(P-1)` words, whatever P. Its extra "
+        "`c1 = c2 = min(ceil(3k/2P), ceil(d/P))` (stage 1, all-to-all into P regions; stage 2, all-gather of each "
+        "region's selection): at most `6k (P-1)/P + 6(P-1)` words, whatever P. Its extra "
         "host terms (region scatter and selection) are assumed, not timed.",
         "",
         f"Same assumptions as \"Predicted for nodes of 8 GPUs\" above: the 25M model's buckets, GPU host preset "

@@ -7,8 +7,9 @@ layers of very different sizes) goes through the exchange's math, at density 0.0
 
 - ``allgather``: every rank's top-k, all delivered (the reference; its update holds up to P k entries);
 - ``allreduce`` with regions *interleaved* (entry g in region g mod P, as built) or *contiguous*
-  (region j = [j R, (j+1) R)), and stage-1 capacity factor 2 (as built) or 1 (c1 = ceil(f k / P));
-  and one more point, stage 2 keeping ``ceil(2k/P)`` per region (an update of ~2k entries).
+  (region j = [j R, (j+1) R)), stage-1 capacity ``c1 = ceil(f1 k / P)`` and stage-2 ``c2 = ceil(f2 k / P)``:
+  Ok-Topk's split (f1, f2) = (2, 1), as first built, against (1.5, 1.5), as built now (the same words per
+  rank, an update of ~1.5k entries), plus (1, 1) and (2, 2) for scale.
 
 :func:`exchange` is the math of ``lightning_gaussk.core.sparse_allreduce`` without processes (for
 the built variant it gives the same update and delivered masks as the real exchange on gloo).
@@ -46,11 +47,12 @@ OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
 VARIANTS = (
     ("allgather", None, None, None),
     ("allgather at equal words", None, "equal", None),
-    ("allreduce interleaved cap2 (built)", "interleaved", 2, 1),
+    ("allreduce interleaved 2 / 1 (Ok-Topk split)", "interleaved", 2, 1),
     ("allreduce interleaved cap1", "interleaved", 1, 1),
     ("allreduce contiguous cap2", "contiguous", 2, 1),
     ("allreduce contiguous cap1", "contiguous", 1, 1),
     ("allreduce interleaved cap2, 2k out", "interleaved", 2, 2),  # an update of ~2k entries
+    ("allreduce interleaved 1.5 / 1.5 (built)", "interleaved", 1.5, 1.5),  # the same words, an update of ~1.5k
 )
 
 

@@ -86,7 +86,7 @@ class GaussKConfig:
     exchange: str = _opt(
         "allgather", "how selections are combined: allgather (every rank's k entries to every rank, ~2k(P-1) words per "
         "rank; the update holds up to P k entries), allreduce (bounded sparse all-reduce, at most ~6k(P-1)/P words per "
-        "rank whatever P; the update holds ~k entries), auto (per bucket, the cheaper by the cost model; dense "
+        "rank whatever P; the update holds ~1.5k entries), auto (per bucket, the cheaper by the cost model; dense "
         "where that is cheaper still), or a name registered with core.exchange.register_exchange"
     )
     hierarchy: Literal["auto", "flat", "node"] = _opt(

@@ -239,18 +239,18 @@ def test_hierarchical_model_and_scaleout_table_take_the_inter_stage_from_dense_w
 def test_exchange_bytes_formulas():
     d, k, P = 1_000_000, 10_000, 8
     c1, c2 = cm.bounded_chunks(d, k, P)
-    assert (c1, c2) == (2500, 1250)  # ceil(2k/P), ceil(k/P)
+    assert (c1, c2) == (1875, 1875)  # ceil(3k / 2P) both
     assert cm.exchange_bytes("dense", d, k, P) == pytest.approx(2 * 7 / 8 * 4 * d)
     assert cm.exchange_bytes("allgather", d, k, P) == 7 * 4 * (2 * k + 1) == cm.wire_bytes("sparse", d, P, k=k)
     assert cm.exchange_bytes("allreduce", d, k, P) == 7 * 4 * (2 * c1 + 1) + 7 * 4 * (2 * c2 + 1)
-    assert cm.bounded_chunks(100, 90, 8) == (12, 12)  # both capped at floor(d/P)
-    assert cm.bounded_chunks(10, 3, 4) == (2, 1)
+    assert cm.bounded_chunks(100, 90, 8) == (13, 13)  # both capped at ceil(d/P)
+    assert cm.bounded_chunks(10, 3, 4) == (2, 2)
     with pytest.raises(ValueError, match="exchange"):
         cm.exchange_bytes("ring", d, k, P)
 
 
 def test_allreduce_bytes_are_bounded_in_peers_and_allgathers_grow():
-    d, k = 10_000_000, 5_040  # k divisible by every P below: the ceilings are exact
+    d, k = 10_000_000, 10_080  # 3k / 2P whole for every P below: the ceilings are exact
     for P in (2, 3, 4, 6, 8, 12, 16, 24, 48):
         ar = cm.exchange_bytes("allreduce", d, k, P)
         assert ar == 4 * (P - 1) / P * 6 * k + 8 * (P - 1)  # 6 words per entry, (P-1)/P of them, + 2 flags per peer

@@ -11,7 +11,7 @@ group rank ``j`` owns region ``j``.
 
 **Stage 1: reduce-scatter of the selections** (one ``all_to_all_single``, equal splits). Each rank
 packs its selected entries per destination region into a fixed ``(P, c1)`` layout,
-``c1 = min(ceil(2k/P), R)`` (capacity factor 2): chunk ``j`` is the codec message
+``c1 = min(ceil(3k / 2P), R)`` (capacity factor 1.5): chunk ``j`` is the codec message
 ``[values c1 | int32 local positions c1 | flag]`` (``2 c1 + 1`` words). When more than ``c1``
 selected entries fall in one region, the largest ``c1`` by magnitude are sent and the rest are
 *not delivered* (they stay in the sender's residual). Unused slots are padding (value 0 at the
@@ -22,7 +22,7 @@ on the host.
 **Reduce and select (the owner of region j).** It sums the ``P`` received chunks into a region
 buffer of ``R + 1`` words (``index_add_``; slot ``R`` is the trash), sums the ``P`` flags, and
 selects the exact top-``c2`` positions of the reduced region by magnitude,
-``c2 = min(ceil(k/P), R)``. Positions some rank sent rank above positions nobody sent (so a
+``c2 = c1`` (so the update holds about ``1.5 k`` entries). Positions some rank sent rank above positions nobody sent (so a
 selected value that is exactly 0 still wins over an untouched 0), and those above the positions
 ``l >= n_j`` past a short region's end, which are chosen only when ``c2 > n_j`` and then decode to
 nothing.
@@ -80,14 +80,14 @@ _PAST_END = -1.0  # score of a position past a short region's end (below everyth
 
 
 def capacities(k: int, d: int, peers: int) -> tuple[int, int]:
-    """``(c1, c2)``: entries per region in stage 1 (``min(ceil(2k/P), ceil(d/P))``) and per owner in
-    stage 2 (``min(ceil(k/P), ceil(d/P))``)."""
+    """``(c1, c2)``: entries per region in stage 1 and per owner in stage 2, both
+    ``min(ceil(3k / 2P), ceil(d/P))`` (:func:`lightning_gaussk.costmodel.bounded_chunks`)."""
     return bounded_chunks(d, k, peers)  # the one rule, shared with the cost model
 
 
 class SparseAllReduce(Exchange):
-    """Bounded sparse all-reduce: interleaved regions, capacity-2 reduce-scatter of the selections,
-    exact top-``ceil(k/P)`` per region, all-gather of the results. About ``6 k (P - 1) / P`` words
+    """Bounded sparse all-reduce: interleaved regions, a reduce-scatter of the selections with
+    capacity ``ceil(3k / 2P)`` per region, each region's exact top ``ceil(3k / 2P)``, all-gather of the results. About ``6 k (P - 1) / P`` words
     per rank whatever ``P``; delivers the part of each selection that made the global top set and
     reports it (see the module docstring). Call each launch's ``finish`` once: it also resets the
     cached marks that the next call's ``delivered`` relies on."""

@@ -239,7 +239,7 @@ class GaussKState:
                 )
         exchange = {
             "allgather": "all-gather (each selection to every peer: bytes per rank grow with the peers)",
-            "allreduce": "bounded sparse all-reduce (about 6k(P-1)/P words per rank; the update keeps about k entries)",
+            "allreduce": "bounded sparse all-reduce (about 6k(P-1)/P words per rank; the update keeps about 1.5k entries)",
             "auto": "auto (per bucket by the cost model; each choice logged once)",
         }.get(cfg.exchange, repr(cfg.exchange))
         return f"{head}{why}; density {rho}: {what}; exchange: {exchange}; dense fallback: {cfg.dense_fallback}"
