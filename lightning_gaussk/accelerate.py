@@ -38,7 +38,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -49,7 +48,6 @@ from lightning_gaussk.hook import GaussKState, gaussk_hook
 
 try:
     from accelerate import Accelerator
-    from accelerate.utils import DistributedType
 except ImportError as err:  # pragma: no cover - exercised only without the extra
     raise ImportError(
         "lightning_gaussk.accelerate needs Hugging Face Accelerate: pip install 'lightning-gaussk[accelerate]'"

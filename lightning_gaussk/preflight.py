@@ -32,7 +32,6 @@ import importlib
 import json
 import math
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -44,7 +43,7 @@ import torch
 import torch.distributed as dist
 
 from lightning_gaussk import costmodel
-from lightning_gaussk.core.linkprobe import _groups, _sync, fit, measure_link, time_collectives  # noqa: F401 (also public here)
+from lightning_gaussk.core.linkprobe import _groups, fit, measure_link, median_seconds, time_collectives  # noqa: F401 (also public here)
 
 __all__ = [
     "DENSITIES",
@@ -137,15 +136,7 @@ def measure_select(d: int, device: torch.device, selector: str = "gaussk", densi
     x = torch.randn(d, generator=gen).to(device)
 
     def timed(fn: Any) -> float:
-        fn()
-        _sync(device)
-        ts = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            _sync(device)
-            ts.append(time.perf_counter() - t0)
-        return statistics.median(ts)
+        return median_seconds(fn, device, reps)
 
     pass_s = timed(lambda: torch.dot(x, x)) / d
     samples, raw = [], []

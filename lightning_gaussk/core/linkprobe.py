@@ -18,12 +18,26 @@ import torch.distributed as dist
 from lightning_gaussk import costmodel
 from lightning_gaussk.core.exchange import all_gather
 
-__all__ = ["fit", "measure_link", "time_collectives"]
+__all__ = ["fit", "measure_link", "median_seconds", "time_collectives"]
 
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def median_seconds(fn: Any, device: torch.device, reps: int = 3) -> float:
+    """Median wall seconds of ``fn()`` over ``reps`` calls after one warm-up, the device
+    synchronised around each (a measurement, never called in a training step)."""
+    fn()
+    _sync(device)
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
 
 
 def _group_max(x: float, group: Any, device: torch.device) -> float:
@@ -56,15 +70,7 @@ def time_collectives(group: Any, device: torch.device, max_bytes: int, *, min_by
                 else:
                     dist.all_reduce(x, group=group)
 
-            op()
-            _sync(device)
-            ts = []
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                op()
-                _sync(device)
-                ts.append(time.perf_counter() - t0)
-            t = _group_max(statistics.median(ts), group, device)
+            t = _group_max(median_seconds(op, device, reps), group, device)
             samples.append(costmodel.Sample(kind, world, 4 * n, t))
             slowest = max(slowest, t)
         if 4 * n >= max_bytes or slowest > op_limit_s:
