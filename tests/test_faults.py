@@ -233,3 +233,34 @@ def test_truncated_checkpoint_file_fails_loudly(tmp_path):
     (tmp_path / "cut.ckpt").write_bytes(data[: len(data) // 2])
     with pytest.raises(Exception):  # noqa: B017 - torch's own error; the point is that it is not silent
         GaussKDDPStrategy().load_checkpoint(tmp_path / "cut.ckpt")
+
+
+_EXIT_SCRIPT = r"""
+import atexit, os, sys
+import torch, torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from lightning_gaussk import GaussKState, gaussk_hook
+from lightning_gaussk import strategy
+
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
+dist.init_process_group("gloo", rank=0, world_size=1)
+atexit.register(lambda: print("initialized at the end:", dist.is_initialized(), flush=True))  # runs after ours (LIFO)
+ddp = DDP(torch.nn.Linear(8, 4))
+state = GaussKState(density=0.25, dense_fallback="never").bind(ddp)
+ddp.register_comm_hook(state, gaussk_hook)
+ddp(torch.randn(3, 8)).sum().backward()  # a callback of the hook in flight at exit, possibly
+strategy._register_exit_teardown()
+strategy._register_exit_teardown()  # once per process, however many strategies
+print("exiting", flush=True)
+"""
+
+
+def test_the_process_group_is_destroyed_at_exit_after_the_hooks_callbacks_are_released():
+    """The strategy's exit teardown runs while Python still runs: callbacks drained, then the gloo
+    group destroyed in order (not left to finalization, where it can abort the process)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _EXIT_SCRIPT, str(free_port())], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.splitlines()[-2:] == ["exiting", "initialized at the end: False"], proc.stdout

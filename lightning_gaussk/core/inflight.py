@@ -16,7 +16,7 @@ import time
 import weakref
 from typing import Any
 
-__all__ = ["Pending", "wait_idle"]
+__all__ = ["Pending", "drain", "wait_idle"]
 
 _LIVE: "weakref.WeakSet[Any]" = weakref.WeakSet()  # owners whose callbacks may not be released yet
 _LOCK = threading.Lock()
@@ -48,7 +48,10 @@ def wait_idle(owner: Any, timeout: float = 5.0) -> bool:
     return True
 
 
-@atexit.register
-def _drain_at_exit() -> None:
+def drain(timeout: float = 2.0) -> None:
+    """Wait for the callbacks of every live owner (``timeout`` seconds each at most)."""
     for owner in list(_LIVE):
-        wait_idle(owner, timeout=2.0)
+        wait_idle(owner, timeout=timeout)
+
+
+atexit.register(drain)
