@@ -63,16 +63,20 @@ class Slot:
         if cached is not None:
             return cached, self.cache["order_inv"]
         d, device = self.size, self.residual.device
-        order = torch.full((d,), -1, dtype=torch.int64)
-        pos = 0
+        order = torch.empty(d, dtype=torch.int64, device=device)  # filled on the device: no host copy
+        pos, covered = 0, []
         seq = sorted(range(len(self.key)), key=lambda i: (rank_of.get(self.key[i], len(rank_of) + i), i))
         for i in seq:
             off, n = self.places[i]
-            order[off : off + n] = torch.arange(pos, pos + n)
+            order[off : off + n] = torch.arange(pos, pos + n, device=device)
+            covered.append((off, n))
             pos += n
-        free = order < 0
-        order[free] = torch.arange(pos, d)
-        order = order.to(device)
+        start = 0
+        for off, n in sorted(covered) + [(d, 0)]:  # the gaps (padding) in slot order, last
+            if off > start:
+                order[start:off] = torch.arange(pos, pos + off - start, device=device)
+                pos += off - start
+            start = max(start, off + n)
         self.cache["order"], self.cache["order_inv"] = order, torch.argsort(order)
         return order, self.cache["order_inv"]
 
