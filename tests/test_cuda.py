@@ -440,8 +440,10 @@ def _hook_body_sync_free(rank: int, world: int) -> None:
     """gaussk_hook end to end (the decode callback runs inline for NCCL) under sync debug mode."""
     dist.all_reduce(torch.zeros(1, device="cuda"))  # NCCL's communicator is set up outside the check
     torch.cuda.synchronize()
-    for density, dtype in [(0.01, torch.float32), (0.01, torch.bfloat16), (1.0, torch.float32)]:
-        state = GaussKState(density=density)
+    cases = [(0.01, torch.float32, "allgather"), (0.01, torch.bfloat16, "allgather"), (1.0, torch.float32, "allgather"),
+             (0.01, torch.float32, "allreduce")]  # the bounded exchange too (its canonical order built on the device)
+    for density, dtype, exchange in cases:
+        state = GaussKState(density=density, exchange=exchange)
         params = [torch.zeros(300_000, device="cuda", dtype=dtype), torch.zeros(7, device="cuda", dtype=dtype)]
         for step, scale in enumerate([2.0**10, 2.0**11, 2.0**10]):
             state.set_loss_scale(scale)
