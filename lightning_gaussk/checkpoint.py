@@ -671,6 +671,10 @@ class SavedState:
         return cls.from_manifest(manifest, folder, expected_name=shard_name)
 
     # ---------------------------------------------------------------- use
+    def read(self, rank: int) -> Mapping[str, Any]:
+        """Saved rank ``rank``'s state dict as it was written (checked against the manifest)."""
+        return self._read(rank)
+
     def state_for(self, target: Layout) -> dict[str, Any]:
         """The state dict of rank ``target.rank`` of ``target``: its own saved state on the same
         layout, else the policy (residuals and velocities), with a warning on rank 0."""

@@ -410,6 +410,11 @@ class GaussKState:
                 f"GaussKState.load_state_dict: `state_dict` is not a {STATE_FORMAT!r} dict "
                 f"(format={state_dict.get('format') if isinstance(state_dict, dict) else type(state_dict).__name__!r})"
             )
+        if isinstance(state_dict.get("layout"), dict) and state_dict["layout"].get("sharding"):
+            raise ValueError(
+                f"GaussKState.load_state_dict: `state_dict` holds {state_dict['layout']['sharding']!r} shards of an FSDP2 "
+                "model (lightning_gaussk.fsdp); they cannot be loaded into a DDP hook state"
+            )
         residuals = state_dict["residuals"]
         if not isinstance(residuals, dict):
             raise ValueError("GaussKState.load_state_dict: `residuals` must be a dict of tensors")

@@ -9,6 +9,15 @@ pipeline), and the :class:`~lightning_gaussk.core.exchange.Route` the exchange r
   exchange runs among the ``N`` ranks with the same local rank (one per node: the only traffic on
   the slow links), and an intra-node all-gather of ``[shard | flag]`` gives every rank of the node
   the whole update and the sum of all ``W`` flags.
+- :class:`Replicas`: FSDP2 across nodes ("custom HSDP", :mod:`lightning_gaussk.fsdp`). FSDP
+  itself reduce-scatters each unit's gradient inside the node (a mean over the node's ``L``
+  ranks) before the pipeline is called, so rank ``l`` of a node already holds its dim-0 shard of
+  every parameter of the unit (rows ``[l c, (l + 1) c)``, ``c = ceil(rows / L)``, zero padded as
+  FSDP pads). The exchange runs among the ``N`` replicas of that shard (the ranks with local rank
+  ``l``), dividing by ``N``, so the update is the mean over all ``W = N L`` ranks; the
+  parameters and optimizer states stay sharded, so no intra-node all-gather of the update is
+  needed, only a one-word all-reduce of the flag inside the node (every rank of the job agrees on
+  a non-finite step).
 
 Flat is not built as node mode with ``L = 1``: that would cost a chunk-order copy and two
 collectives on one-rank groups per bucket, for nothing.
@@ -25,9 +34,9 @@ from torch import Tensor
 
 from lightning_gaussk.core.exchange import Route, all_gather, buffer
 from lightning_gaussk.core.store import Slot
-from lightning_gaussk.topology import Layout
+from lightning_gaussk.topology import Layout, chunk_bounds
 
-__all__ = ["Flat", "Node", "NodeSlot", "Topology", "build_topology"]
+__all__ = ["Flat", "Node", "NodeSlot", "Replicas", "ShardSlot", "Topology", "build_topology"]
 
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
@@ -169,6 +178,86 @@ class Node(Topology):
     def intra_bytes(self, slot: Slot) -> int:
         assert isinstance(slot, NodeSlot)
         return 4 * (slot.ranks_per_node - 1) * (2 * slot.s + 1)  # reduce-scatter s, all-gather s + 1 (per peer)
+
+
+class ShardSlot(Slot):
+    """Buffers of one FSDP2 unit on local rank ``l`` of ``L``: its reduce-scatter output of ``d``
+    entries, this rank's dim-0 shard of every parameter in parameter order, each padded to
+    ``c = ceil(rows / L)`` rows as FSDP pads; ``places[p] = (offset, the shard's real entries)``
+    (padding entries hold zero gradients and are never exported)."""
+
+    def __init__(self, key: tuple[int, ...], params: list[Tensor], device: torch.device, d: int, layout: Layout) -> None:
+        super().__init__(key, params, device, d)
+        self.places = shard_places(params, layout)
+        self.numels = [n for _, n in self.places]
+        end = self.places[-1][0] + padded_rows(params[-1], layout) * row_numel(params[-1]) if params else 0
+        if end != d:
+            raise ValueError(
+                f"GaussK (FSDP2): a reduce-scatter output of {d} entries does not hold this rank's dim-0 shards of its "
+                f"{len(params)} parameters ({end} entries, padded); only dim-0 sharding (FSDP2's default) is supported"
+            )
+        self.elem = 4  # bytes per entry of the reduce dtype (set by Replicas.enter)
+
+
+def row_numel(p: Tensor) -> int:
+    """Entries per dim-0 row of ``p`` (1 for a 0-d or 1-d parameter)."""
+    return math.prod(p.shape[1:]) if p.dim() > 1 else 1
+
+
+def padded_rows(p: Tensor, layout: Layout) -> int:
+    """``c = ceil(rows / L)``: the rows of every rank's padded FSDP2 shard of ``p``."""
+    rows = p.shape[0] if p.dim() > 0 else 1
+    return math.ceil(rows / layout.parts())
+
+
+def shard_places(params: list[Tensor], layout: Layout) -> list[tuple[int, int]]:
+    """``(offset, entries)`` of local rank ``l``'s real dim-0 shard of each parameter in a unit's
+    reduce-scatter output (offsets advance by the padded shard, ``c`` rows)."""
+    out, off = [], 0
+    for p in params:
+        rows, row = (p.shape[0] if p.dim() > 0 else 1), row_numel(p)
+        start, stop = chunk_bounds(rows, layout.parts(), layout.local_rank)
+        out.append((off, (stop - start) * row))
+        off += padded_rows(p, layout) * row
+    return out
+
+
+class Replicas(Topology):
+    """FSDP2 across nodes: FSDP's reduce-scatter inside the node has run; the exchange among the
+    ``N`` replicas of this shard (``inter``), the flag summed inside the node (``intra``)."""
+
+    gathers = True  # the flag comes back through a collective of its own
+
+    def __init__(self, layout: Layout, intra: Any, inter: Any) -> None:
+        assert layout.ranks_per_node is not None
+        self.layout, self.intra = layout, intra
+        self.route = Route(inter, layout.nodes, layout.nodes)  # the input is a node mean: / N gives the mean over W
+
+    def make_slot(self, ids: tuple[int, ...], params: list[Tensor], device: torch.device, d: int) -> Slot:
+        return ShardSlot(ids, params, device, d, self.layout)
+
+    def enter(self, slot: Slot, grad: Tensor) -> Tensor:
+        assert isinstance(slot, ShardSlot)
+        slot.elem = grad.element_size()
+        return grad
+
+    def target(self, slot: Slot, grad: Tensor, local: Tensor) -> Tensor:
+        return grad if grad.dtype == torch.float32 else buffer(slot.cache, "out", grad.numel(), grad.device)
+
+    def leave(self, slot: Slot, target: Tensor, flag: Tensor) -> Any:
+        box = buffer(slot.cache, "flag", 1, target.device)
+        box.copy_(flag.reshape(1))
+        return dist.all_reduce(box, group=self.intra, async_op=True)
+
+    def arrive(self, slot: Slot, grad: Tensor, target: Tensor, flag: Tensor) -> Tensor:
+        if target is not grad:
+            grad.copy_(target)
+        return slot.cache["flag"][0]  # the sum of all W flags: NaN if any rank saw non-finite
+
+    def intra_bytes(self, slot: Slot) -> int:
+        assert isinstance(slot, ShardSlot)
+        L = self.layout.parts()
+        return (L - 1) * slot.size * slot.elem + 4 * (L - 1)  # FSDP's reduce-scatter (ring), the flag
 
 
 def build_topology(layout: Layout, group: Any) -> Topology:
