@@ -96,6 +96,7 @@ class GaussKFSDPState(GaussKState):
         super().__init__(config, **options)
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._seen: set[int] = set()  # units reduced in the current backward
+        self.units = 0  # FSDP units with parameters (set by register_gaussk_fsdp)
 
     def bind_mesh(self, model: nn.Module, mesh: Any) -> GaussKFSDPState:
         """Take the layout from ``mesh`` (``(N, L)``, dims :data:`MESH_DIMS`) and the parameter
@@ -135,13 +136,20 @@ class GaussKFSDPState(GaussKState):
         )
 
     def unit_backward(self, key: int) -> None:
-        """A unit is about to be reduced: the first unit of a new backward (a key seen again)
-        closes the previous one (:meth:`end_backward`: monitor requests served, one step counted
-        unless :meth:`set_step` is used), as DDP's last bucket does."""
+        """A unit is about to be reduced. A key seen again means a new backward began before the
+        previous one was closed (a unit got no gradient): close it first (:meth:`end_backward`)."""
         if key in self._seen:
             self._seen.clear()
             self.end_backward()
         self._seen.add(key)
+
+    def unit_done(self) -> None:
+        """A unit was reduced; after the last of the ``units`` of the model, the backward is closed
+        (:meth:`end_backward`: monitor requests served, one step counted unless :meth:`set_step`
+        is used), as DDP's last bucket does."""
+        if len(self._seen) == self.units:
+            self._seen.clear()
+            self.end_backward()
 
     # ---------------------------------------------------------------- (de)serialisation
     def state_dict(self) -> dict[str, Any]:
@@ -272,6 +280,7 @@ def register_gaussk_fsdp(model: nn.Module, mesh: Any, config: GaussKConfig | Non
     state = GaussKFSDPState(config, **options).bind_mesh(model, mesh)
     shard_ranks = dist.get_process_group_ranks(mesh.get_group(MESH_DIMS[1]))
     units = fsdp_units(model)
+    state.units = len(units)
     for name, _module, group in units:
         _check_unit(name, group, shard_ranks)
     for key, (name, module, group) in enumerate(units):
@@ -289,10 +298,12 @@ def _make_hook(state: GaussKFSDPState, key: int, name: str, params: list[Tensor]
         2. a divide factor set since registration is refused (it would change the mean);
         3. the core entry on the unit's reduce-scatter output, keyed by the unit; its future is
            waited on, since FSDP reads ``reduce_output`` when the hook returns (on CUDA the wait
-           orders streams, it does not block the host)."""
+           orders streams, it does not block the host);
+        4. after the model's last unit, the backward is closed."""
         state.unit_backward(key)
         _check_divide_factor(name, group)
         reduce(state, key, params, reduce_output).wait()
+        state.unit_done()
 
     return gaussk_fsdp_hook
 
