@@ -3,7 +3,7 @@
 The algorithm (:mod:`lightning_gaussk.core`, the DDP hook, selection, configuration) needs only
 torch. The Lightning parts (the strategies, the monitor and telemetry callbacks) are imported
 when Lightning is installed, and ``import lightning_gaussk`` then registers ``"gaussk_ddp"`` and
-its siblings with Lightning's strategy registry.
+its siblings (and ``"gaussk_fsdp"``) with Lightning's strategy registry.
 """
 
 from typing import Any
@@ -12,7 +12,7 @@ from lightning_gaussk.config import GaussKConfig
 from lightning_gaussk.hook import GaussKState, gaussk_hook
 from lightning_gaussk.selectors import accumulate_select, available_selectors, get_selector, register_selector, select
 
-_LIGHTNING_NAMES = ("GaussKDDPStrategy", "GaussKTelemetry", "GradientDistributionMonitor", "telemetry_figures")
+_LIGHTNING_NAMES = ("GaussKDDPStrategy", "GaussKFSDPStrategy", "GaussKTelemetry", "GradientDistributionMonitor", "telemetry_figures")
 
 try:
     from lightning.pytorch.strategies import StrategyRegistry as _registry
@@ -23,10 +23,12 @@ except ModuleNotFoundError as _err:  # raw torch or Accelerate without Lightning
 else:
     _missing_lightning = None
     from lightning_gaussk.monitor import GradientDistributionMonitor
+    from lightning_gaussk.fsdp_strategy import GaussKFSDPStrategy
     from lightning_gaussk.strategy import GaussKDDPStrategy
     from lightning_gaussk.telemetry import GaussKTelemetry, telemetry_figures
 
     GaussKDDPStrategy.register_strategies(_registry)  # makes Trainer(strategy="gaussk_ddp") resolve
+    GaussKFSDPStrategy.register_strategies(_registry)  # "gaussk_fsdp"
 
 
 def __getattr__(name: str) -> Any:
@@ -42,6 +44,7 @@ __version__ = "0.1.0"
 __all__ = [
     "GaussKConfig",
     "GaussKDDPStrategy",
+    "GaussKFSDPStrategy",
     "GaussKState",
     "GaussKTelemetry",
     "GradientDistributionMonitor",

@@ -304,7 +304,7 @@ def _destroy_at_exit() -> None:
         torch.distributed.destroy_process_group()
 
 
-def _config_with_env(values: Mapping[str, Any], environ: Mapping[str, str]) -> GaussKConfig:
+def _config_with_env(values: Mapping[str, Any], environ: Mapping[str, str], owner: type | None = None) -> GaussKConfig:
     """The strategy's options: keyword > ``GAUSSK_*`` variable > default, the precedence of
     :func:`lightning_gaussk.accelerate.resolve_config` (docs/configuration.md).
 
@@ -314,14 +314,15 @@ def _config_with_env(values: Mapping[str, Any], environ: Mapping[str, str]) -> G
     overridden, with a warning; unknown ``GAUSSK_*`` names are warned about. Nothing is ignored
     silently.
     """
-    defaults = inspect.signature(GaussKDDPStrategy.__init__).parameters
+    owner = GaussKDDPStrategy if owner is None else owner
+    defaults = inspect.signature(owner.__init__).parameters
     given = {n: v for n, v in values.items() if not _same(v, defaults[n].default)}
     warn_unknown_env_vars(environ)
     env = env_options(environ)  # ValueError naming the variable for text that does not parse
     overridden = [n for n in env if n in given and not _same(env[n], given[n])]
     if overridden:
         rank_zero_warn(
-            "GaussKDDPStrategy: "
+            f"{owner.__name__}: "
             + ", ".join(f"{env_var(n)}={environ[env_var(n)]!r} is overridden by {n}={given[n]!r}" for n in overridden)
             + " (precedence: keyword argument > GAUSSK_* variable > default)"
         )
@@ -329,7 +330,7 @@ def _config_with_env(values: Mapping[str, Any], environ: Mapping[str, str]) -> G
     used = [n for n in env if n not in given]
     if used:
         rank_zero_info(
-            "GaussKDDPStrategy: from the environment: "
+            f"{owner.__name__}: from the environment: "
             + ", ".join(f"{n}={getattr(config, n)!r} ({env_var(n)})" for n in used)
         )
     return config
