@@ -10,9 +10,10 @@ from typing import Any
 
 from lightning_gaussk.config import GaussKConfig
 from lightning_gaussk.hook import GaussKState, gaussk_hook
+from lightning_gaussk.local_sgd import SparseLocalSGD
 from lightning_gaussk.selectors import accumulate_select, available_selectors, get_selector, register_selector, select
 
-_LIGHTNING_NAMES = ("GaussKDDPStrategy", "GaussKFSDPStrategy", "GaussKTelemetry", "GradientDistributionMonitor", "telemetry_figures")
+_LIGHTNING_NAMES = ("GaussKDDPStrategy", "GaussKFSDPStrategy", "GaussKLocalSGDStrategy", "GaussKTelemetry", "GradientDistributionMonitor", "telemetry_figures")
 
 try:
     from lightning.pytorch.strategies import StrategyRegistry as _registry
@@ -24,11 +25,13 @@ else:
     _missing_lightning = None
     from lightning_gaussk.monitor import GradientDistributionMonitor
     from lightning_gaussk.fsdp_strategy import GaussKFSDPStrategy
+    from lightning_gaussk.local_strategy import GaussKLocalSGDStrategy
     from lightning_gaussk.strategy import GaussKDDPStrategy
     from lightning_gaussk.telemetry import GaussKTelemetry, telemetry_figures
 
     GaussKDDPStrategy.register_strategies(_registry)  # makes Trainer(strategy="gaussk_ddp") resolve
     GaussKFSDPStrategy.register_strategies(_registry)  # "gaussk_fsdp"
+    GaussKLocalSGDStrategy.register_strategies(_registry)  # "gaussk_local", "gaussk_local_spawn", "diloco"
 
 
 def __getattr__(name: str) -> Any:
@@ -45,9 +48,11 @@ __all__ = [
     "GaussKConfig",
     "GaussKDDPStrategy",
     "GaussKFSDPStrategy",
+    "GaussKLocalSGDStrategy",
     "GaussKState",
     "GaussKTelemetry",
     "GradientDistributionMonitor",
+    "SparseLocalSGD",
     "accumulate_select",
     "available_selectors",
     "gaussk_hook",

@@ -55,7 +55,7 @@ from lightning_gaussk.core.topology import Node, NodeSlot
 from lightning_gaussk.selectors import available_selectors, select
 from lightning_gaussk.topology import Layout
 
-__all__ = ["LOCAL_SGD_FORMAT", "LOCAL_SGD_COUNTERS", "SparseLocalSGD"]
+__all__ = ["LOCAL_SGD_COUNTERS", "LOCAL_SGD_FORMAT", "SparseLocalSGD", "local_grad_hook"]
 
 LOCAL_SGD_FORMAT = "lightning_gaussk.local_sgd/1"
 OUTERS = ("sparse", "dense")
@@ -524,6 +524,23 @@ class SparseLocalSGD:
                 got = sd["local"].get(name)
                 if not isinstance(got, Tensor) or got.numel() != p.numel():
                     raise ValueError(f"SparseLocalSGD.load_state_dict: local parameter {name!r} is missing or has the wrong size")
+
+
+def local_grad_hook(state: object, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
+    """A DDP comm hook that communicates nothing: every rank keeps its own gradient (local SGD
+    averages models every ``sync_every`` steps instead of gradients every step).
+
+    Example::
+
+        ddp.register_comm_hook(None, local_grad_hook)
+    """
+    fut: torch.futures.Future[Tensor] = torch.futures.Future()
+    fut.set_result(bucket.buffer())
+    return fut
+
+
+# DDP checks the hook's annotations against the real classes (this module's are strings)
+local_grad_hook.__annotations__ = {"state": object, "bucket": dist.GradBucket, "return": torch.futures.Future[torch.Tensor]}
 
 
 class _Alone(Exchange):
