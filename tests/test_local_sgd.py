@@ -1,0 +1,307 @@
+"""Sparse local SGD (lightning_gaussk.local_sgd, the "gaussk_local" strategy, register_gaussk's
+local path) on gloo.
+
+One spawned 4-process run (module fixture ``raw``) feeds the raw-torch tests: DDP equivalence
+on 2 ranks (a subgroup) and on 4, the invariants of H > 1 (identical models, sent + buffer ==
+u bit for bit, conservation of the pseudo-gradients), exact resume mid-window and across an outer
+step (sparse, 2-bit, DiLoCo, node mode) and the telemetry. The Lightning fit and the Accelerate
+run are subprocesses (tests/scripts/local_fit.py, tests/scripts/local_accelerate.py).
+"""
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from _dist import run_distributed
+from lightning_gaussk.core.quant import dequantize, message_bytes, quantize
+from lightning_gaussk.local_sgd import SparseLocalSGD
+
+HERE = Path(__file__).parent
+D_IN = 8
+
+
+def net(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(D_IN, 24), nn.Tanh(), nn.Linear(24, 1))  # 241 parameters
+
+
+def batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(7919 * step + 31 * rank + 1)
+    x = torch.randn(16, D_IN, generator=g)
+    return x, x[:, :1] * 2 - x[:, 1:2] + 0.3 * torch.sin(3 * x[:, 2:3])
+
+
+def step(model: nn.Module, opt: torch.optim.Optimizer, i: int, rank: int) -> None:
+    x, y = batch(i, rank)
+    nn.functional.mse_loss(model(x), y).backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def flat(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def same_everywhere(t: torch.Tensor, group=None) -> bool:
+    got = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(got, t.contiguous(), group=group)
+    return all(torch.equal(got[0], g) for g in got)
+
+
+# ------------------------------------------------------------------------------ the 4-rank run
+def _ddp_equivalence(rank: int, world: int, out: dict) -> None:
+    """sync_every=1, density=1, outer_lr=1, ef_decay=0, SGD inside == DDP SGD, on 2 and 4 ranks."""
+    pair = dist.new_group([0, 1])
+    for name, group, members in (("2", pair, 2), ("4", None, 4)):
+        for variant, extra in (("byte rule", {}), ("sparse k=d", {"dense_fallback": "never", "chunk": None})):
+            if rank >= members:
+                continue
+            ref = net()
+            ddp = nn.parallel.DistributedDataParallel(ref, process_group=group)
+            ref_opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+            model = net()
+            opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            local = SparseLocalSGD(model, opt, sync_every=1, density=1.0, outer_lr=1.0, ef_decay=0.0, hierarchy="flat",
+                                   process_group=group, **extra)  # fmt: skip
+            for i in range(5):
+                step(ddp, ref_opt, i, rank)
+                step(model, opt, i, rank)
+            out[f"ddp{name}/{variant}"] = (float((flat(ref) - flat(model)).abs().max()), float(flat(ref).abs().max()),
+                                           local.sparse, same_everywhere(flat(model), group))  # fmt: skip
+
+
+def _invariants(rank: int, world: int, out: dict) -> None:
+    """H = 3 with AdamW: after each outer step identical models; sent + e == u bit for bit; the
+    beta-decayed sum of the pseudo-gradients == the decayed sum of what was sent + e_T."""
+    configs = {
+        "chunk/allgather/beta1": dict(density=0.1, chunk=64, ef_decay=1.0),
+        "chunk/2bit/beta0.9": dict(density=0.1, chunk=64, ef_decay=0.9, quantize=2),
+        "whole/allreduce/beta0.9": dict(density=0.05, chunk=None, ef_decay=0.9, exchange="allreduce", selector="topk"),
+    }
+    for name, cfg in configs.items():
+        model = net()
+        opt = torch.optim.AdamW(model.parameters(), lr=0.02)
+        seen: dict = {}
+
+        def capture(optimizer, args, kwargs, seen=seen):  # registered first: runs before the outer step
+            seen["delta"] = local.global_params() - flat(model)
+            seen["e"] = local.error_feedback()
+
+        opt.register_step_post_hook(capture)
+        local = SparseLocalSGD(model, opt, sync_every=3, outer_lr=0.8, hierarchy="flat", **cfg)
+        beta = cfg["ef_decay"]
+        sum_delta = torch.zeros(local.d, dtype=torch.float64)
+        sum_sent = torch.zeros(local.d, dtype=torch.float64)
+        exact, identical, outer = True, True, 0
+        for i in range(10):
+            step(model, opt, i, rank)
+            if local.window_position == 0:  # an outer step just ran
+                outer += 1
+                u = seen["e"].mul(beta).add(seen["delta"])
+                sent = local.last_sent()
+                exact &= torch.equal(u - sent, local.error_feedback())  # e = u - sent, bit for bit
+                sum_delta = sum_delta.mul(beta).add(seen["delta"].double())
+                sum_sent = sum_sent.mul(beta).add(sent.double())
+                identical &= same_everywhere(flat(model)) and torch.equal(flat(model), local.global_params())
+        cons = float((sum_sent + local.error_feedback().double() - sum_delta).abs().max())
+        out[f"inv/{name}"] = {
+            "outer": outer, "exact": exact, "identical": identical, "conservation": cons,
+            "scale": float(sum_delta.abs().max()), "telemetry": dict(local.telemetry), "outer_bytes": local.outer_bytes,
+            "k": local.k, "per_inner": local.bytes_per_inner_step, "sparse": local.sparse,
+        }  # fmt: skip
+
+
+def _resume(rank: int, world: int, out: dict) -> None:
+    """A run of 10 steps equals one saved after ``stop`` steps (mid-window or right after an
+    outer step) and resumed into a fresh model, optimizer and outer loop."""
+    cases = {
+        "sparse2bit/mid-window": (dict(density=0.1, chunk=64, quantize=2, ef_decay=0.95, hierarchy="flat"), 4),
+        "diloco/after-outer": (dict(outer="dense", outer_lr=0.7, hierarchy="flat"), 6),
+        "node/mid-window": (dict(density=0.1, chunk=32, ef_decay=0.95, hierarchy="node", ranks_per_node=2), 5),
+    }
+    for name, (cfg, stop) in cases.items():
+        model = net()
+        opt = torch.optim.AdamW(model.parameters(), lr=0.02)
+        local = SparseLocalSGD(model, opt, sync_every=3, **cfg)
+        saved = None
+        for i in range(10):
+            step(model, opt, i, rank)
+            if i + 1 == stop:
+                buf = io.BytesIO()
+                torch.save(local.state_dict(), buf)
+                saved = buf.getvalue()
+        straight = flat(model)
+        local.remove()
+        model2 = net(seed=123)  # other weights: all must come from the state dict
+        opt2 = torch.optim.AdamW(model2.parameters(), lr=0.02)
+        local2 = SparseLocalSGD(model2, opt2, sync_every=3, **cfg)
+        local2.load_state_dict(torch.load(io.BytesIO(saved), weights_only=True))
+        position = local2.window_position
+        for i in range(stop, 10):
+            step(model2, opt2, i, rank)
+        out[f"resume/{name}"] = {
+            "equal": torch.equal(straight, flat(model2)), "position": position, "mode": local2.layout.mode,
+            "identical_at_end": same_everywhere(flat(model2)),
+        }
+
+
+def _worker(rank: int, world: int, folder: str) -> None:
+    torch.set_num_threads(1)
+    out: dict = {}
+    _ddp_equivalence(rank, world, out)
+    _invariants(rank, world, out)
+    _resume(rank, world, out)
+    torch.save(out, os.path.join(folder, f"rank{rank}.pt"))
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("local_sgd")
+    run_distributed(_worker, str(folder), world=4)
+    return [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(4)]
+
+
+@pytest.mark.parametrize("ranks", ["2", "4"])
+@pytest.mark.parametrize("variant", ["byte rule", "sparse k=d"])
+def test_sync_every_1_density_1_matches_ddp_sgd(raw, ranks, variant):
+    for rank in range(int(ranks)):
+        diff, scale, sparse, same = raw[rank][f"ddp{ranks}/{variant}"]
+        assert diff <= 1e-6 * max(1.0, scale), (rank, diff)  # fp32 rounding only
+        assert same
+        assert sparse == (variant == "sparse k=d")  # the byte rule sends density 1 dense
+
+
+@pytest.mark.parametrize("name", ["chunk/allgather/beta1", "chunk/2bit/beta0.9", "whole/allreduce/beta0.9"])
+def test_outer_steps_leave_identical_models_and_account_for_every_pseudo_gradient(raw, name):
+    for rank in range(4):
+        r = raw[rank][f"inv/{name}"]
+        assert r["outer"] == 3 and r["sparse"]
+        assert r["identical"], "ranks differ after an outer step"
+        assert r["exact"], "sent + error feedback != beta e + delta"
+        assert r["conservation"] <= 1e-5 * max(1.0, r["scale"]), r
+
+
+def test_telemetry_counts_bytes_per_outer_and_inner_step(raw):
+    plain, q2 = raw[0]["inv/chunk/allgather/beta1"], raw[0]["inv/chunk/2bit/beta0.9"]
+    for r in (plain, q2):
+        tel = r["telemetry"]
+        assert tel["inner_steps"] == 10 and tel["outer_steps"] == 3
+        assert tel["bytes_sent"] == 3 * r["outer_bytes"]
+        assert r["per_inner"] == pytest.approx(r["outer_bytes"] / 3)
+        assert tel["bytes_wire"] == 3 * 3 * r["outer_bytes"]  # ring all-gather: P - 1 messages
+    assert plain["outer_bytes"] == 4 * (2 * plain["k"] + 1)  # the all-gather's codec: value + index + flag
+    assert q2["outer_bytes"] < plain["outer_bytes"] / 3  # 2-bit values, int16 offsets, a scale per chunk
+
+
+@pytest.mark.parametrize("name", ["sparse2bit/mid-window", "diloco/after-outer", "node/mid-window"])
+def test_resume_is_exact(raw, name):
+    for rank in range(4):
+        r = raw[rank][f"resume/{name}"]
+        assert r["equal"], (rank, r)
+        assert r["identical_at_end"] == (name == "diloco/after-outer")  # 10 % 3 == 1: the window is open
+    assert raw[0]["resume/node/mid-window"]["mode"] == "node"
+    assert raw[0]["resume/sparse2bit/mid-window"]["position"] == 1
+    assert raw[0]["resume/diloco/after-outer"]["position"] == 0
+
+
+# ------------------------------------------------------------------------------ one process
+def test_single_process_runs_without_a_process_group():
+    model = net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    local = SparseLocalSGD(model, opt, sync_every=2, density=0.1)
+    before = flat(model)
+    for i in range(4):
+        step(model, opt, i, 0)
+    assert local.telemetry["outer_steps"] == 2 and not torch.equal(before, flat(model))
+    assert torch.equal(flat(model), local.global_params())
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"sync_every": 0}, "sync_every"),
+        ({"density": 0.0}, "density"),
+        ({"outer_lr": -1.0}, "outer_lr"),
+        ({"ef_decay": 1.5}, "ef_decay"),
+        ({"outer": "avg"}, "outer"),
+        ({"quantize": 4}, "quantize"),
+        ({"quantize": 2, "chunk": None}, "chunk"),
+        ({"quantize": 2, "exchange": "allreduce"}, "exchange"),
+        ({"exchange": "ring"}, "exchange"),
+        ({"selector": "nope"}, "selector"),
+        ({"outer_momentum": 1.0}, "outer_momentum"),
+    ],
+)
+def test_bad_arguments_are_refused_naming_them(kwargs, match):
+    model = net()
+    with pytest.raises(ValueError, match=match):
+        SparseLocalSGD(model, torch.optim.SGD(model.parameters(), lr=0.1), **kwargs)
+
+
+def test_wrapped_model_and_wrong_types_are_refused():
+    model = net()
+    with pytest.raises(TypeError, match="optimizer"):
+        SparseLocalSGD(model, "sgd")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="model"):
+        SparseLocalSGD("net", torch.optim.SGD(model.parameters(), lr=0.1))  # type: ignore[arg-type]
+
+
+def test_two_bit_levels_and_scale_per_chunk():
+    values = torch.tensor([[3.0, -1.0, 0.9, -3.0], [0.0, 0.0, 0.0, 0.0]])
+    codes = torch.empty(2, 4, dtype=torch.uint8)
+    scales, deq = torch.empty(2), torch.empty(2, 4)
+    quantize(values, 2, codes, scales, deq)
+    assert scales.tolist() == [3.0, 0.0]
+    assert deq[0].tolist() == [3.0, -1.0, 1.0, -3.0]  # levels {-m, -m/3, m/3, m}
+    assert deq[1].tolist() == [0.0] * 4
+    assert torch.equal(dequantize(codes, scales, 2), deq)
+    assert message_bytes(10, 82, 2) < 10 * 82 * 3  # under 3 bytes per entry at 2 bits (vs 8 unquantised)
+
+
+def test_state_dict_of_another_layout_is_refused():
+    model = net()
+    local = SparseLocalSGD(model, torch.optim.SGD(model.parameters(), lr=0.1), sync_every=2)
+    sd = local.state_dict()
+    sd["layout"] = {"world_size": 4, "rank": 0, "ranks_per_node": None}
+    with pytest.raises(ValueError, match="same layout"):
+        local.load_state_dict(sd)
+
+
+# ------------------------------------------------------------------------------ integrations
+def _run(cmd: list[str], cwd: Path, env_extra: dict | None = None) -> None:
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent), **(env_extra or {})}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=cwd)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+
+
+def test_lightning_fit_trains_counts_optimizer_steps_and_resumes_mid_window(tmp_path):
+    _run([sys.executable, str(HERE / "scripts" / "local_fit.py"), "--out", str(tmp_path)], tmp_path)
+    ref = [torch.load(tmp_path / "ref" / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    res = [torch.load(tmp_path / "resumed" / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    for r in range(2):
+        assert ref[r]["inner_steps"] == 8 and ref[r]["outer_steps"] == 2  # 16 micro-batches, 8 optimizer steps, H = 3
+        assert ref[r]["loss_last"] < ref[r]["loss_first"]  # it trains
+        assert ref[r]["synced_equal"]  # identical models after the outer step at optimizer step 6
+        assert torch.equal(ref[r]["params"], res[r]["params"]), "resume from optimizer step 4 (mid-window) differs"
+        assert res[r]["resumed_position"] == 1
+    assert not torch.equal(ref[0]["params"], ref[1]["params"])  # step 8 is mid-window: local models differ
+
+
+def test_accelerate_register_gaussk_local_path_trains_and_restores(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(HERE / "scripts" / "local_accelerate.py"), "--out", str(tmp_path)]  # fmt: skip
+    _run(cmd, tmp_path, {"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"})
+    for r in range(2):
+        rec = torch.load(tmp_path / f"rank{r}.pt", weights_only=False)
+        assert rec["inner_steps"] == 8 and rec["outer_steps"] == 2  # gradient accumulation 2: optimizer steps
+        assert rec["grads_local"]  # the comm hook left each rank's own gradient
+        assert rec["synced_equal"]
+        assert rec["loss_last"] < rec["loss_first"]
+        assert rec["restored_equal"], "load_state mid-window did not reproduce the run"
