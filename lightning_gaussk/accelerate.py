@@ -56,6 +56,7 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
 __all__ = [
     "DISABLE_VAR",
     "ENV_VARS",
+    "FSDP_RECIPE",
     "MANIFEST_FILE",
     "STATE_FILE",
     "config_from_env",
@@ -79,6 +80,17 @@ STATE_FILE = "gaussk_state_rank{rank}.pt"
 MANIFEST_FILE = "gaussk_manifest_rank{rank}.json"
 
 _UNSUPPORTED = {"FSDP", "DEEPSPEED", "MEGATRON_LM", "XLA"}
+
+#: why ``register_gaussk`` refuses FSDP2, and what to do instead (docs/fsdp.md, "Accelerate")
+FSDP_RECIPE = (
+    "register_gaussk: Accelerate's FSDP2 cannot carry the sparse replica exchange: it shards 1-D over the whole world "
+    "(no replicas to exchange between) or, with ParallelismConfig(dp_replicate_size, dp_shard_size), natively 2-D "
+    "(HSDP), whose dense all-reduce across nodes runs before any hook. Shard per node yourself under plain "
+    "`accelerate launch` (no FSDP plugin): mesh = init_device_mesh(device, (nodes, gpus_per_node), "
+    "mesh_dim_names=('replicate', 'shard')); fully_shard(block, mesh=mesh['shard']) for each block and the model; "
+    "prepare only the optimizer and data loaders; then register_gaussk(accelerator, model, mesh=mesh, density=...). "
+    "The recipe, with checkpoints: docs/fsdp.md#accelerate"
+)
 
 
 # ------------------------------------------------------------------------------- configuration
@@ -143,6 +155,8 @@ def find_ddp_module(model: Any, max_depth: int = 8) -> DistributedDataParallel |
         if isinstance(seen, DistributedDataParallel):
             return seen
         bad = _is_unsupported_wrapper(seen)
+        if bad == "FSDP2 (fully_shard)":
+            raise ValueError(FSDP_RECIPE)
         if bad:
             raise ValueError(
                 f"register_gaussk: the model is wrapped by {bad}, which does not use DDP gradient buckets; "
@@ -168,7 +182,7 @@ def _unwrapped(module: nn.Module) -> nn.Module:
 
 
 # ------------------------------------------------------------------------------- registration
-def register_gaussk(accelerator: Accelerator, model: nn.Module, **config: Any) -> GaussKState | None:
+def register_gaussk(accelerator: Accelerator, model: nn.Module, mesh: Any = None, **config: Any) -> GaussKState | None:
     """Register TopK-SGD gradient sparsification on a model prepared by Accelerate.
 
     Call after ``accelerator.prepare(...)``, with the model it returned (the unwrapped model
@@ -176,7 +190,12 @@ def register_gaussk(accelerator: Accelerator, model: nn.Module, **config: Any) -
 
     Args:
         accelerator: the ``accelerate.Accelerator`` that prepared ``model``.
-        model: the prepared model (``DistributedDataParallel``, possibly inside ``torch.compile``).
+        model: the prepared model (``DistributedDataParallel``, possibly inside ``torch.compile``),
+            or a model you sharded per node with FSDP2 (``fully_shard(..., mesh=mesh["shard"])``,
+            not prepared; see :data:`FSDP_RECIPE`).
+        mesh: with an FSDP2 model, its 2-D ``("replicate", "shard")`` device mesh: the hook is then
+            :func:`lightning_gaussk.fsdp.register_gaussk_fsdp`'s, and ``save_state`` / ``load_state``
+            carry its residual shards.
         **config: any :class:`~lightning_gaussk.config.GaussKConfig` option (``density``,
             ``selector``, ``error_feedback``, ``warmup_steps``, ``warmup_density``, ``seed``,
             ``dense_fallback``, ``link_gbit``, ...) and ``process_group``. Options not given
@@ -197,9 +216,15 @@ def register_gaussk(accelerator: Accelerator, model: nn.Module, **config: Any) -
         raise TypeError(f"register_gaussk: `accelerator` must be an accelerate.Accelerator, got {type(accelerator).__name__}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"register_gaussk: `model` must be the nn.Module returned by accelerator.prepare, got {type(model).__name__}")
+    if "sync_every" in config:  # local SGD: models averaged every sync_every optimizer steps (docs/local-sgd.md)
+        from lightning_gaussk.local_accelerate import register_local_sgd
+
+        return register_local_sgd(accelerator, model, mesh, **config)  # type: ignore[return-value]
     resolved = resolve_config(**config)  # validate first: a bad setting fails even on one process
     kind = accelerator.distributed_type
     kind_name = getattr(kind, "name", str(kind))
+    if kind_name == "FSDP":
+        raise ValueError(FSDP_RECIPE)
     if kind_name in _UNSUPPORTED:
         raise ValueError(
             f"register_gaussk: Accelerate distributed type {kind_name} is not supported; GaussK sparsification "
@@ -216,6 +241,8 @@ def register_gaussk(accelerator: Accelerator, model: nn.Module, **config: Any) -
         )
         return None
 
+    if mesh is not None:
+        return _register_fsdp(accelerator, model, mesh, resolved)
     ddp = find_ddp_module(model)
     if ddp is None:  # the user may have passed the module given to prepare(): find its wrapper
         for prepared in accelerator._models:
@@ -254,7 +281,28 @@ def register_gaussk(accelerator: Accelerator, model: nn.Module, **config: Any) -
     return state
 
 
-def _adapt_optimizers(accelerator: Accelerator, ddp: DistributedDataParallel, state: GaussKState) -> None:
+def _register_fsdp(accelerator: Accelerator, model: nn.Module, mesh: Any, resolved: dict[str, Any]) -> GaussKState:
+    """The FSDP2 recipe: the sparse replica exchange on every unit of a model sharded per node
+    (:func:`lightning_gaussk.fsdp.register_gaussk_fsdp`), and the same checkpoint, loss-scale and
+    optimizer wiring as for DDP. Optimizer steps are counted per backward that reduces gradients
+    (``model.set_requires_gradient_sync(accelerator.sync_gradients)`` under accumulation)."""
+    from lightning_gaussk.fsdp import register_gaussk_fsdp
+
+    if resolved.get("process_group") is not None:
+        raise ValueError("register_gaussk: `process_group` cannot be used with `mesh` (the mesh gives the groups)")
+    resolved.pop("process_group", None)
+    target = _unwrapped(model)
+    if getattr(target, "_gaussk_state", None) is not None:
+        raise ValueError("register_gaussk: this FSDP2 model already has the GaussK hook; call register_gaussk once per model")
+    state = register_gaussk_fsdp(target, mesh, GaussKConfig(**resolved))
+    target._gaussk_state = state
+    _attach_checkpointing(accelerator, state)
+    _attach_loss_scale(accelerator, model, state)
+    _adapt_optimizers(accelerator, target, state)
+    return state
+
+
+def _adapt_optimizers(accelerator: Accelerator, ddp: nn.Module, state: GaussKState) -> None:
     """``remedies="auto"``: adapt every prepared optimizer that holds this model's parameters
     (:func:`lightning_gaussk.remedies.wrap_optimizer`; an optimizer created after
     ``register_gaussk`` needs ``wrap_optimizer(optimizer, state)`` by hand)."""
@@ -360,7 +408,13 @@ def _load_into(state: GaussKState, folder: Path, rank: int, world: int, index: i
             folder, shard_name=lambda r: state_file(r, index), manifest_name=lambda r: manifest_file(r, index)
         )
 
-    if not ckpt.restore_state(state, open_saved, rank=rank, world_size=world):
+    from lightning_gaussk.fsdp import GaussKFSDPState, restore_fsdp_shards
+
+    if isinstance(state, GaussKFSDPState):  # its own policy for a change of layout (rows of each shard)
+        found = restore_fsdp_shards(state, open_saved)
+    else:
+        found = ckpt.restore_state(state, open_saved, rank=rank, world_size=world)
+    if not found:
         rank_zero_warn(
             f"{folder} has no {state_file(0, index).replace('rank0', 'rank*')} (not saved with register_gaussk?): "
             "residuals start from zero."
