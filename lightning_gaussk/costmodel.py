@@ -476,18 +476,37 @@ def hierarchical_bucket_time(d: int, density: float, nodes: int, gpus_per_node: 
           + bucket_time(s, k_s, N, inter, share=G)     k_s = bucket_k(density, s); the NIC shared by G GPUs
           + T_ag^intra(4d, G)                          all-gather of the decoded dense shards
 
-    with ``T_rs = T_ag^dense = (G-1) alpha + (G-1)/G * 4d * beta`` (half a ring all-reduce each).
-    The inter-node stage is :func:`bucket_time`: ``exchange`` ("allgather", "allreduce", "dense"
-    or "auto"), or dense where :func:`dense_wins` says so, as the hook decides it.
+    with ``T_rs = T_ag^dense = (G-1) alpha + (G-1)/G * 4d * beta`` (half a ring all-reduce each):
+    :func:`hsdp_unit_time` plus the all-gather. The inter-node stage is :func:`bucket_time`:
+    ``exchange`` ("allgather", "allreduce", "dense" or "auto"), or dense where :func:`dense_wins`
+    says so, as the hook decides it.
     """
+    return hsdp_unit_time(d, density, nodes, gpus_per_node, intra, inter, host, exchange) + _half_ring(d, gpus_per_node, intra)
+
+
+def hsdp_unit_time(d: int, density: float, nodes: int, gpus_per_node: int, intra: Link, inter: Link,
+                   host: HostCosts, exchange: str = "allgather") -> float:  # fmt: skip
+    """FSDP2 across nodes (custom HSDP, :mod:`lightning_gaussk.fsdp`), the gradient of one unit of
+    ``d`` entries::
+
+        T = T_rs^intra(4d, G)                          FSDP's reduce-scatter inside the node
+          + bucket_time(s, k_s, N, inter, share=G)     the replica exchange of the shard s = ceil(d/G)
+
+    No all-gather of the gradient follows (parameters and optimizer states stay sharded). With
+    ``exchange="dense"`` and ``density=1`` this is plain HSDP's gradient path (its all-reduce of the
+    shard across the ``N`` replicas). FSDP's parameter all-gathers, the same for every contender,
+    are not counted."""
     _check_world(nodes)
     _check_world(gpus_per_node)
-    g = gpus_per_node
-    shard = math.ceil(d / g)
+    shard = math.ceil(d / gpus_per_node)
     k = bucket_k(density, shard)
-    half_ring = (g - 1) * intra.alpha + (g - 1) / g * BYTES_PER_ENTRY * d * intra.beta if g > 1 else 0.0
-    inter_t = bucket_time(shard, k, nodes, inter, host, exchange, share=g) if nodes > 1 else 0.0
-    return half_ring + inter_t + half_ring
+    inter_t = bucket_time(shard, k, nodes, inter, host, exchange, share=gpus_per_node) if nodes > 1 else 0.0
+    return _half_ring(d, gpus_per_node, intra) + inter_t
+
+
+def _half_ring(d: int, g: int, link: Link) -> float:
+    """A reduce-scatter (or all-gather) of ``4d`` bytes among ``g`` ranks: half a ring all-reduce."""
+    return (g - 1) * link.alpha + (g - 1) / g * BYTES_PER_ENTRY * d * link.beta if g > 1 else 0.0
 
 
 # --------------------------------------------------------------------------------------- steps
