@@ -20,7 +20,7 @@ OUT = os.path.join(BENCHMARKS, "out")  # raw results (JSON)
 
 # The sections of docs/benchmarks.md, in document order; each lies between
 # ``<!-- name:begin -->`` and ``<!-- name:end -->`` and belongs to one script.
-DOC_SECTIONS = ("selection", "throughput", "time_to_accuracy", "costmodel", "scaleout", "exchange", "bounded_exchange")
+DOC_SECTIONS = ("selection", "throughput", "time_to_accuracy", "costmodel", "scaleout", "exchange", "bounded_exchange", "fsdp")
 
 
 def free_port() -> int:
