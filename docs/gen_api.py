@@ -29,6 +29,8 @@ MODULES = [
     "lightning_gaussk.core.timing",
     "lightning_gaussk.checkpoint",
     "lightning_gaussk.strategy",
+    "lightning_gaussk.fsdp",
+    "lightning_gaussk.fsdp_strategy",
     "lightning_gaussk.monitor",
     "lightning_gaussk.distribution_stats",
     "lightning_gaussk.distribution_plots",
