@@ -201,6 +201,10 @@ def register_gaussk(accelerator: Accelerator, model: nn.Module, mesh: Any = None
             ``dense_fallback``, ``link_gbit``, ...) and ``process_group``. Options not given
             here are read from their ``GAUSSK_*`` variables (:data:`ENV_VARS`, e.g.
             ``GAUSSK_DENSITY``, ``GAUSSK_DENSE_FALLBACK``); then the defaults apply.
+            With ``sync_every``: local SGD instead (models averaged every ``sync_every``
+            optimizer steps, no per-step exchange); the options are then those of
+            :class:`~lightning_gaussk.local_sgd.SparseLocalSGD` and the result is one
+            (:func:`lightning_gaussk.local_accelerate.register_local_sgd`, docs/local-sgd.md).
 
     Returns:
         This rank's :class:`GaussKState` (``state.telemetry`` counts hook calls and bytes), or
