@@ -6,7 +6,8 @@ each test asserts: density 1 equals plain custom HSDP (a mean all-reduce across 
 AdamW steps; below it every rank's full parameters are identical, error feedback is exact per
 shard, the update is the mean over all ranks of what was sent, and each rank keeps about d/L
 residual entries; bf16 reduce_dtype; accumulation with ``set_requires_gradient_sync``; a non-finite
-value on one rank; warm-up and the dense fallback; telemetry; shard checkpoints; refusals.
+value on one rank; a changing loss scale; warm-up and the dense fallback; telemetry; shard
+checkpoints; refusals.
 """
 
 from __future__ import annotations
@@ -204,6 +205,28 @@ def _nonfinite(rank: int, mesh) -> dict:
     return {"any_nonfinite": not all(finite.values()), "unchanged": unchanged, "skipped": state.telemetry["skipped_buckets"]}
 
 
+def _loss_scale(rank: int, mesh) -> dict:
+    """The same four SGD steps unscaled and with a changing loss scale S (the gradients arrive as
+    S g and are unscaled before the step, as a GradScaler does): the same parameters, and the
+    same residuals as saved (state_dict holds them unscaled)."""
+    out = []
+    for scales in ((1.0, 1.0, 1.0, 1.0), (4.0, 64.0, 2.0, 8.0)):
+        net = _build(mesh)
+        state = register_gaussk_fsdp(net, mesh, density=0.2, dense_fallback="never")
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        for step, scale in enumerate(scales):
+            state.set_loss_scale(scale)
+            (_loss(net, step, rank) * scale).backward()
+            for p in net.parameters():
+                p.grad.div_(scale)
+            opt.step()
+            opt.zero_grad()
+        out.append((_full(net), state.state_dict()["residuals"]))
+    (a, ra), (b, rb) = out
+    residual_diff = max(float((ra[n] - rb[n]).abs().max()) if ra[n].numel() else 0.0 for n in ra)
+    return {"param_diff": float((a - b).abs().max()), "residual_diff": residual_diff}
+
+
 def _warmup_dense(rank: int, mesh) -> dict:
     net = _build(mesh)
     state = register_gaussk_fsdp(net, mesh, density=0.01, warmup_steps=2, warmup_density=1.0)  # dense_fallback="auto"
@@ -274,6 +297,7 @@ def _worker(rank: int, world: int, out: str, folder: str) -> None:
         "bf16": _bf16(rank, mesh),
         "accumulate": _accumulate(rank, mesh),
         "nonfinite": _nonfinite(rank, mesh),
+        "loss_scale": _loss_scale(rank, mesh),
         "warmup_dense": _warmup_dense(rank, mesh),
         "checkpoint": _checkpoint(rank, mesh, folder),
         "refusals": _refusals(rank, mesh),
@@ -339,6 +363,11 @@ def test_nonfinite_on_one_rank_shows_everywhere_and_leaves_residuals(runs):
     for r in runs:
         assert r["nonfinite"]["any_nonfinite"] and r["nonfinite"]["unchanged"]
         assert r["nonfinite"]["skipped"] == 3
+
+
+def test_a_changing_loss_scale_gives_the_unscaled_run(runs):
+    for r in runs:
+        assert r["loss_scale"]["param_diff"] <= 1e-6 and r["loss_scale"]["residual_diff"] <= 1e-6
 
 
 def test_warmup_then_dense_fallback_and_byte_telemetry(runs):
