@@ -102,6 +102,8 @@ class SparseLocalSGD:
         hierarchy, ranks_per_node: node mode, as for :class:`~lightning_gaussk.GaussKState`.
         process_group: the group to average over (None: the world; flat mode only).
         seed: seed of randomised selectors.
+        launcher_ranks_per_node: ranks per node as the launcher says (node mode under
+            ``hierarchy="auto"``; None reads torchrun's ``LOCAL_WORLD_SIZE``).
 
     Raises:
         TypeError / ValueError: for an invalid argument, naming it.
@@ -210,8 +212,9 @@ class SparseLocalSGD:
             self._topi = torch.empty(n, kc, dtype=torch.int64, device=dev)
             self._vals = torch.empty(n * kc, dtype=torch.float32, device=dev)
             self._base = torch.arange(n, device=dev).mul_(C).unsqueeze(1)
+            self._idx = torch.empty(n, kc, dtype=torch.int64, device=dev)
         self._last: tuple[Tensor | None, Tensor | None, Tensor | None] = (None, None, None)
-        self._offsets = []
+        self._offsets: list[int] = []
         off = 0
         for p in self.params:
             self._offsets.append(off)
@@ -308,10 +311,12 @@ class SparseLocalSGD:
         """Communication seconds of one outer step on ``link`` by the cost model (the exchange
         among its peers; host work excluded)."""
         peers = self.topology.route.peers
+        if peers == 1 or self.outer_bytes == 0:
+            return 0.0
         if not self._exchange.sparse:
             return costmodel.allreduce_time(4 * self.m, peers, link)
-        if self.exchange_name == "allreduce" and self.quantize is None:
-            return costmodel.exchange_time("allreduce", self.m, self.k, peers, link)
+        if self.exchange_name == "allreduce" and self.quantize is None:  # an all-to-all, then an all-gather
+            return 2 * (peers - 1) * link.alpha + self.outer_wire_bytes * link.beta
         return costmodel.allgather_time(self.outer_bytes, peers, link)
 
     # ---------------------------------------------------------------- the hook
@@ -399,8 +404,8 @@ class SparseLocalSGD:
         torch.abs(grid, out=self._absbuf)
         torch.topk(self._absbuf, self.kc, dim=1, sorted=False, out=(self._topv, self._topi))
         torch.gather(grid, 1, self._topi, out=self._vals.view(self.n_chunks, self.kc))
-        indices = self._topi.add(self._base).view(-1)
-        return Selection(self._vals, indices, self._flag, self.m)
+        torch.add(self._topi, self._base, out=self._idx)
+        return Selection(self._vals, self._idx.view(-1), self._flag, self.m)
 
     def _gather_params(self, out: Tensor) -> None:
         with torch.no_grad():
