@@ -253,7 +253,20 @@ def _checkpoint(rank: int, mesh, folder: str) -> dict:
     saved, loaded = state.state_dict()["residuals"], other.state_dict()["residuals"]
     equal = saved.keys() == loaded.keys() and all(torch.equal(saved[n], loaded[n]) for n in saved)
     steps_equal = other.step == state.step
-    return {"found": found, "equal": equal, "steps_equal": steps_equal, "files": len(manifest["files"])}
+    # the same save loaded on 1 node x 4 ranks: the row policy, with a warning (rank 0 warns)
+    wide = init_device_mesh("cpu", (1, 4), mesh_dim_names=("replicate", "shard"))
+    resharded = register_gaussk_fsdp(_build(wide), wide, density=0.2, dense_fallback="never")
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        restore_fsdp_shards(resharded, lambda: ckpt.SavedState.from_manifest(manifest, folder))
+    old = _gather(saved["a.weight"])  # 2 x 2: node n's rows of shard l at rank 2 n + l
+    pending = (torch.cat([old[0], old[1]]) + torch.cat([old[2], old[3]])) / 2
+    new = torch.cat(_gather(resharded.state_dict()["residuals"]["a.weight"]))  # 1 x 4: (1/N') sum = the rows in order
+    return {"found": found, "equal": equal, "steps_equal": steps_equal, "files": len(manifest["files"]),
+            "reshard_equal": bool(torch.allclose(new, pending, rtol=0, atol=1e-7)), "reshard_nonzero": bool(pending.abs().sum() > 0),
+            "warned": any("saved on 2 nodes x 2 ranks" in str(w.message) for w in caught)}
 
 
 def _refusals(rank: int, mesh) -> dict:
@@ -378,10 +391,12 @@ def test_warmup_then_dense_fallback_and_byte_telemetry(runs):
         assert w["inter"] > 0 and w["intra"] > 0
 
 
-def test_shard_checkpoint_restores_residuals_and_step(runs):
+def test_shard_checkpoint_restores_residuals_and_step_and_reshards_by_the_row_policy(runs):
     for r in runs:
         c = r["checkpoint"]
         assert c["found"] and c["equal"] and c["steps_equal"] and c["files"] == 4
+        assert c["reshard_equal"] and c["reshard_nonzero"]  # 2 x 2 -> 1 x 4: the same pending update
+    assert runs[0]["checkpoint"]["warned"]
 
 
 @pytest.mark.parametrize(
