@@ -34,7 +34,7 @@ from typing_extensions import override
 from lightning_gaussk.checkpoint import SavedState, remove_shards, shard_dir
 from lightning_gaussk.config import GaussKConfig, config_fields
 from lightning_gaussk.fsdp import MESH_DIMS, GaussKFSDPState, register_gaussk_fsdp, restore_fsdp_shards, save_fsdp_shards
-from lightning_gaussk.strategy import CHECKPOINT_KEY, _config_with_env, _options_doc
+from lightning_gaussk.strategy import CHECKPOINT_KEY, _config_with_env, _options_doc, _register_exit_teardown
 
 __all__ = ["GaussKFSDPStrategy"]
 
@@ -129,6 +129,7 @@ class GaussKFSDPStrategy(ModelParallelStrategy):
         assert self.model is not None
         state = register_gaussk_fsdp(self.model, self.device_mesh, self._gaussk_config)
         self._gaussk_state = state
+        _register_exit_teardown()  # gloo groups destroyed while Python runs (see GaussKDDPStrategy)
         from lightning_gaussk.remedies import wrap_optimizer
 
         for optimizer in self.optimizers:
