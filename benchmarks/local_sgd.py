@@ -8,8 +8,9 @@ Contenders (names):
 - ``gaussk@0.01``: the per-step GaussK hook at density 0.01 (error feedback, no remedy);
 - ``diloco/H<h>``: :class:`~lightning_gaussk.local_sgd.SparseLocalSGD` with ``outer="dense"``
   (outer Nesterov, momentum 0.9, outer lr 0.7);
-- ``sparse@<rho>/H<h>[/q2]``: ``outer="sparse"``, chunk-wise exact top-k over chunks of 4096,
-  ``ef_decay`` 0.95, ``outer_lr`` 1, optionally 2-bit values (``/q2``).
+- ``sparse@<rho>/H<h>[/q2][/a<alpha>][/b<beta>]``: ``outer="sparse"``, chunk-wise exact top-k over
+  chunks of 4096, ``ef_decay`` 0.95 (or ``beta``), ``outer_lr`` 1 (or ``alpha``), optionally 2-bit
+  values (``/q2``).
 
 Every contender starts from the same weights and sees the same data per rank and step. Local SGD
 contenders run the plain module (no DDP) and clip their local gradients. Evaluation (validation
@@ -62,8 +63,10 @@ def parse(method: str) -> dict[str, Any]:
     if head == "diloco":
         return {"outer": "dense", "sync_every": h, "outer_lr": 0.7, "outer_momentum": 0.9}
     density = float(head.split("@")[1])
+    alpha = next((float(t[1:]) for t in tags if t.startswith("a")), 1.0)  # "/a1.2": outer_lr
+    beta = next((float(t[1:]) for t in tags if t.startswith("b")), 0.95)  # "/b0.9": ef_decay
     return {
-        "outer": "sparse", "sync_every": h, "density": density, "outer_lr": 1.0, "ef_decay": 0.95, "chunk": CHUNK,
+        "outer": "sparse", "sync_every": h, "density": density, "outer_lr": alpha, "ef_decay": beta, "chunk": CHUNK,
         "quantize": 2 if "q2" in tags else None,
     }  # fmt: skip
 
