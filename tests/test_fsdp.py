@@ -113,11 +113,12 @@ def _density_one(rank: int, mesh) -> dict:
             "hook_calls": state.telemetry["hook_calls"]}
 
 
-def _sparse(rank: int, mesh) -> dict:
+def _sparse(rank: int, mesh, exchange: str = "allgather") -> dict:
     """Five SGD steps at density 0.2: per step and unit, u and the selection (capture), the
-    residual after, and the sharded gradient the optimizer sees."""
+    residual after, and the sharded gradient the optimizer sees. ``exact``: sent + residual == u
+    bit for bit (every selected entry sent whole or kept whole; with the all-gather all sent)."""
     net = _build(mesh)
-    state = register_gaussk_fsdp(net, mesh, density=0.2, selector="gaussk", dense_fallback="never")
+    state = register_gaussk_fsdp(net, mesh, density=0.2, selector="gaussk", dense_fallback="never", exchange=exchange)
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     names = {id(p): n for n, p in net.named_parameters()}
     exact, mean_ok = True, True
@@ -128,8 +129,12 @@ def _sparse(rank: int, mesh) -> dict:
         for key, cap in state.captured.items():
             u, idx = cap["u"], cap["indices"].long()
             residual = state.store.slot(key).residual
-            expect = u.clone().index_fill_(0, idx, 0.0)
-            exact &= torch.equal(residual, expect)  # sent + residual == u, bit for bit
+            selected = torch.zeros_like(u, dtype=torch.bool).index_fill_(0, idx, True)
+            exact &= torch.equal(residual[~selected], u[~selected])  # never selected: kept whole
+            sel_r, sel_u = residual[selected], u[selected]
+            exact &= torch.equal(torch.where(sel_r == 0, sel_u, sel_r), sel_u)  # selected: sent whole or kept whole
+            if exchange == "allgather":
+                exact &= bool((sel_r == 0).all())  # the all-gather delivers every selected entry
             sent[key] = (u - residual, [names[id(p)] for p in cap["parameters"]], cap["places"])
         every = _gather(sent)
         local = rank % 2
@@ -307,6 +312,7 @@ def _worker(rank: int, world: int, out: str, folder: str) -> None:
     results = {
         "density_one": _density_one(rank, mesh),
         "sparse": _sparse(rank, mesh),
+        "sparse_allreduce": _sparse(rank, mesh, "allreduce"),
         "bf16": _bf16(rank, mesh),
         "accumulate": _accumulate(rank, mesh),
         "nonfinite": _nonfinite(rank, mesh),
@@ -340,12 +346,20 @@ def test_below_density_one_every_rank_holds_the_same_full_parameters(runs):
     assert 0.15 < runs[0]["sparse"]["sent_frac"] < 0.35  # sparse, about the density
 
 
-def test_error_feedback_is_exact_per_shard(runs):
-    assert all(r["sparse"]["exact"] for r in runs)
+@pytest.mark.parametrize("exchange", ["sparse", "sparse_allreduce"])
+def test_error_feedback_is_exact_per_shard(runs, exchange):
+    assert all(r[exchange]["exact"] for r in runs)
 
 
-def test_update_is_the_mean_over_all_ranks_of_what_was_sent(runs):
-    assert all(r["sparse"]["mean"] for r in runs)
+@pytest.mark.parametrize("exchange", ["sparse", "sparse_allreduce"])
+def test_update_is_the_mean_over_all_ranks_of_what_was_sent(runs, exchange):
+    assert all(r[exchange]["mean"] for r in runs)
+
+
+def test_bounded_exchange_keeps_every_rank_identical(runs):
+    first = runs[0]["sparse_allreduce"]["full"]
+    assert all(torch.equal(r["sparse_allreduce"]["full"], first) for r in runs)
+    assert runs[0]["sparse_allreduce"]["tel"]["bytes_wire"] > 0
 
 
 def test_each_rank_holds_about_d_over_L_residual_entries(runs):
