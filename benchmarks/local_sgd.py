@@ -6,8 +6,8 @@ Contenders (names):
 
 - ``dense``: DDP all-reduce every step;
 - ``gaussk@0.01``: the per-step GaussK hook at density 0.01 (error feedback, no remedy);
-- ``diloco/H<h>``: :class:`~lightning_gaussk.local_sgd.SparseLocalSGD` with ``outer="dense"``
-  (outer Nesterov, momentum 0.9, outer lr 0.7);
+- ``diloco/H<h>[/a<alpha>]``: :class:`~lightning_gaussk.local_sgd.SparseLocalSGD` with
+  ``outer="dense"`` (outer Nesterov, momentum 0.9, outer lr 0.7 or ``alpha``);
 - ``sparse@<rho>/H<h>[/q2][/a<alpha>][/b<beta>]``: ``outer="sparse"``, chunk-wise exact top-k over
   chunks of 4096, ``ef_decay`` 0.95 (or ``beta``), ``outer_lr`` 1 (or ``alpha``), optionally 2-bit
   values (``/q2``).
@@ -60,10 +60,11 @@ def parse(method: str) -> dict[str, Any]:
     """Options of :class:`SparseLocalSGD` for a local SGD name (``diloco/H16``, ``sparse@0.02/H32/q2``)."""
     head, *tags = method.split("/")
     h = next(int(t[1:]) for t in tags if t.startswith("H"))
+    alpha = next((float(t[1:]) for t in tags if t.startswith("a")), None)  # "/a1.2": outer_lr
     if head == "diloco":
-        return {"outer": "dense", "sync_every": h, "outer_lr": 0.7, "outer_momentum": 0.9}
+        return {"outer": "dense", "sync_every": h, "outer_lr": alpha or 0.7, "outer_momentum": 0.9}
     density = float(head.split("@")[1])
-    alpha = next((float(t[1:]) for t in tags if t.startswith("a")), 1.0)  # "/a1.2": outer_lr
+    alpha = alpha or 1.0
     beta = next((float(t[1:]) for t in tags if t.startswith("b")), 0.95)  # "/b0.9": ef_decay
     return {
         "outer": "sparse", "sync_every": h, "density": density, "outer_lr": alpha, "ef_decay": beta, "chunk": CHUNK,
