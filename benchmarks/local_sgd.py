@@ -236,7 +236,7 @@ def plots(results: list[dict[str, Any]], path: str, steps: int) -> None:
         per_step = compute_s(r, dense) + r["comm_s_per_step"]
         axes[2].plot([s * per_step for s in xs], ys, style, lw=lw, label=r["method"])
     axes[0].set(xlabel="inner step", ylabel="validation bits/char", title="loss vs inner steps")
-    axes[1].set(xlabel="bytes sent per rank (cumulative)", xscale="log", title="loss vs bytes")
+    axes[1].set(xlabel="bytes sent per rank (cumulative)", xscale="log", title="loss vs bytes", xlim=(1e4, None))
     axes[2].set(xlabel=f"emulated time at {LINK_GBIT * 1000:g} Mbit/s (s)", xscale="log", title="loss vs time")
     lo = min(c["metric"] for r in runs for c in r["curve"])
     for ax in axes:
