@@ -189,11 +189,11 @@ def render(results: list[dict[str, Any]]) -> str:
     """The table of the docs: final bits/char, gap to dense, bytes per step and the reduction,
     emulated time at 100 Mbit/s."""
     lines = []
-    for steps in sorted({r["steps"] for r in results}):
-        runs = {r["method"]: r for r in results if r["steps"] == steps and r["seed"] == 0}
+    for steps, seed in sorted({(r["steps"], r["seed"]) for r in results}):
+        runs = {r["method"]: r for r in results if r["steps"] == steps and r["seed"] == seed}
         dense = runs.get("dense")
         machine = next(iter(runs.values()))["machine"]
-        lines.append(f"**{steps} inner steps**, 4 ranks, seed 0. Measured on {machine}. Time: compute per inner step "
+        lines.append(f"**{steps} inner steps**, 4 ranks, seed {seed}. Measured on {machine}. Time: compute per inner step "
                      "(dense's median measured step + each method's own measured hook or outer-step time per step) + "
                      f"cost-model communication at {LINK_GBIT * 1000:g} Mbit/s.\n")  # fmt: skip
         lines.append("| contender | val bits/char | gap to dense | bytes per step per rank | fewer bytes than dense | "
