@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from _dist import run_distributed
-from lightning_gaussk.core.quant import dequantize, message_bytes, quantize
+from lightning_gaussk.core.quant import dequantize, message_bytes, pack_codes, quantize, unpack_codes
 from lightning_gaussk.local_sgd import SparseLocalSGD
 
 HERE = Path(__file__).parent
@@ -263,6 +263,15 @@ def test_two_bit_levels_and_scale_per_chunk():
     assert deq[1].tolist() == [0.0] * 4
     assert torch.equal(dequantize(codes, scales, 2), deq)
     assert message_bytes(10, 82, 2) < 10 * 82 * 3  # under 3 bytes per entry at 2 bits (vs 8 unquantised)
+
+
+@pytest.mark.parametrize("bits, k", [(2, 7), (2, 8), (8, 5)])
+def test_codes_pack_and_unpack_to_the_same_codes(bits, k):
+    codes = torch.randint(0, 1 << bits, (k,), dtype=torch.uint8, generator=torch.Generator().manual_seed(k))
+    packed = torch.zeros(2, 8, dtype=torch.uint8)
+    pack_codes(codes, bits, packed[1])
+    assert torch.equal(unpack_codes(packed, k, bits)[1], codes)
+    assert packed[1, -(-k * bits // 8) :].eq(0).all()  # nothing written past the codes
 
 
 def test_state_dict_of_another_layout_is_refused():

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from lightning_gaussk.core.exchange import Delivery, Exchange, Launched, Route, Selection, all_gather, buffer
 
-__all__ = ["BITS", "MAX_CHUNK", "QuantAllGather", "dequantize", "message_bytes", "quantize"]
+__all__ = ["BITS", "MAX_CHUNK", "QuantAllGather", "dequantize", "message_bytes", "pack_codes", "quantize", "unpack_codes"]
 
 BITS = (2, 8)  #: supported code widths
 MAX_CHUNK = 1 << 15  #: largest chunk: offsets travel as int16
@@ -68,8 +68,10 @@ def dequantize(codes: Tensor, scales: Tensor, bits: int) -> Tensor:
     return codes.to(torch.float32).mul_(2.0).sub_(h).div_(h).mul_(scales.unsqueeze(-1))
 
 
-def _pack(codes: Tensor, bits: int, out: Tensor) -> None:
-    """``codes`` (uint8 flat, values < 2^bits) packed ``8 / bits`` per byte into ``out`` (uint8)."""
+def pack_codes(codes: Tensor, bits: int, out: Tensor) -> None:
+    """``codes`` (uint8 flat, values < 2^bits) packed ``8 / bits`` per byte into ``out`` (uint8),
+    little-endian inside a byte (code ``i`` at bits ``b (i mod 8/b)``); the first
+    ``ceil(k b / 8)`` bytes of ``out`` are written."""
     if bits == 8:
         out[: codes.numel()].copy_(codes)
         return
@@ -84,8 +86,9 @@ def _pack(codes: Tensor, bits: int, out: Tensor) -> None:
         out[full // per : full // per + 1].copy_(tail.sum().reshape(1))
 
 
-def _unpack(packed: Tensor, k: int, bits: int) -> Tensor:
-    """The first ``k`` codes of each row of ``packed`` (``(R, bytes)`` uint8) -> ``(R, k)`` uint8."""
+def unpack_codes(packed: Tensor, k: int, bits: int) -> Tensor:
+    """The first ``k`` codes of each row of ``packed`` (``(R, bytes)`` uint8, as
+    :func:`pack_codes` wrote them) -> ``(R, k)`` uint8."""
     if bits == 8:
         return packed[:, :k]
     per = 8 // bits
@@ -134,7 +137,7 @@ class QuantAllGather(Exchange):
 
         msg = buffer(cache, "q_msg", total, dev, torch.uint8)
         msg[:cb].zero_()
-        _pack(codes, bits, msg[:cb])
+        pack_codes(codes, bits, msg[:cb])
         msg[cb : cb + ob].view(torch.int16)[: n * kc].copy_(sel.indices.remainder(C))
         tail = msg[cb + ob :].view(torch.float32)
         tail[:n].copy_(scales)
@@ -144,7 +147,7 @@ class QuantAllGather(Exchange):
 
         def finish() -> Delivery:
             rows = gathered.view(route.peers, total)
-            got_codes = _unpack(rows[:, :cb], n * kc, bits).view(route.peers, n, kc)
+            got_codes = unpack_codes(rows[:, :cb], n * kc, bits).view(route.peers, n, kc)
             offsets = rows[:, cb : cb + ob].contiguous().view(torch.int16)[:, : n * kc].to(torch.int64)
             tails = rows[:, cb + ob :].contiguous().view(torch.float32)
             vals = dequantize(got_codes, tails[:, :n], bits).reshape(-1)
