@@ -223,7 +223,7 @@ def register_gaussk(accelerator: Accelerator, model: nn.Module, mesh: Any = None
     if "sync_every" in config:  # local SGD: models averaged every sync_every optimizer steps (docs/local-sgd.md)
         from lightning_gaussk.local_accelerate import register_local_sgd
 
-        return register_local_sgd(accelerator, model, mesh, **config)  # type: ignore[return-value]
+        return register_local_sgd(accelerator, model, mesh, ddp=find_ddp_module(model), **config)  # type: ignore[return-value]
     resolved = resolve_config(**config)  # validate first: a bad setting fails even on one process
     kind = accelerator.distributed_type
     kind_name = getattr(kind, "name", str(kind))

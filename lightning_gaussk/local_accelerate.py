@@ -36,13 +36,17 @@ LOCAL_STATE_FILE = "gaussk_local_rank{rank}.pt"
 LOCAL_MANIFEST_FILE = "gaussk_local_manifest_rank{rank}.json"
 
 
-def register_local_sgd(accelerator: Accelerator, model: nn.Module, mesh: Any = None, **options: Any) -> SparseLocalSGD | None:
+def register_local_sgd(
+    accelerator: Accelerator, model: nn.Module, mesh: Any = None, *, ddp: Any = None, **options: Any
+) -> SparseLocalSGD | None:
     """Local SGD on a model prepared by Accelerate (``register_gaussk`` with ``sync_every``).
 
     Args:
         accelerator: the ``accelerate.Accelerator`` that prepared ``model`` and the optimizer.
         model: the prepared model (``DistributedDataParallel``, possibly inside ``torch.compile``).
         mesh: not supported with local SGD (must be None).
+        ddp: the ``DistributedDataParallel`` inside ``model``
+            (:func:`lightning_gaussk.accelerate.find_ddp_module`, which ``register_gaussk`` passes).
         **options: :class:`~lightning_gaussk.local_sgd.SparseLocalSGD` arguments (``sync_every``,
             ``density``, ``outer_lr``, ``ef_decay``, ``outer``, ``chunk``, ``quantize``, ...).
 
@@ -53,8 +57,6 @@ def register_local_sgd(accelerator: Accelerator, model: nn.Module, mesh: Any = N
         TypeError / ValueError: an invalid option (naming it), a ``mesh``, a model that was not
             prepared, no prepared optimizer over the model, or a comm hook already registered.
     """
-    from lightning_gaussk.accelerate import _unwrapped, find_ddp_module
-
     if mesh is not None:
         raise ValueError("register_gaussk: `mesh` (FSDP2) cannot be combined with `sync_every` (local SGD runs on DDP)")
     if accelerator.num_processes <= 1:
@@ -62,12 +64,11 @@ def register_local_sgd(accelerator: Accelerator, model: nn.Module, mesh: Any = N
 
         warnings.warn("register_gaussk: a single process: local SGD has nothing to average; returning None.", stacklevel=3)
         return None
-    ddp = find_ddp_module(model)
     if ddp is None:
         raise ValueError("register_gaussk: no DistributedDataParallel module found; call `model = accelerator.prepare(model)` first")
     if getattr(ddp, "_comm_hooks", []) or getattr(ddp, "_gaussk_state", None) is not None:
         raise ValueError("register_gaussk: a DDP comm hook is already registered on this model; call register_gaussk once per model")
-    module = _unwrapped(ddp)
+    module = ddp.module
     params = {id(p) for p in module.parameters()}
     owners = [o for o in accelerator._optimizers if any(id(p) in params for g in o.param_groups for p in g["params"])]
     if len(owners) != 1:
