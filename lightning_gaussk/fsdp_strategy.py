@@ -13,15 +13,18 @@ replica reduction (:mod:`lightning_gaussk.fsdp`). Wiring only.
   (:func:`~lightning_gaussk.fsdp.register_gaussk_fsdp`), then applies the optimizer remedies;
 - every rank reads different data (the sampler spans the world: all ranks are data parallel);
 - tells the hook the optimizer step and the loss scale, as :class:`GaussKDDPStrategy` does;
-- saves each rank's residual shard next to the checkpoint (``<ckpt>.gaussk/rank{r}.pt``, the
-  manifest in the checkpoint's metadata), for the distributed checkpoint folder and for a single
-  file, and restores it on resume (:func:`~lightning_gaussk.fsdp.restore_fsdp_shards`).
+- saves each rank's residual shard with the checkpoint: inside the distributed checkpoint folder
+  (``<ckpt>/gaussk/rank{r}.pt``), or beside a single-file checkpoint (``<ckpt>.gaussk/``), the
+  manifest in the checkpoint's metadata, and restores it on resume
+  (:func:`~lightning_gaussk.fsdp.restore_fsdp_shards`).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Literal
 
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
@@ -39,6 +42,8 @@ from lightning_gaussk.strategy import CHECKPOINT_KEY, _config_with_env, _options
 __all__ = ["GaussKFSDPStrategy"]
 
 _LAYOUT_OPTIONS = ("hierarchy", "ranks_per_node")  # the layout is the mesh's
+#: the residual shards' folder inside a distributed checkpoint folder
+SHARD_SUBDIR = "gaussk"
 
 
 class GaussKFSDPStrategy(ModelParallelStrategy):
@@ -156,15 +161,21 @@ class GaussKFSDPStrategy(ModelParallelStrategy):
     # ---------------------------------------------------------------- checkpoints
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:
-        """Every rank writes its residual shard into ``<filepath>.gaussk`` (a collective; the
-        manifest goes into the checkpoint's metadata), then Lightning saves the model and optimizer
-        (a distributed checkpoint folder, or one file)."""
+        """Every rank writes its residual shard (a collective; :meth:`_shard_folder`; the manifest
+        goes into the checkpoint's metadata), then Lightning saves the model and optimizer (a
+        distributed checkpoint folder, or one file)."""
         path = self.broadcast(filepath)
+        folder = self._shard_folder(path)
         if self._gaussk_state is not None:
-            checkpoint[CHECKPOINT_KEY] = save_fsdp_shards(self._gaussk_state, shard_dir(path))
+            checkpoint[CHECKPOINT_KEY] = save_fsdp_shards(self._gaussk_state, folder)
         elif self._gaussk_loaded is not None:
-            checkpoint[CHECKPOINT_KEY] = self._gaussk_loaded.carry_to(shard_dir(path), copy=self.is_global_zero)
+            checkpoint[CHECKPOINT_KEY] = self._gaussk_loaded.carry_to(folder, copy=self.is_global_zero)
         super().save_checkpoint(checkpoint, path, storage_options=storage_options)
+
+    def _shard_folder(self, path: _PATH) -> Path:
+        """Where the residual shards go: inside a distributed checkpoint folder (``<ckpt>/gaussk``,
+        so copying the folder carries them), beside a single-file checkpoint (``<ckpt>.gaussk``)."""
+        return Path(path) / SHARD_SUBDIR if self._save_distributed_checkpoint else shard_dir(path)
 
     @override
     def remove_checkpoint(self, filepath: _PATH) -> None:
@@ -181,7 +192,12 @@ class GaussKFSDPStrategy(ModelParallelStrategy):
         if entry is None:
             rank_zero_warn(f"Checkpoint {checkpoint_path} has no `{CHECKPOINT_KEY}` hook state: residuals start from zero.")
             return checkpoint
-        saved = SavedState.from_checkpoint(entry, self.broadcast(checkpoint_path), key=CHECKPOINT_KEY)
+        path = Path(self.broadcast(checkpoint_path))
+        inside = path / SHARD_SUBDIR
+        if path.is_dir() and inside.is_dir() and isinstance(entry, Mapping):  # a distributed checkpoint folder
+            saved = SavedState.from_manifest(entry, inside)
+        else:
+            saved = SavedState.from_checkpoint(entry, path, key=CHECKPOINT_KEY)
         if self._gaussk_state is not None:
             restore_fsdp_shards(self._gaussk_state, lambda: saved)
         else:

@@ -1,7 +1,8 @@
 """``strategy="gaussk_fsdp"`` as a real multi-node Lightning job: 2 nodes x 2 CPU devices, in two
 network namespaces joined by a shaped veth (benchmarks/cluster.py; needs root, skipped with the
-reason otherwise), one launch per node running three fits (tests/scripts/fsdp_fit.py): 16 steps
-straight; 8 steps and a distributed checkpoint; a resume from it to step 16. It trains, every rank
+reason otherwise), one launch per node running five fits (tests/scripts/fsdp_fit.py): 16 steps
+straight; 8 steps and a distributed checkpoint; a resume from it to step 16; and the same with a
+single-file checkpoint (4 steps, resumed to 6). It trains, every rank
 holds the same full parameters, the residuals are saved and restored, and the resumed fit equals
 the uninterrupted one exactly. Also: the strategy's mesh and arguments, without processes."""
 
@@ -40,6 +41,8 @@ def fits(tmp_path_factory):
         {"name": "straight", "max_steps": 16},
         {"name": "half", "max_steps": 8, "save_ckpt": str(ckpt)},
         {"name": "resumed", "max_steps": 16, "resume": str(ckpt)},
+        {"name": "file", "max_steps": 4, "save_ckpt": str(tmp / "file.ckpt"), "single_file": True},
+        {"name": "file_resumed", "max_steps": 6, "resume": str(tmp / "file.ckpt"), "single_file": True},
     ]
     out = tmp / "out"
     argv = [str(SCRIPT), "--out", str(out), "--devices", str(DEVICES), "--num-nodes", str(NODES), "--plan", json.dumps(plan)]
@@ -49,7 +52,8 @@ def fits(tmp_path_factory):
         c.run(argv, env=env, timeout=400, python=sys.executable, per_host=True)
         logs = [Path(p.log).read_text(errors="replace") for p in c.procs]
     assert not [ns for ns in cluster.list_namespaces() if ns.startswith(f"{cluster.PREFIX}-{spec.run_id}-")]
-    return {"logs": logs, "ckpt": ckpt, **{name: _records(out / name) for name in ("straight", "half", "resumed")}}
+    names = ("straight", "half", "resumed", "file", "file_resumed")
+    return {"logs": logs, "ckpt": ckpt, "tmp": tmp, **{name: _records(out / name) for name in names}}
 
 
 def test_two_nodes_in_two_namespaces_train_with_the_sparse_replica_exchange(fits):
@@ -73,12 +77,26 @@ def test_two_nodes_in_two_namespaces_train_with_the_sparse_replica_exchange(fits
 def test_distributed_checkpoint_carries_every_rank_residual_shard(fits):
     ckpt = fits["ckpt"]
     assert ckpt.is_dir() and (ckpt / "meta.pt").is_file()
-    assert sorted(p.name for p in Path(str(ckpt) + ".gaussk").glob("rank*.pt")) == [f"rank{r}.pt" for r in range(4)]
+    # inside the folder: copying the checkpoint carries them
+    assert sorted(p.name for p in (ckpt / "gaussk").glob("rank*.pt")) == [f"rank{r}.pt" for r in range(4)]
+    assert not Path(str(ckpt) + ".gaussk").exists()
     for half, resumed in zip(fits["half"], fits["resumed"]):
         saved, loaded = half["state"]["residuals"], resumed["start_state"]["residuals"]
         assert saved.keys() == loaded.keys() and all(torch.equal(saved[n], loaded[n]) for n in saved)
         assert any(r.abs().sum() > 0 for r in loaded.values())
         assert resumed["start_state"]["step"] == half["state"]["step"] == 7  # the step the last backward served
+
+
+def test_single_file_checkpoint_keeps_the_shards_beside_it(fits):
+    """``save_distributed_checkpoint=False``: one file (the full state dict), the shards in
+    ``<ckpt>.gaussk``, restored on resume."""
+    single = fits["tmp"] / "file.ckpt"
+    assert single.is_file()
+    assert sorted(p.name for p in Path(str(single) + ".gaussk").glob("rank*.pt")) == [f"rank{r}.pt" for r in range(4)]
+    for saved, resumed in zip(fits["file"], fits["file_resumed"]):
+        a, b = saved["state"]["residuals"], resumed["start_state"]["residuals"]
+        assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+        assert resumed["global_step"] == 6
 
 
 def test_resume_equals_the_uninterrupted_fit_exactly(fits):

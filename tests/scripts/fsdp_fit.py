@@ -5,7 +5,8 @@ strategy's ``device_mesh["shard"]`` in ``configure_model`` (the two lines docs/f
 Run once per node (``MASTER_ADDR``, ``MASTER_PORT``, ``NODE_RANK`` set), as a job script does;
 ``--plan`` is a JSON list of fits run one after the other in the same processes::
 
-    {"name": "straight", "max_steps": 12, "density": 0.05, "save_ckpt": "path", "resume": "path"}
+    {"name": "straight", "max_steps": 12, "density": 0.05, "save_ckpt": "path", "resume": "path",
+     "single_file": false}   # true: save_distributed_checkpoint=False (one file, shards beside it)
 
 Every rank writes ``--out/<name>/rank{r}.pt``: losses, full parameters, the hook's state dict at
 the start and the end, its layout and telemetry, the global step. Local rank 0 waits for the
@@ -87,7 +88,9 @@ class Blocks(L.LightningModule):
 def fit(spec: dict, devices: int, num_nodes: int) -> L.Trainer:
     data = torch.utils.data.DataLoader(torch.zeros(10_000, 1), batch_size=1)
     trainer = L.Trainer(
-        strategy=lightning_gaussk.GaussKFSDPStrategy(density=spec.get("density", 0.05), dense_fallback="never"),
+        strategy=lightning_gaussk.GaussKFSDPStrategy(
+            density=spec.get("density", 0.05), dense_fallback="never", save_distributed_checkpoint=not spec.get("single_file")
+        ),
         accelerator="cpu", devices=devices, num_nodes=num_nodes, max_steps=spec["max_steps"],
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
     )  # fmt: skip
