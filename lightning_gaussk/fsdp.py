@@ -48,6 +48,7 @@ different ``(N, L)`` the new ranks carry the same pending averaged update, per p
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -61,8 +62,8 @@ from lightning_gaussk.config import GaussKConfig
 from lightning_gaussk.core.log import rank_zero_info, rank_zero_warn
 from lightning_gaussk.core.pipeline import reduce
 from lightning_gaussk.core.state import GaussKState
-from lightning_gaussk.core.topology import Replicas, row_numel
-from lightning_gaussk.topology import Layout, chunk_bounds
+from lightning_gaussk.core.topology import Replicas, dim0_shard
+from lightning_gaussk.topology import Layout
 
 __all__ = [
     "MESH_DIMS",
@@ -117,12 +118,10 @@ class GaussKFSDPState(GaussKState):
 
     def _resize(self) -> None:
         """What each parameter keeps on this rank: its real dim-0 shard."""
-        L, l = self.layout.parts(), self.layout.local_rank
         sizes = {}
-        for name, shape in self._shapes.items():
-            rows = shape[0] if shape else 1
-            start, stop = chunk_bounds(rows, L, l)
-            sizes[name] = (stop - start) * (int(torch.Size(shape[1:]).numel()) if len(shape) > 1 else 1)
+        for name in self._shapes:
+            start, stop = _rows(self._shapes, name, self.layout)
+            sizes[name] = stop - start
         self.store.sizes = sizes
 
     def startup_line(self, launcher_rpn: int | None = None) -> str:
@@ -358,7 +357,7 @@ def reshard_state(read_rank: Callable[[int], Mapping[str, Any]], saved: Layout, 
         for kind, acc in pending.items():
             for name, tensor in (sd.get(kind) or {}).items():
                 start, stop = _rows(shapes, name, at)
-                full = acc.setdefault(name, torch.zeros(_numel(shapes[name]), dtype=torch.float32))
+                full = acc.setdefault(name, torch.zeros(math.prod(shapes[name]), dtype=torch.float32))
                 full[start:stop].add_(tensor.reshape(-1).float(), alpha=1.0 / saved.nodes)
     out = {k: v for k, v in first.items() if k not in ("residuals", "velocity")}
     out["layout"] = {**target.to_dict(), "sharding": SHARDING}
@@ -368,14 +367,7 @@ def reshard_state(read_rank: Callable[[int], Mapping[str, Any]], saved: Layout, 
     return out
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    return int(torch.Size(shape).numel())
-
-
 def _rows(shapes: Mapping[str, tuple[int, ...]], name: str, layout: Layout) -> tuple[int, int]:
     """Flat ``[start, stop)`` of ``layout``'s rank's dim-0 shard of parameter ``name``."""
-    shape = shapes[name]
-    rows = shape[0] if shape else 1
-    row = row_numel(torch.empty(shape, device="meta"))
-    start, stop = chunk_bounds(rows, layout.parts(), layout.local_rank)
-    return start * row, stop * row
+    start, stop, _ = dim0_shard(shapes[name], layout)
+    return start, stop

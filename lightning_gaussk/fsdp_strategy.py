@@ -37,7 +37,7 @@ from typing_extensions import override
 from lightning_gaussk.checkpoint import SavedState, remove_shards, shard_dir
 from lightning_gaussk.config import GaussKConfig, config_fields
 from lightning_gaussk.fsdp import MESH_DIMS, GaussKFSDPState, register_gaussk_fsdp, restore_fsdp_shards, save_fsdp_shards
-from lightning_gaussk.strategy import CHECKPOINT_KEY, _config_with_env, _options_doc, _register_exit_teardown
+from lightning_gaussk.strategy import CHECKPOINT_KEY, _config_with_env, _options_doc, _register_exit_teardown, tell_step_and_scale
 
 __all__ = ["GaussKFSDPStrategy"]
 
@@ -146,10 +146,7 @@ class GaussKFSDPStrategy(ModelParallelStrategy):
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         if self._gaussk_state is not None:
-            self._gaussk_state.set_step(self.lightning_module.trainer.global_step)
-            scaler = getattr(self.precision_plugin, "scaler", None)
-            if scaler is not None and scaler.is_enabled():
-                self._gaussk_state.set_loss_scale(scaler.get_scale())
+            tell_step_and_scale(self._gaussk_state, self)
         return super().training_step(*args, **kwargs)
 
     @override

@@ -179,11 +179,7 @@ class GaussKDDPStrategy(DDPStrategy):
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         if self._gaussk_state is not None:
-            # runs before this micro-batch's backward: the hook sees the optimizer step it serves
-            self._gaussk_state.set_step(self.lightning_module.trainer.global_step)
-            scaler = getattr(self.precision_plugin, "scaler", None)
-            if scaler is not None and scaler.is_enabled():  # "16-mixed": the gradients arrive scaled
-                self._gaussk_state.set_loss_scale(scaler.get_scale())  # one read per step (GradScaler reads found_inf too)
+            tell_step_and_scale(self._gaussk_state, self)
         return super().training_step(*args, **kwargs)
 
     @override
@@ -270,6 +266,16 @@ class GaussKDDPStrategy(DDPStrategy):
                 selector=selector,
                 start_method=start_method,
             )
+
+
+def tell_step_and_scale(state: GaussKState, strategy: Any) -> None:
+    """Before a micro-batch's backward (a strategy's ``training_step``): tell the hook state the
+    optimizer step it serves (``trainer.global_step``) and, under "16-mixed", the GradScaler's
+    scale of the gradients about to arrive (one read per step; GradScaler reads found_inf too)."""
+    state.set_step(strategy.lightning_module.trainer.global_step)
+    scaler = getattr(strategy.precision_plugin, "scaler", None)
+    if scaler is not None and scaler.is_enabled():
+        state.set_loss_scale(scaler.get_scale())
 
 
 def _options_doc() -> str:

@@ -26,6 +26,7 @@ collectives on one-rank groups per bucket, for nothing.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -36,7 +37,7 @@ from lightning_gaussk.core.exchange import Route, all_gather, buffer
 from lightning_gaussk.core.store import Slot
 from lightning_gaussk.topology import Layout, chunk_bounds
 
-__all__ = ["Flat", "Node", "NodeSlot", "Replicas", "ShardSlot", "Topology", "build_topology"]
+__all__ = ["Flat", "Node", "NodeSlot", "Replicas", "ShardSlot", "Topology", "build_topology", "dim0_shard", "shard_places"]
 
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
@@ -190,7 +191,7 @@ class ShardSlot(Slot):
         super().__init__(key, params, device, d)
         self.places = shard_places(params, layout)
         self.numels = [n for _, n in self.places]
-        end = self.places[-1][0] + padded_rows(params[-1], layout) * row_numel(params[-1]) if params else 0
+        end = sum(dim0_shard(p.shape, layout)[2] for p in params)
         if end != d:
             raise ValueError(
                 f"GaussK (FSDP2): a reduce-scatter output of {d} entries does not hold this rank's dim-0 shards of its "
@@ -199,15 +200,13 @@ class ShardSlot(Slot):
         self.elem = 4  # bytes per entry of the reduce dtype (set by Replicas.enter)
 
 
-def row_numel(p: Tensor) -> int:
-    """Entries per dim-0 row of ``p`` (1 for a 0-d or 1-d parameter)."""
-    return math.prod(p.shape[1:]) if p.dim() > 1 else 1
-
-
-def padded_rows(p: Tensor, layout: Layout) -> int:
-    """``c = ceil(rows / L)``: the rows of every rank's padded FSDP2 shard of ``p``."""
-    rows = p.shape[0] if p.dim() > 0 else 1
-    return math.ceil(rows / layout.parts())
+def dim0_shard(shape: Sequence[int], layout: Layout) -> tuple[int, int, int]:
+    """Local rank ``l``'s dim-0 shard of a parameter of ``shape`` as FSDP2 cuts it, in flat
+    entries: ``(start, stop, padded)``, rows ``[l c, (l + 1) c)`` clipped to the parameter,
+    ``c = ceil(rows / L)``; ``padded`` = ``c`` rows, the size FSDP gives every rank's shard."""
+    rows, row = (shape[0] if len(shape) else 1), math.prod(shape[1:])
+    start, stop = chunk_bounds(rows, layout.parts(), layout.local_rank)
+    return start * row, stop * row, math.ceil(rows / layout.parts()) * row
 
 
 def shard_places(params: list[Tensor], layout: Layout) -> list[tuple[int, int]]:
@@ -215,10 +214,9 @@ def shard_places(params: list[Tensor], layout: Layout) -> list[tuple[int, int]]:
     reduce-scatter output (offsets advance by the padded shard, ``c`` rows)."""
     out, off = [], 0
     for p in params:
-        rows, row = (p.shape[0] if p.dim() > 0 else 1), row_numel(p)
-        start, stop = chunk_bounds(rows, layout.parts(), layout.local_rank)
-        out.append((off, (stop - start) * row))
-        off += padded_rows(p, layout) * row
+        start, stop, padded = dim0_shard(p.shape, layout)
+        out.append((off, stop - start))
+        off += padded
     return out
 
 
