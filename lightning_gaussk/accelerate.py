@@ -43,6 +43,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from lightning_gaussk import checkpoint as ckpt
 from lightning_gaussk.config import GaussKConfig, config_fields, env_options, env_var, parse_env, warn_unknown_env_vars
+from lightning_gaussk.core.inflight import destroy_group_at_exit
 from lightning_gaussk.core.log import rank_zero_warn
 from lightning_gaussk.hook import GaussKState, gaussk_hook
 
@@ -282,6 +283,7 @@ def register_gaussk(accelerator: Accelerator, model: nn.Module, mesh: Any = None
     _attach_step_counter(accelerator, ddp, state)
     _attach_loss_scale(accelerator, model, state)
     _adapt_optimizers(accelerator, ddp, state)
+    destroy_group_at_exit()  # also without accelerator.end_training(): gloo groups destroyed while Python runs
     return state
 
 
@@ -303,6 +305,7 @@ def _register_fsdp(accelerator: Accelerator, model: nn.Module, mesh: Any, resolv
     _attach_checkpointing(accelerator, state)
     _attach_loss_scale(accelerator, model, state)
     _adapt_optimizers(accelerator, target, state)
+    destroy_group_at_exit()
     return state
 
 

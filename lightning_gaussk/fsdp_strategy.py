@@ -36,8 +36,9 @@ from typing_extensions import override
 
 from lightning_gaussk.checkpoint import SavedState, remove_shards, shard_dir
 from lightning_gaussk.config import GaussKConfig, config_fields
+from lightning_gaussk.core.inflight import destroy_group_at_exit
 from lightning_gaussk.fsdp import MESH_DIMS, GaussKFSDPState, register_gaussk_fsdp, restore_fsdp_shards, save_fsdp_shards
-from lightning_gaussk.strategy import CHECKPOINT_KEY, _config_with_env, _options_doc, _register_exit_teardown, tell_step_and_scale
+from lightning_gaussk.strategy import CHECKPOINT_KEY, _config_with_env, _options_doc, tell_step_and_scale
 
 __all__ = ["GaussKFSDPStrategy"]
 
@@ -134,7 +135,7 @@ class GaussKFSDPStrategy(ModelParallelStrategy):
         assert self.model is not None
         state = register_gaussk_fsdp(self.model, self.device_mesh, self._gaussk_config)
         self._gaussk_state = state
-        _register_exit_teardown()  # gloo groups destroyed while Python runs (see GaussKDDPStrategy)
+        destroy_group_at_exit()  # gloo groups destroyed while Python runs, not at finalization
         from lightning_gaussk.remedies import wrap_optimizer
 
         for optimizer in self.optimizers:

@@ -24,6 +24,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from lightning_gaussk import checkpoint as ckpt
+from lightning_gaussk.core.inflight import destroy_group_at_exit
 from lightning_gaussk.core.log import rank_zero_warn
 from lightning_gaussk.local_sgd import SparseLocalSGD, local_grad_hook
 from lightning_gaussk.topology import Layout
@@ -78,6 +79,7 @@ def register_local_sgd(
     ddp._gaussk_state = local
     _attach_checkpointing(accelerator, local)
     model.register_forward_pre_hook(lambda m, args: local.apply_local())  # after load_state: this rank's own
+    destroy_group_at_exit()  # also without accelerator.end_training(): gloo groups destroyed while Python runs
     return local
 
 

@@ -29,6 +29,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
 from lightning_gaussk.checkpoint import SavedState, remove_shards, restore_state, save_shards, shard_dir
+from lightning_gaussk.core.inflight import destroy_group_at_exit
 from lightning_gaussk.local_sgd import SparseLocalSGD, _check_choices, _check_numbers, local_grad_hook
 from lightning_gaussk.topology import Layout
 
@@ -131,6 +132,7 @@ class GaussKLocalSGDStrategy(DDPStrategy):
     def configure_ddp(self) -> None:
         super().configure_ddp()
         self.model.register_comm_hook(None, local_grad_hook)  # no per-step all-reduce, on every device type
+        destroy_group_at_exit()  # gloo groups destroyed while Python runs, not at finalization
 
     @override
     def setup_optimizers(self, trainer: Any) -> None:

@@ -10,7 +10,6 @@
   (:mod:`lightning_gaussk.checkpoint`); removing the checkpoint removes its shards.
 """
 
-import atexit
 import inspect
 import os
 from collections.abc import Mapping
@@ -30,6 +29,7 @@ from typing_extensions import override
 
 from lightning_gaussk.checkpoint import SavedState, remove_shards, restore_state, save_shards, shard_dir
 from lightning_gaussk.config import GaussKConfig, config_fields, env_options, env_var, warn_unknown_env_vars
+from lightning_gaussk.core.inflight import destroy_group_at_exit
 from lightning_gaussk.hook import GaussKState, gaussk_hook
 
 __all__ = ["CHECKPOINT_KEY", "GaussKDDPStrategy"]
@@ -153,7 +153,7 @@ class GaussKDDPStrategy(DDPStrategy):
         state.setup_layout(launcher_ranks_per_node=self.num_processes)
         self.model.register_comm_hook(state, gaussk_hook)  # on every device type, CPU included
         self._gaussk_state = state
-        _register_exit_teardown()
+        destroy_group_at_exit()  # gloo groups destroyed while Python runs, not at finalization
         if self._gaussk_loaded is not None:
             self._restore(self._gaussk_loaded)
             self._gaussk_loaded = None
@@ -284,30 +284,6 @@ def _options_doc() -> str:
 
 
 GaussKDDPStrategy.__doc__ = (GaussKDDPStrategy.__doc__ or "").replace("{options}", _options_doc())
-
-
-_EXIT_TEARDOWN = False
-
-
-def _register_exit_teardown() -> None:
-    """Once per process: destroy the process group at interpreter exit (see :func:`_destroy_at_exit`)."""
-    global _EXIT_TEARDOWN
-    if not _EXIT_TEARDOWN:
-        atexit.register(_destroy_at_exit)
-        _EXIT_TEARDOWN = True
-
-
-def _destroy_at_exit() -> None:
-    """At interpreter exit, while Python still runs: wait until torch's threads have released the
-    hook's callbacks, then destroy the process group, so gloo's threads are joined in order (as
-    Lightning does for NCCL groups only). Left to the interpreter's finalization, a gloo group's
-    teardown can race its threads and abort the process with "terminate called without an active
-    exception" (seen in CI: exit status -6 after a finished fit). Local: no collective."""
-    from lightning_gaussk.core.inflight import drain
-
-    drain(timeout=2.0)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
 
 
 def _config_with_env(values: Mapping[str, Any], environ: Mapping[str, str], owner: type | None = None) -> GaussKConfig:

@@ -240,7 +240,7 @@ import atexit, os, sys
 import torch, torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from lightning_gaussk import GaussKState, gaussk_hook
-from lightning_gaussk import strategy
+from lightning_gaussk.core import inflight
 
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
 dist.init_process_group("gloo", rank=0, world_size=1)
@@ -249,8 +249,8 @@ ddp = DDP(torch.nn.Linear(8, 4))
 state = GaussKState(density=0.25, dense_fallback="never").bind(ddp)
 ddp.register_comm_hook(state, gaussk_hook)
 ddp(torch.randn(3, 8)).sum().backward()  # a callback of the hook in flight at exit, possibly
-strategy._register_exit_teardown()
-strategy._register_exit_teardown()  # once per process, however many strategies
+inflight.destroy_group_at_exit()
+inflight.destroy_group_at_exit()  # once per process, however many integrations
 print("exiting", flush=True)
 """
 

@@ -17,7 +17,9 @@ import torch
 HERE = Path(__file__).resolve().parent
 SCRIPT = HERE / "scripts" / "fsdp_fit.py"
 sys.path.insert(0, str(HERE.parent / "benchmarks"))
+sys.path.insert(0, str(HERE / "scripts"))
 import cluster  # noqa: E402
+from _launched import groups_at_exit  # noqa: E402
 
 pytest.importorskip("torch.distributed.fsdp")
 
@@ -53,7 +55,8 @@ def fits(tmp_path_factory):
         logs = [Path(p.log).read_text(errors="replace") for p in c.procs]
     assert not [ns for ns in cluster.list_namespaces() if ns.startswith(f"{cluster.PREFIX}-{spec.run_id}-")]
     names = ("straight", "half", "resumed", "file", "file_resumed")
-    return {"logs": logs, "ckpt": ckpt, "tmp": tmp, **{name: _records(out / name) for name in names}}
+    exits = groups_at_exit(str(out))
+    return {"logs": logs, "ckpt": ckpt, "tmp": tmp, "exits": exits, **{name: _records(out / name) for name in names}}
 
 
 def test_two_nodes_in_two_namespaces_train_with_the_sparse_replica_exchange(fits):
@@ -61,6 +64,7 @@ def test_two_nodes_in_two_namespaces_train_with_the_sparse_replica_exchange(fits
     assert LOG_LINE in logs[0], logs[0][-3000:]
     assert LOG_LINE not in logs[1]  # logged once, on global rank 0
     assert all("fsdp_fit: child exit codes [0]" in log for log in logs)
+    assert fits["exits"] == ["False"] * 4  # every rank's gloo group destroyed at exit while Python ran
     for rank, rec in enumerate(straight):
         assert rec["layout"] == {"world_size": 4, "rank": rank, "ranks_per_node": DEVICES}
         assert rec["global_step"] == 16

@@ -24,6 +24,9 @@ from lightning_gaussk.core.quant import dequantize, message_bytes, pack_codes, q
 from lightning_gaussk.local_sgd import SparseLocalSGD
 
 HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE / "scripts"))
+from _launched import groups_at_exit  # noqa: E402
+
 D_IN = 8
 
 
@@ -292,6 +295,7 @@ def _run(cmd: list[str], cwd: Path, env_extra: dict | None = None) -> None:
 
 def test_lightning_fit_trains_counts_optimizer_steps_and_resumes_mid_window(tmp_path):
     _run([sys.executable, str(HERE / "scripts" / "local_fit.py"), "--out", str(tmp_path)], tmp_path)
+    assert groups_at_exit(str(tmp_path)) == ["False", "False"]  # gloo group destroyed at exit while Python ran
     ref = [torch.load(tmp_path / "ref" / f"rank{r}.pt", weights_only=False) for r in range(2)]
     res = [torch.load(tmp_path / "resumed" / f"rank{r}.pt", weights_only=False) for r in range(2)]
     for r in range(2):

@@ -17,11 +17,10 @@ launcher's other processes and exits with 3 if any did not exit with 0. The batc
 import argparse
 import json
 import os
-import subprocess
-import sys
 
 import lightning as L
 import torch
+from _launched import Children, record_group_at_exit
 from torch.distributed.fsdp import fully_shard
 
 import lightning_gaussk  # noqa: F401  (registers "gaussk_fsdp")
@@ -108,17 +107,11 @@ def main() -> None:
     parser.add_argument("--num-nodes", type=int, default=2)
     parser.add_argument("--plan", required=True)
     args = parser.parse_args()
-    children: list = []  # the popen launcher's processes (local rank 0 of each node only)
+    record_group_at_exit(args.out)
+    children = Children()  # local rank 0 of each node: the launcher's processes must exit with 0 too
     for spec in json.loads(args.plan):
-        trainer = fit({**spec, "out": args.out}, args.devices, args.num_nodes)
-        if not children:
-            procs = getattr(getattr(trainer.strategy, "_launcher", None), "procs", [])
-            children.extend(p for p in procs if isinstance(p, subprocess.Popen))
-    if children:  # every child must exit with status 0 too (an abort at teardown would go unseen)
-        codes = [proc.wait(timeout=120) for proc in children]
-        print(f"fsdp_fit: child exit codes {codes}", flush=True)
-        if any(codes):
-            sys.exit(3)
+        children.collect(fit({**spec, "out": args.out}, args.devices, args.num_nodes))
+    children.finish("fsdp_fit")
 
 
 if __name__ == "__main__":

@@ -48,19 +48,18 @@ import copy
 import json
 import os
 import signal
-import subprocess
-import sys
 from datetime import timedelta
 
 import lightning as L
 import torch
+from _launched import Children
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy
 
 import lightning_gaussk
 
 # children of the popen launcher of the first fit (rank 0 only)
-_CHILDREN: list = []
+_CHILDREN = Children()
 
 
 def make_batch(step: int, micro: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -276,9 +275,7 @@ def run_fit(spec: dict, devices: int) -> L.Trainer:
     trainer.fit(model, data(), ckpt_path=spec.get("resume"))
     if spec.get("save_ckpt"):
         trainer.save_checkpoint(spec["save_ckpt"])
-    launcher_obj = getattr(trainer.strategy, "_launcher", None)
-    if not _CHILDREN:
-        _CHILDREN.extend(p for p in getattr(launcher_obj, "procs", []) if isinstance(p, subprocess.Popen))
+    _CHILDREN.collect(trainer)
     return trainer
 
 
@@ -313,11 +310,7 @@ def main() -> None:
         spec["out"] = a.out
         spec.setdefault("num_nodes", a.num_nodes)
         run_fit(spec, a.devices)
-    if _CHILDREN:  # popen, rank 0: every child must exit with status 0 too
-        codes = [proc.wait(timeout=120) for proc in _CHILDREN]
-        print(f"lightning_fit: child exit codes {codes}", flush=True)
-        if any(codes):
-            sys.exit(3)
+    _CHILDREN.finish("lightning_fit")  # popen, rank 0: every child must exit with status 0 too
 
 
 if __name__ == "__main__":

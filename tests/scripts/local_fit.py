@@ -9,12 +9,11 @@ checkpoint of step 4, in the middle of a window, to step 8). Every rank writes w
 
 import argparse
 import os
-import subprocess
-import sys
 
 import lightning as L
 import torch
 import torch.distributed as dist
+from _launched import Children, record_group_at_exit
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 import lightning_gaussk  # noqa: F401 (registers "gaussk_local")
@@ -89,13 +88,12 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
     a = p.parse_args()
+    record_group_at_exit(a.out)
+    children = Children()
     ckpts = os.path.join(a.out, "ckpt")
-    trainer = fit(os.path.join(a.out, "ref"), ckpts, None)
-    children = [q for q in getattr(trainer.strategy._launcher, "procs", []) if isinstance(q, subprocess.Popen)]
+    children.collect(fit(os.path.join(a.out, "ref"), ckpts, None))
     fit(os.path.join(a.out, "resumed"), os.path.join(a.out, "ckpt2"), os.path.join(ckpts, "step=4.ckpt"))
-    codes = [q.wait(timeout=120) for q in children]
-    if any(codes):
-        sys.exit(3)
+    children.finish("local_fit")
 
 
 if __name__ == "__main__":
