@@ -32,12 +32,17 @@ exchange crosses nodes).
 
 Collectives: the outer step issues the same collectives in the same order on every rank (node
 mode: reduce-scatter, exchange, all-gather); every size is fixed by ``(k, d, P)`` at
-construction, so nothing is read from a device. Buffers are allocated once.
+construction. Buffers are allocated once. One scalar is read from the device per outer step: the
+sum of every rank's non-finite flag (each message carries its rank's), the same on every rank.
+Non-finite anywhere skips the outer step on every rank (``theta``, ``e`` and the momentum kept,
+every rank back on ``theta``, the diverged rank's inner optimizer state reset).
 """
 
 from __future__ import annotations
 
+import math
 import time
+import warnings
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -48,6 +53,7 @@ from torch import Tensor, nn
 from lightning_gaussk import costmodel
 from lightning_gaussk.config import GaussKConfig, bucket_k
 from lightning_gaussk.core.exchange import Delivery, Exchange, Launched, Route, Selection, get_exchange
+from lightning_gaussk.core.log import rank_zero_warn
 from lightning_gaussk.core.quant import BITS, MAX_CHUNK, QuantAllGather
 from lightning_gaussk.core.sparse_allreduce import _Done
 from lightning_gaussk.core.state import GaussKState
@@ -63,7 +69,8 @@ EXCHANGES = ("allgather", "allreduce")
 #: cumulative counters of :attr:`SparseLocalSGD.telemetry` (ints)
 LOCAL_SGD_COUNTERS = (
     "inner_steps",  # optimizer steps seen
-    "outer_steps",  # outer steps run
+    "outer_steps",  # outer steps run (skipped ones included)
+    "skipped_outer_steps",  # outer steps skipped on every rank: a rank's pseudo-gradient was non-finite
     "dense_outer_steps",  # outer steps sent dense (outer="dense", or the byte rule)
     "bytes_sent",  # this rank's message bytes of the outer exchange
     "bytes_wire",  # bytes this rank puts on the wire in it (ring algorithms)
@@ -204,7 +211,8 @@ class SparseLocalSGD:
         self._momentum = torch.zeros(d, dtype=torch.float32, device=dev) if self.outer == "dense" else None
         self._e = torch.zeros(self.m, dtype=torch.float32, device=dev) if self.outer == "sparse" else None
         self._update = torch.zeros(self.m, dtype=torch.float32, device=dev)
-        self._flag = torch.zeros((), dtype=torch.float32, device=dev)
+        self._u = torch.zeros(self.m, dtype=torch.float32, device=dev) if self.outer == "sparse" else None  # beta e + Delta
+        self._flags = torch.zeros(2, dtype=torch.float32, device=dev)  # [this rank's, every rank's]: 0 or NaN
         if self.outer == "sparse" and self._exchange.sparse and C is not None:
             n, kc = self.n_chunks, self.kc
             self._absbuf = torch.empty(n, C, dtype=torch.float32, device=dev)
@@ -333,79 +341,115 @@ class SparseLocalSGD:
     def outer_step(self) -> None:
         """One outer step now (the hook calls it every ``sync_every`` optimizer steps; a collective).
 
-        1. pseudo-gradient  ``Delta = theta - theta_r`` (node mode: summed in the node, this rank's shard)
-        2. sparse: ``e = beta e + Delta``; select ``k`` of ``e``; exchange; ``e -= sent``;
+        1. pseudo-gradient  ``Delta = theta - theta_r`` (node mode: summed in the node, this rank's
+           shard); this rank's flag, 0 or NaN if its ``Delta`` is non-finite
+        2. sparse: ``u = beta e + Delta``; select ``k`` of ``u``; exchange (with the flag);
            dense: all-reduce mean of ``Delta``
-        3. node mode: all-gather of the shards' updates
-        4. ``theta -= alpha update`` (dense: Nesterov); every rank copies ``theta`` into its model
+        3. node mode: all-gather of the shards' updates and flags
+        4. agreement: the flags of every rank, summed (read once on the host). Finite:
+           ``e = u - sent`` (0 when the byte rule sent it dense), ``theta -= alpha update``
+           (dense: Nesterov). Non-finite anywhere: the step is skipped on every rank: ``theta``,
+           ``e`` and the outer momentum stay as they were, and a rank whose own ``Delta`` was
+           non-finite resets its inner optimizer's state (counted in ``skipped_outer_steps``,
+           with a warning)
+        5. every rank copies ``theta`` into its model
         """
         t0 = time.perf_counter_ns()
         topo, route = self.topology, self.topology.route
-        # Step 1: the pseudo-gradient
+        flags = self._flags  # [this rank's flag, every rank's]
+        # Step 1: the pseudo-gradient and this rank's flag
         delta = self._delta
         self._gather_params(delta)
         torch.sub(self._theta, delta, out=delta)
+        torch.mul(delta.sum(), 0.0, out=flags[0])
         local = topo.enter(self._slot, delta) if self._slot is not None else delta  # type: ignore[arg-type]
         # Step 2: the exchange
-        tel = self.telemetry
+        tel, dl = self.telemetry, self.d_local
+        sel: Selection | None = None
         if self._e is not None:
-            e = self._e
-            e[: self.d_local].mul_(self.ef_decay).add_(local)  # padding stays 0
-            if self._exchange.sparse:
-                sel = self._select(e)
-                launched = self._exchange.launch(e, sel, self._update.zero_(), route, self._cache)
-                launched.work.wait()
-                delivery = launched.finish()
-                # commit: e := u - sent (exactly 0 where the exact value was delivered)
-                sent = sel.values if delivery.delivered is None else torch.where(delivery.delivered, sel.values, 0.0)
-                e.index_add_(0, sel.indices, sent, alpha=-1.0)
-                self._last = (sel.indices, sel.values, delivery.delivered)
-                tel["entries_sent"] += self.k
-            else:  # the byte rule: everything, dense
-                launched = self._exchange.launch(e, None, self._update, route, self._cache)
-                launched.work.wait()
-                launched.finish()
-                self._last = (None, None, None)
-                e.zero_()
-                tel["dense_outer_steps"] += 1
-                tel["entries_sent"] += self.m
-            local.copy_(self._update[: self.d_local])
+            u = self._u
+            assert u is not None
+            torch.mul(self._e[:dl], self.ef_decay, out=u[:dl]).add_(local)  # padding stays 0
+            sel = self._select(u) if self._exchange.sparse else None
+            launched = self._exchange.launch(u, sel, self._update.zero_() if sel is not None else self._update, route, self._cache)
+            launched.work.wait()
+            delivery = launched.finish()
+            local.copy_(self._update[:dl])
+            tel["entries_sent"] += self.k if sel is not None else self.m
         else:
             launched = self._exchange.launch(local, None, local, route, self._cache)
             launched.work.wait()
-            launched.finish()
-            tel["dense_outer_steps"] += 1
-            tel["entries_sent"] += self.d_local
+            delivery = launched.finish()
+            tel["entries_sent"] += dl
         tel["bytes_sent"] += self.outer_bytes
         tel["bytes_wire"] += self.outer_wire_bytes
+        torch.add(delivery.flag, flags[0], out=flags[1])  # this rank's flag also where a dense sum hides it
         # Step 3: topology out (node mode)
         if self._slot is not None:
-            work = topo.leave(self._slot, local, self._flag)
+            work = topo.leave(self._slot, local, flags[1])
             work.wait()
-            topo.arrive(self._slot, delta, local, self._flag)
+            flags[1].copy_(topo.arrive(self._slot, delta, local, flags[1]))
             tel["bytes_intra"] += topo.intra_bytes(self._slot)
-        # Step 4: the outer update, into every rank's model
-        if self._momentum is not None:
-            mu = self.outer_momentum
-            self._momentum.mul_(mu).add_(delta)
-            delta.add_(self._momentum, alpha=mu)  # Nesterov: g + mu m
-        self._theta.sub_(delta, alpha=self.outer_lr)
+        # Step 4: agreement, then commit or skip
+        own, everywhere = flags.tolist()  # the one host read of the outer step: the same sum on every rank
+        if math.isfinite(everywhere):
+            self._commit(sel, delivery, delta)
+        else:
+            self._skip(math.isfinite(own))
+        # Step 5: theta into every rank's model
         self._scatter_params(self._theta)
         tel["outer_steps"] += 1
         tel["outer_ns"] += time.perf_counter_ns() - t0
+
+    def _commit(self, sel: Selection | None, delivery: Delivery, update: Tensor) -> None:
+        """Step 4, every rank finite: the error feedback keeps what was not sent, ``theta`` moves."""
+        if self._e is not None:
+            if sel is not None:  # e := u - sent (exactly 0 where the exact value was delivered)
+                sent = sel.values if delivery.delivered is None else torch.where(delivery.delivered, sel.values, 0.0)
+                self._u.index_add_(0, sel.indices, sent, alpha=-1.0)
+                self._e, self._u = self._u, self._e
+                self._e[self.d_local :].zero_()  # padding stays 0 (a quantised 0 is not 0)
+                self._last = (sel.indices, sel.values, delivery.delivered)
+            else:  # the byte rule sent everything, dense
+                self._e.zero_()
+                self._last = (None, None, None)
+        if not self._exchange.sparse:
+            self.telemetry["dense_outer_steps"] += 1
+        if self._momentum is not None:
+            mu = self.outer_momentum
+            self._momentum.mul_(mu).add_(update)
+            update.add_(self._momentum, alpha=mu)  # Nesterov: g + mu m
+        self._theta.sub_(update, alpha=self.outer_lr)
+
+    def _skip(self, own_finite: bool) -> None:
+        """Step 4, a non-finite pseudo-gradient somewhere: nothing of this step is kept."""
+        self._last = (None, None, None)
+        self.telemetry["skipped_outer_steps"] += 1
+        t = self.telemetry["outer_steps"] + 1
+        if not own_finite:
+            self.optimizer.state.clear()  # its moments may be non-finite: it starts afresh from theta
+            warnings.warn(
+                f"SparseLocalSGD: rank {self.layout.rank}'s pseudo-gradient is non-finite at outer step {t}: the outer "
+                "step is skipped on every rank (theta, error feedback and outer momentum unchanged), every rank restarts "
+                "from theta, and this rank's inner optimizer state was reset.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        else:
+            rank_zero_warn(f"SparseLocalSGD: outer step {t} skipped on every rank: another rank's pseudo-gradient is non-finite.", RuntimeWarning)
 
     def _select(self, e: Tensor) -> Selection:
         """Exactly ``k`` entries of ``e``: ``kc`` per chunk (exact top-k of ``|e|`` per chunk, in
         chunk order), or a whole-tensor selection by ``selector``."""
         if self.chunk is None:
             values, indices = select(e, self.k, self.selector, seed=self.seed, step=self.telemetry["outer_steps"])
-            return Selection(values.to(torch.float32), indices, self._flag, self.m)
+            return Selection(values.to(torch.float32), indices, self._flags[0], self.m)
         grid = e.view(self.n_chunks, self.chunk)
         torch.abs(grid, out=self._absbuf)
         torch.topk(self._absbuf, self.kc, dim=1, sorted=False, out=(self._topv, self._topi))
         torch.gather(grid, 1, self._topi, out=self._vals.view(self.n_chunks, self.kc))
         torch.add(self._topi, self._base, out=self._idx)
-        return Selection(self._vals, self._idx.view(-1), self._flag, self.m)
+        return Selection(self._vals, self._idx.view(-1), self._flags[0], self.m)
 
     def _gather_params(self, out: Tensor) -> None:
         with torch.no_grad():

@@ -155,12 +155,56 @@ def _resume(rank: int, world: int, out: dict) -> None:
         }
 
 
+def _nonfinite(rank: int, world: int, out: dict) -> None:
+    """H = 2; rank 1's model goes NaN in the second window. Its outer step is skipped on every
+    rank (theta, e and the outer momentum as before), every rank restarts from theta, rank 1's
+    inner optimizer starts afresh, and the third window trains on normally."""
+    import warnings
+
+    cases = {
+        "flat/sparse": dict(density=0.1, chunk=64, hierarchy="flat"),
+        "node/sparse2bit": dict(density=0.1, chunk=32, quantize=2, hierarchy="node", ranks_per_node=2),
+        "flat/diloco": dict(outer="dense", hierarchy="flat"),
+    }
+    for name, cfg in cases.items():
+        model = net()
+        opt = torch.optim.AdamW(model.parameters(), lr=0.02)
+        local = SparseLocalSGD(model, opt, sync_every=2, **cfg)
+        for i in range(2):
+            step(model, opt, i, rank)
+        before = local.state_dict(local=False)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for i in range(2, 4):
+                if i == 2 and rank == 1:
+                    with torch.no_grad():
+                        next(model.parameters())[0, 0] = float("nan")
+                step(model, opt, i, rank)
+        after = local.state_dict(local=False)
+        same = lambda a, b: all(torch.equal(a[n], b[n]) for n in a)  # noqa: E731
+        rec = {
+            "skipped": local.telemetry["skipped_outer_steps"], "outer": local.telemetry["outer_steps"],
+            "theta_kept": same(before["global"], after["global"]), "e_kept": same(before["residuals"], after["residuals"]),
+            "momentum_kept": same(before.get("momentum", {}), after.get("momentum", {})),
+            "model_is_theta": torch.equal(flat(model), local.global_params()), "finite": bool(flat(model).isfinite().all()),
+            "optimizer_state": len(opt.state), "warnings": [str(w.message) for w in caught if w.category is RuntimeWarning],
+        }  # fmt: skip
+        theta = local.global_params()
+        for i in range(4, 6):
+            step(model, opt, i, rank)
+        rec.update(moved=not torch.equal(theta, local.global_params()), finite_after=bool(local.global_params().isfinite().all()),
+                   skipped_after=local.telemetry["skipped_outer_steps"], identical=same_everywhere(flat(model)))  # fmt: skip
+        out[f"nonfinite/{name}"] = rec
+        local.remove()
+
+
 def _worker(rank: int, world: int, folder: str) -> None:
     torch.set_num_threads(1)
     out: dict = {}
     _ddp_equivalence(rank, world, out)
     _invariants(rank, world, out)
     _resume(rank, world, out)
+    _nonfinite(rank, world, out)
     torch.save(out, os.path.join(folder, f"rank{rank}.pt"))
 
 
@@ -212,6 +256,22 @@ def test_resume_is_exact(raw, name):
     assert raw[0]["resume/node/mid-window"]["mode"] == "node"
     assert raw[0]["resume/sparse2bit/mid-window"]["position"] == 1
     assert raw[0]["resume/diloco/after-outer"]["position"] == 0
+
+
+@pytest.mark.parametrize("name", ["flat/sparse", "node/sparse2bit", "flat/diloco"])
+def test_a_non_finite_pseudo_gradient_skips_the_outer_step_everywhere_and_training_goes_on(raw, name):
+    for rank in range(4):
+        r = raw[rank][f"nonfinite/{name}"]
+        assert r["outer"] == 2 and r["skipped"] == 1, (rank, r)
+        assert r["theta_kept"] and r["e_kept"] and r["momentum_kept"], (rank, r)  # nothing of the step kept
+        assert r["model_is_theta"] and r["finite"], (rank, r)  # every rank restarts from theta
+        # the rank that went non-finite starts its inner optimizer afresh; the others keep theirs
+        assert (r["optimizer_state"] == 0) == (rank == 1), (rank, r["optimizer_state"])
+        if rank == 1:
+            assert any("rank 1's pseudo-gradient is non-finite at outer step 2" in w for w in r["warnings"]), r["warnings"]
+        elif rank == 0:
+            assert any("outer step 2 skipped on every rank" in w for w in r["warnings"]), r["warnings"]
+        assert r["moved"] and r["finite_after"] and r["skipped_after"] == 1 and r["identical"], (rank, r)
 
 
 # ------------------------------------------------------------------------------ one process

@@ -6,6 +6,14 @@ returned is complete, and it needs the GIL to do so. A process that tears down r
 without an active exception" or deadlocks. Each callback holds a :class:`Pending` token as a
 default argument; :func:`wait_idle` waits until every token of an owner is released. It runs at
 exit for every live owner, and in the integrations' teardown.
+
+A second hazard: the callback's references (the hook state, its route, the process group) may be
+the last ones once the script has dropped its model and called ``destroy_process_group()``. The
+communication thread would then destroy the group it belongs to, joining itself ("terminate called
+after throwing an instance of 'std::system_error': Resource deadlock avoided"; seen in CI with a
+subgroup). So a released token never lets its owner die on that thread: it hands the owner to
+:data:`_RELEASED`, emptied by the hook's own thread at the next token, by :func:`wait_idle`, and at
+exit (:func:`drain`), where dropping the group joins its threads from outside.
 """
 
 from __future__ import annotations
@@ -20,6 +28,15 @@ __all__ = ["Pending", "destroy_group_at_exit", "drain", "wait_idle"]
 
 _LIVE: "weakref.WeakSet[Any]" = weakref.WeakSet()  # owners whose callbacks may not be released yet
 _LOCK = threading.Lock()
+_RELEASED: list[Any] = []  # owners of released tokens, dropped later from a thread that is not the group's
+
+
+def _bury() -> None:
+    """Drop the owners that released tokens handed over (from the hook's or the main thread)."""
+    with _LOCK:
+        owners = _RELEASED[:]
+        _RELEASED.clear()
+    del owners  # the last references may go here, outside the lock and outside a communication thread
 
 
 class Pending:
@@ -28,6 +45,8 @@ class Pending:
     __slots__ = ("owner",)
 
     def __init__(self, owner: Any) -> None:
+        if _RELEASED:
+            _bury()
         self.owner = owner
         with _LOCK:
             owner._inflight = getattr(owner, "_inflight", 0) + 1
@@ -36,6 +55,7 @@ class Pending:
     def __del__(self) -> None:
         with _LOCK:
             self.owner._inflight -= 1
+            _RELEASED.append(self.owner)  # not the last reference: this may be a communication thread
 
 
 def wait_idle(owner: Any, timeout: float = 5.0) -> bool:
@@ -45,6 +65,7 @@ def wait_idle(owner: Any, timeout: float = 5.0) -> bool:
         if time.monotonic() > deadline:
             return False
         time.sleep(0.001)  # releases the GIL, so the communication thread can finish
+    _bury()
     return True
 
 
@@ -52,6 +73,7 @@ def drain(timeout: float = 2.0) -> None:
     """Wait for the callbacks of every live owner (``timeout`` seconds each at most)."""
     for owner in list(_LIVE):
         wait_idle(owner, timeout=timeout)
+    _bury()
 
 
 atexit.register(drain)
