@@ -56,17 +56,27 @@ def test_every_option_has_a_changed_value_here_and_a_doc():
         assert f.metadata["doc"], name
 
 
-def test_strategy_signature_config_fields_and_environment_variables_agree():
-    fields = config_fields()
-    params = list(inspect.signature(GaussKDDPStrategy.__init__).parameters.values())[1 : 1 + len(fields)]
+@pytest.mark.parametrize("strategy", ["gaussk_ddp", "gaussk_fsdp"])
+def test_strategy_signature_config_fields_and_environment_variables_agree(strategy):
+    """The strategies spell the options out (LightningCLI reads the signature): names, order,
+    defaults, types and docs must be the config's. ``gaussk_fsdp`` leaves out the layout options
+    (its layout is the mesh)."""
+    from lightning_gaussk.fsdp_strategy import _LAYOUT_OPTIONS, GaussKFSDPStrategy
+
+    cls = GaussKDDPStrategy if strategy == "gaussk_ddp" else GaussKFSDPStrategy
+    left_out = () if strategy == "gaussk_ddp" else _LAYOUT_OPTIONS
+    fields = {n: f for n, f in config_fields().items() if n not in left_out}
+    params = list(inspect.signature(cls.__init__).parameters.values())[1 : 1 + len(fields)]
     assert [p.name for p in params] == list(fields)  # same names, same order, first
     config_types = typing.get_type_hints(GaussKConfig)
-    strategy_types = typing.get_type_hints(GaussKDDPStrategy.__init__)
+    strategy_types = typing.get_type_hints(cls.__init__)
     for p in params:
         assert p.default == fields[p.name].default, p.name
         assert strategy_types[p.name] == config_types[p.name], p.name
-        assert f"{p.name}: {fields[p.name].metadata['doc']}" in GaussKDDPStrategy.__doc__  # documented once, shown by the CLI
-    assert ENV_VARS == {name: "GAUSSK_" + name.upper() for name in fields} == {n: env_var(n) for n in fields}
+        assert f"{p.name}: {fields[p.name].metadata['doc']}" in cls.__doc__  # documented once, shown by the CLI
+    assert [n for n in left_out if f"        {n}: " in cls.__doc__] == []
+    everything = config_fields()
+    assert ENV_VARS == {name: "GAUSSK_" + name.upper() for name in everything} == {n: env_var(n) for n in everything}
     doc = (ROOT / "docs" / "configuration.md").read_text()
     assert [v for v in ENV_VARS.values() if v not in doc] == []  # every variable is documented
 

@@ -286,6 +286,24 @@ def test_single_process_runs_without_a_process_group():
     assert torch.equal(flat(model), local.global_params())
 
 
+def test_strategy_signature_is_the_outer_loops_options():
+    """``GaussKLocalSGDStrategy`` spells out ``SparseLocalSGD``'s options (LightningCLI reads the
+    signature): same names, order, defaults and types, and each is documented."""
+    import inspect
+    import typing
+
+    from lightning_gaussk.local_strategy import GaussKLocalSGDStrategy
+
+    internal = ("model", "optimizer", "process_group", "launcher_ranks_per_node")  # given by the strategy
+    loop = [p for n, p in inspect.signature(SparseLocalSGD.__init__).parameters.items() if n not in ("self", *internal)]
+    params = list(inspect.signature(GaussKLocalSGDStrategy.__init__).parameters.values())[1 : 1 + len(loop)]
+    assert [p.name for p in params] == [p.name for p in loop]
+    assert [p.default for p in params] == [p.default for p in loop]
+    hints, loop_hints = typing.get_type_hints(GaussKLocalSGDStrategy.__init__), typing.get_type_hints(SparseLocalSGD.__init__)
+    assert [n for n in (p.name for p in params) if hints[n] != loop_hints[n]] == []
+    assert [p.name for p in params if f"        {p.name}: " not in GaussKLocalSGDStrategy.__doc__] == []
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
