@@ -23,7 +23,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning_gaussk.core.timing import fold as fold_device_times
 
-__all__ = ["FIGURES", "GaussKTelemetry", "telemetry_figures"]
+__all__ = ["FIGURES", "LOCAL_FIGURES", "GaussKTelemetry", "local_sgd_figures", "telemetry_figures"]
 
 FIGURES = (
     "bytes_sent",
@@ -43,7 +43,9 @@ FIGURES = (
     "inter_ms",
     "decode_ms",
 )
-_DEFAULT_PROG_BAR = ("density", "compression", "select_ms")
+#: figures of local SGD (``"gaussk_local"``), see :func:`local_sgd_figures`
+LOCAL_FIGURES = ("outer_steps", "skipped_outer_steps", "bytes_per_inner_step", "outer_ms", "window_position")
+_DEFAULT_PROG_BAR = ("density", "compression", "select_ms", "bytes_per_inner_step")
 
 
 def telemetry_figures(before: Mapping[str, int], after: Mapping[str, int], world_size: int,
@@ -98,12 +100,40 @@ def telemetry_figures(before: Mapping[str, int], after: Mapping[str, int], world
     return out
 
 
+def local_sgd_figures(before: Mapping[str, int], after: Mapping[str, int], window_position: int) -> dict[str, float]:
+    """Figures of local SGD (:class:`~lightning_gaussk.local_sgd.SparseLocalSGD` ``.telemetry``)
+    between two readings taken around optimizer steps:
+
+    - ``outer_steps``, ``skipped_outer_steps``: run so far (skipped: a rank's pseudo-gradient was
+      non-finite, nothing of the step kept);
+    - ``bytes_per_inner_step``: this rank's outer-step message bytes so far over its optimizer
+      steps so far (what per-step data parallelism would compare against);
+    - ``outer_ms``: host time of the outer step(s) in between, present only when one ran;
+    - ``window_position``: optimizer steps into the current window (0 right after an outer step).
+
+    Empty when no optimizer step was taken in between."""
+    if int(after.get("inner_steps", 0)) == int(before.get("inner_steps", 0)):
+        return {}
+    inner = int(after.get("inner_steps", 0))
+    out = {
+        "outer_steps": float(after.get("outer_steps", 0)),
+        "skipped_outer_steps": float(after.get("skipped_outer_steps", 0)),
+        "bytes_per_inner_step": int(after.get("bytes_sent", 0)) / inner if inner else 0.0,
+        "window_position": float(window_position),
+    }
+    if int(after.get("outer_steps", 0)) > int(before.get("outer_steps", 0)):
+        out["outer_ms"] = (int(after.get("outer_ns", 0)) - int(before.get("outer_ns", 0))) / 1e6
+    return out
+
+
 class GaussKTelemetry(Callback):
-    """Log the GaussK hook's per-step telemetry (see :func:`telemetry_figures`) with ``self.log``.
+    """Log the GaussK hook's per-step telemetry (see :func:`telemetry_figures`) with ``self.log``;
+    under ``"gaussk_local"`` (local SGD), the outer loop's figures (:func:`local_sgd_figures`)
+    after each optimizer step.
 
     Args:
         prog_bar: show figures in the progress bar: True for ``density``, ``compression`` and
-            ``select_ms``, or a sequence of figure names.
+            ``select_ms`` (local SGD: ``bytes_per_inner_step``), or a sequence of figure names.
         residual_norm_every_n_steps: every n optimizer steps also measure
             ``residual_ratio = ||residual|| / ||grad||`` over all buckets (two extra read passes per
             bucket on that step, no host sync in the hook; the value is read when logged). 0 = never.
@@ -124,9 +154,9 @@ class GaussKTelemetry(Callback):
         if isinstance(prog_bar, bool):
             self.prog_bar: tuple[str, ...] = _DEFAULT_PROG_BAR if prog_bar else ()
         elif isinstance(prog_bar, Sequence) and not isinstance(prog_bar, str) and all(isinstance(x, str) for x in prog_bar):
-            unknown = [x for x in prog_bar if x not in FIGURES]
+            unknown = [x for x in prog_bar if x not in FIGURES + LOCAL_FIGURES]
             if unknown:
-                raise ValueError(f"`prog_bar`: unknown figures {unknown}; choose from {list(FIGURES)}")
+                raise ValueError(f"`prog_bar`: unknown figures {unknown}; choose from {list(FIGURES + LOCAL_FIGURES)}")
             self.prog_bar = tuple(prog_bar)
         else:
             raise TypeError(f"`prog_bar` must be a bool or a sequence of figure names, got {prog_bar!r}")
@@ -147,27 +177,43 @@ class GaussKTelemetry(Callback):
     def _state(trainer: "pl.Trainer") -> Any:
         return getattr(trainer.strategy, "gaussk_state", None)
 
+    @staticmethod
+    def _local(trainer: "pl.Trainer") -> Any:
+        return getattr(trainer.strategy, "local_sgd", None)
+
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        state = self._state(trainer)
+        self._before = None
+        state = self._state(trainer) or self._local(trainer)
         if state is None:
             rank_zero_warn(
                 f"GaussKTelemetry: strategy {type(trainer.strategy).__name__} has no GaussK hook state; "
-                "no telemetry is logged (use GaussKDDPStrategy)."
+                "no telemetry is logged (use gaussk_ddp, gaussk_fsdp or gaussk_local)."
             )
-            self._before = None
             return
+        if self.residual_norm_every_n_steps and self._state(trainer) is None:
+            rank_zero_warn("GaussKTelemetry: `residual_norm_every_n_steps` has no residual to measure under local SGD; it is not used.")
         self._before = dict(state.telemetry)
+
+    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int) -> None:
+        local = self._local(trainer)
+        if self._before is None or local is None:
+            return
+        now = dict(local.telemetry)
+        figures = local_sgd_figures(self._before, now, local.window_position)
+        if figures:  # an optimizer step (and maybe the outer step) ran in this batch
+            self._before = now
+            self._log(pl_module, figures)
 
     def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int) -> None:
         n = self.residual_norm_every_n_steps
-        if n and self._before is not None and self._norms_step != trainer.global_step and (trainer.global_step + 1) % n == 0:
+        if n and self._before is not None and self._state(trainer) is not None and self._norms_step != trainer.global_step and (trainer.global_step + 1) % n == 0:
             self._norms_step = trainer.global_step
             self._state(trainer).measure_norms_next_step()
 
     def on_before_optimizer_step(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer: Any) -> None:
-        if self._before is None:
-            return
         state = self._state(trainer)
+        if self._before is None or state is None:
+            return
         fold_device_times(state)  # GPU stage times whose CUDA events are complete (no sync)
         now = dict(state.telemetry)
         figures = telemetry_figures(self._before, now, trainer.world_size, nodes=state.layout.nodes)
@@ -179,6 +225,9 @@ class GaussKTelemetry(Callback):
             g2 = sum(g.double().square() for _, g in state.norms.values())
             figures["residual_ratio"] = float(torch.sqrt(r2 / g2)) if float(g2) > 0 else float("nan")
             state.norms = {}
+        self._log(pl_module, figures)
+
+    def _log(self, pl_module: "pl.LightningModule", figures: dict[str, float]) -> None:
         self.last = figures
         for name, value in figures.items():
             if math.isfinite(value):

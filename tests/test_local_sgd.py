@@ -380,6 +380,11 @@ def test_lightning_fit_trains_counts_optimizer_steps_and_resumes_mid_window(tmp_
         assert ref[r]["inner_steps"] == 8 and ref[r]["outer_steps"] == 2  # 16 micro-batches, 8 optimizer steps, H = 3
         assert ref[r]["loss_last"] < ref[r]["loss_first"]  # it trains
         assert ref[r]["synced_equal"]  # identical models after the outer step at optimizer step 6
+        # GaussKTelemetry logs the outer loop after each optimizer step: the last one is step 8
+        last = ref[r]["telemetry_last"]
+        assert last == {"outer_steps": 2.0, "skipped_outer_steps": 0.0, "window_position": 2.0,
+                        "bytes_per_inner_step": pytest.approx(2 * ref[r]["outer_bytes"] / 8)}  # fmt: skip
+        assert ref[r]["metrics"]["gaussk/outer_ms"] > 0  # logged at the outer step of optimizer step 6
         assert torch.equal(ref[r]["params"], res[r]["params"]), "resume from optimizer step 4 (mid-window) differs"
         assert res[r]["resumed_position"] == 1
     assert not torch.equal(ref[0]["params"], ref[1]["params"])  # step 8 is mid-window: local models differ

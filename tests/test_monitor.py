@@ -188,6 +188,19 @@ def test_telemetry_figures_are_differences_of_the_counters():
     assert "bytes_intra" not in f  # flat mode
 
 
+def test_local_sgd_figures_are_cumulative_and_time_only_an_outer_step():
+    from lightning_gaussk.telemetry import local_sgd_figures
+
+    before = {"inner_steps": 15, "outer_steps": 0, "skipped_outer_steps": 0, "bytes_sent": 0, "outer_ns": 0}
+    after = {"inner_steps": 16, "outer_steps": 1, "skipped_outer_steps": 0, "bytes_sent": 4000, "outer_ns": 3_000_000}
+    assert local_sgd_figures(before, after, 0) == {
+        "outer_steps": 1.0, "skipped_outer_steps": 0.0, "bytes_per_inner_step": 250.0, "window_position": 0.0, "outer_ms": 3.0,
+    }  # fmt: skip
+    later = dict(after, inner_steps=17)
+    assert "outer_ms" not in local_sgd_figures(after, later, 1)  # no outer step in between
+    assert local_sgd_figures(after, after, 0) == {}  # no optimizer step in between
+
+
 def test_telemetry_figures_in_node_mode_count_intra_and_inter_node_traffic():
     before = {"hook_calls": 0, "bytes_sent": 0, "bytes_dense": 0, "entries_sent": 0, "entries_total": 0,
               "bytes_intra": 0, "bytes_inter": 0, "intra_ns": 0, "inter_ns": 0, "decode_ns": 0, "hook_ns": 0}  # fmt: skip

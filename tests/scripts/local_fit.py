@@ -2,7 +2,7 @@
 popen launcher: run as a subprocess; the launcher re-runs ``sys.argv``).
 
 Two fits in the same processes: ``ref`` (8 optimizer steps of 2 accumulated micro-batches,
-sync_every=3, 2-bit values, a checkpoint every 4 optimizer steps) and ``resumed`` (from the
+sync_every=3, 2-bit values, a checkpoint every 4 optimizer steps, ``GaussKTelemetry`` logging) and ``resumed`` (from the
 checkpoint of step 4, in the middle of a window, to step 8). Every rank writes what it saw to
 ``--out/<name>/rank{r}.pt``. Batches are a function of (optimizer step, micro-batch, rank).
 """
@@ -17,6 +17,7 @@ from _launched import Children, record_group_at_exit
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 import lightning_gaussk  # noqa: F401 (registers "gaussk_local")
+from lightning_gaussk import GaussKTelemetry
 from lightning_gaussk.local_strategy import GaussKLocalSGDStrategy
 
 H = 3
@@ -61,11 +62,15 @@ class Net(L.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=0.02)
 
     def on_train_end(self) -> None:
-        tel = self.trainer.strategy.local_sgd.telemetry
+        local = self.trainer.strategy.local_sgd
+        tel = local.telemetry
+        logged = next(cb for cb in self.trainer.callbacks if isinstance(cb, GaussKTelemetry))
         rec = {
             "params": flat(self).clone(), "inner_steps": tel["inner_steps"], "outer_steps": tel["outer_steps"],
             "loss_first": sum(self.losses[:4]) / 4, "loss_last": sum(self.losses[-4:]) / 4,
-            "synced_equal": self.synced_equal, "resumed_position": self.position,
+            "synced_equal": self.synced_equal, "resumed_position": self.position, "outer_bytes": local.outer_bytes,
+            "telemetry_last": dict(logged.last),
+            "metrics": {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("gaussk/")},
         }  # fmt: skip
         os.makedirs(self.out, exist_ok=True)
         torch.save(rec, os.path.join(self.out, f"rank{self.global_rank}.pt"))
@@ -76,7 +81,7 @@ def fit(out: str, ckpt_dir: str, resume: str | None) -> L.Trainer:
     strategy = GaussKLocalSGDStrategy(sync_every=H, density=0.1, chunk=64, quantize=2, hierarchy="flat")
     trainer = L.Trainer(
         strategy=strategy, accelerator="cpu", devices=2, max_steps=8, accumulate_grad_batches=2, logger=False,
-        callbacks=[ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=4, save_top_k=-1, filename="{step}")],
+        callbacks=[ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=4, save_top_k=-1, filename="{step}"), GaussKTelemetry()],
         enable_progress_bar=False, enable_model_summary=False,
     )  # fmt: skip
     data = torch.utils.data.DataLoader(torch.zeros(1 << 10, 1), batch_size=1)
