@@ -27,15 +27,16 @@ from typing import Any
 __all__ = ["Pending", "destroy_group_at_exit", "drain", "wait_idle"]
 
 _LIVE: "weakref.WeakSet[Any]" = weakref.WeakSet()  # owners whose callbacks may not be released yet
-_LOCK = threading.Lock()
+_LOCK = threading.RLock()  # re-entrant: a finalizer run by the collector on a thread that holds it
 _RELEASED: list[Any] = []  # owners of released tokens, dropped later from a thread that is not the group's
 
 
 def _bury() -> None:
     """Drop the owners that released tokens handed over (from the hook's or the main thread)."""
+    global _RELEASED
+    fresh: list[Any] = []  # allocated outside the lock (an allocation may run the garbage collector)
     with _LOCK:
-        owners = _RELEASED[:]
-        _RELEASED.clear()
+        owners, _RELEASED = _RELEASED, fresh
     del owners  # the last references may go here, outside the lock and outside a communication thread
 
 
