@@ -154,6 +154,18 @@ class GaussKLocalSGDStrategy(DDPStrategy):
             self._local.apply_local()  # this rank's model and optimizer, over rank 0's from the checkpoint
 
     @override
+    def on_train_end(self) -> None:
+        super().on_train_end()
+        local = self._local
+        if local is not None and local.window_position != 0:
+            rank_zero_warn(
+                f"GaussKLocalSGDStrategy: the fit ended {local.window_position} optimizer steps into a window of "
+                f"sync_every={local.sync_every}: every rank holds its own local model, and the model Lightning returns "
+                "or saves from here is rank 0's. End on theta with max_steps a multiple of sync_every, or call "
+                "trainer.strategy.local_sgd.outer_step() on every rank."
+            )
+
+    @override
     def teardown(self) -> None:
         if self._local is not None:
             self._local.remove()

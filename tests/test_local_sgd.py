@@ -365,14 +365,17 @@ def test_state_dict_of_another_layout_is_refused():
 
 
 # ------------------------------------------------------------------------------ integrations
-def _run(cmd: list[str], cwd: Path, env_extra: dict | None = None) -> None:
+def _run(cmd: list[str], cwd: Path, env_extra: dict | None = None) -> str:
     env = {**os.environ, "PYTHONPATH": str(HERE.parent), **(env_extra or {})}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=cwd)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc.stdout + proc.stderr
 
 
 def test_lightning_fit_trains_counts_optimizer_steps_and_resumes_mid_window(tmp_path):
-    _run([sys.executable, str(HERE / "scripts" / "local_fit.py"), "--out", str(tmp_path)], tmp_path)
+    output = _run([sys.executable, str(HERE / "scripts" / "local_fit.py"), "--out", str(tmp_path)], tmp_path)
+    # the fits end at optimizer step 8, 2 steps into a window of 3: rank 0 says so
+    assert "the fit ended 2 optimizer steps into a window of sync_every=3" in output, output[-3000:]
     assert groups_at_exit(str(tmp_path)) == ["False", "False"]  # gloo group destroyed at exit while Python ran
     ref = [torch.load(tmp_path / "ref" / f"rank{r}.pt", weights_only=False) for r in range(2)]
     res = [torch.load(tmp_path / "resumed" / f"rank{r}.pt", weights_only=False) for r in range(2)]
