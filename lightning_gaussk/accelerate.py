@@ -246,6 +246,7 @@ def register_gaussk(accelerator: Accelerator, model: nn.Module, mesh: Any = None
         )
         return None
 
+    destroy_group_at_exit()  # also without accelerator.end_training(): gloo groups destroyed while Python runs
     if mesh is not None:
         return _register_fsdp(accelerator, model, mesh, resolved)
     ddp = find_ddp_module(model)
@@ -283,7 +284,6 @@ def register_gaussk(accelerator: Accelerator, model: nn.Module, mesh: Any = None
     _attach_step_counter(accelerator, ddp, state)
     _attach_loss_scale(accelerator, model, state)
     _adapt_optimizers(accelerator, ddp, state)
-    destroy_group_at_exit()  # also without accelerator.end_training(): gloo groups destroyed while Python runs
     return state
 
 
@@ -305,7 +305,6 @@ def _register_fsdp(accelerator: Accelerator, model: nn.Module, mesh: Any, resolv
     _attach_checkpointing(accelerator, state)
     _attach_loss_scale(accelerator, model, state)
     _adapt_optimizers(accelerator, target, state)
-    destroy_group_at_exit()
     return state
 
 
