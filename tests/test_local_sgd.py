@@ -397,6 +397,7 @@ def test_accelerate_register_gaussk_local_path_trains_and_restores(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(HERE / "scripts" / "local_accelerate.py"), "--out", str(tmp_path)]  # fmt: skip
     _run(cmd, tmp_path, {"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"})
+    assert groups_at_exit(str(tmp_path)) == ["False", "False"]  # destroyed at exit without end_training()
     for r in range(2):
         rec = torch.load(tmp_path / f"rank{r}.pt", weights_only=False)
         assert rec["inner_steps"] == 8 and rec["outer_steps"] == 2  # gradient accumulation 2: optimizer steps

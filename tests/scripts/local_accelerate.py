@@ -13,6 +13,7 @@ import os
 
 import torch
 import torch.distributed as dist
+from _launched import record_group_at_exit
 from accelerate import Accelerator
 from torch import nn
 
@@ -33,6 +34,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
     a = p.parse_args()
+    record_group_at_exit(a.out)  # register_gaussk destroys the group at exit (no end_training here)
     acc = Accelerator(gradient_accumulation_steps=2)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 1))
