@@ -58,9 +58,9 @@ def median_time(fn: Callable[[], Any], reps: int, warm: int = 1) -> float:
 
 
 def ddp_bucket_groups(numels: Sequence[int], first_bucket_bytes: int | None = None, cap_bytes: int = 25 * 2**20) -> list[list[int]]:
-    """DDP's buckets after its rebuild: :func:`lightning_gaussk.preflight.ddp_bucket_groups` (the
+    """DDP's buckets after its rebuild: :func:`lightning_gaussk.observe.preflight.ddp_bucket_groups` (the
     one copy; the pre-flight command prices the same buckets)."""
-    from lightning_gaussk.preflight import ddp_bucket_groups as groups
+    from lightning_gaussk.observe.preflight import ddp_bucket_groups as groups
 
     return groups(numels, first_bucket_bytes, cap_bytes)
 

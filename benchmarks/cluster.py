@@ -608,33 +608,14 @@ def netcheck_worker(nbytes: int, out: str | None) -> None:
 
 
 # ---------------------------------------------------------------------------------- helpers
-def load_pure(module: str) -> Any:
-    """``lightning_gaussk/<module>.py`` of a module that imports only the standard library
-    (``costmodel``, ``topology``), loaded by path without importing the package, whose ``__init__``
-    imports Lightning (seconds): for the drivers and the CI tests. The package's own module when
-    it is already imported."""
-    name = f"lightning_gaussk.{module}"
-    if name in sys.modules:
-        return sys.modules[name]
-    alias = f"_lightning_gaussk_{module}"
-    if alias not in sys.modules:
-        path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lightning_gaussk", f"{module}.py")
-        spec = importlib.util.spec_from_file_location(alias, path)
-        assert spec is not None and spec.loader is not None
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[alias] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[alias]
-
-
 def load_costmodel() -> Any:
-    """:mod:`lightning_gaussk.costmodel` (see :func:`load_pure`): the model and the one formula of k."""
-    return load_pure("costmodel")
+    """:mod:`lightning_gaussk.costs.model`: the model and the one formula of k."""
+    return importlib.import_module("lightning_gaussk.costs.model")
 
 
 def load_topology() -> Any:
-    """:mod:`lightning_gaussk.topology` (see :func:`load_pure`): the chunks of node mode."""
-    return load_pure("topology")
+    """:mod:`lightning_gaussk.comm.layout`: the chunks of node mode."""
+    return importlib.import_module("lightning_gaussk.comm.layout")
 
 
 def _driver_section(name: str) -> str:

@@ -1,5 +1,5 @@
 """Convergence with the optimizers people use: dense DDP against gaussk at densities 0.01 and
-0.001, with and without the remedies of :mod:`lightning_gaussk.remedies`, at equal steps.
+0.001, with and without the remedies of :mod:`lightning_gaussk.frontends.remedies`, at equal steps.
 
 Families (each with its natural optimizer; every data set is local, nothing is downloaded):
 
@@ -22,7 +22,7 @@ from 1.0 over 100 steps, then frozen), ``amsgrad``.
 
 Time: each step's compute time is measured on rank 0 (forward, backward with the hook and the
 loopback exchange, optimizer); the time on a 1 Gbit/s link adds, per step, the communication time
-that :mod:`lightning_gaussk.costmodel` gives for the messages actually sent on 2 ranks (ring
+that :mod:`lightning_gaussk.costs.model` gives for the messages actually sent on 2 ranks (ring
 all-reduce of each dense bucket, all-gather of each sparse message, 50 us per hop; no overlap of
 communication with compute is credited to either method). The median step time of a run is used
 (the machine is shared), times the steps.
@@ -188,8 +188,8 @@ def train_one(rank: int, world: int, family: str, method: str, seed: int, task: 
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from lightning_gaussk import GaussKState, gaussk_hook
-    from lightning_gaussk import costmodel as cm
-    from lightning_gaussk.remedies import describe, wrap_optimizer
+    from lightning_gaussk.costs import model as cm
+    from lightning_gaussk.frontends.remedies import describe, wrap_optimizer
 
     fam = FAMILIES[family]
     torch.manual_seed(seed)

@@ -1,6 +1,6 @@
 """The cost model section of docs/benchmarks.md, from the emulated-network throughput runs.
 
-Each throughput run (benchmarks/throughput.py) calibrates :mod:`lightning_gaussk.costmodel` from
+Each throughput run (benchmarks/throughput.py) calibrates :mod:`lightning_gaussk.costs.model` from
 its own microbenchmarks (link: timed all-reduces and all-gathers; host: a read pass, the
 selectors, the hook's other passes); this script reports the fitted parameters, the model's
 predictions against the measured step times, the predicted crossover between sparse and dense,
@@ -42,7 +42,7 @@ def markdown_costmodel(results: list[dict[str, Any]], plot_path: str | None) -> 
         "Written by `python benchmarks/costmodel_report.py` from the JSON of the throughput runs "
         "(`sudo bash benchmarks/run_all.sh` runs both).",
         "",
-        "`lightning_gaussk/costmodel.py` (pure functions, standard library only; the formulas are in its docstrings): "
+        "`lightning_gaussk/costs/model.py` (pure functions, standard library only; the formulas are in its docstrings): "
         "alpha-beta times of a ring all-reduce (`2(W-1) alpha + 2(W-1)/W * 4d * beta`) and of the sparse ring all-gather "
         "(`(W-1) (alpha + 4(2k+1) beta)`), plus the sparse path's host work per bucket "
         "(`c + p d (h + s) + q k + g W k`: `p` seconds per streaming pass over one entry, `h` passes of the hook "
@@ -133,7 +133,7 @@ def markdown_costmodel(results: list[dict[str, Any]], plot_path: str | None) -> 
         "### How the hook calls it",
         "",
         "```python",
-        "from lightning_gaussk.costmodel import HostCosts, Link, decide, prefer_dense",
+        "from lightning_gaussk.costs.model import HostCosts, Link, decide, prefer_dense",
         "link = Link.from_gbit(10.0)            # the slowest link a bucket crosses; or Link(alpha, bandwidth) from fit_link",
         "host = HostCosts.for_device(buf.device.type)   # 'cpu' (fitted here) or 'cuda' (assumed); or fit_host_costs(...)",
         "if prefer_dense(d, k, world, link, host):      # pure: memoise per (d, k, world)",
@@ -179,7 +179,7 @@ def markdown_exchange() -> str:
         "## Bounded exchange (model)",
         "",
         "Written by `python benchmarks/costmodel_report.py --exchange-only` (the model only; no run). "
-        "`lightning_gaussk/costmodel.py`: `exchange_bytes` / `exchange_time` of the three exchanges, node mode as "
+        "`lightning_gaussk/costs/model.py`: `exchange_bytes` / `exchange_time` of the three exchanges, node mode as "
         "`hierarchical_bucket_time(..., exchange=...)`, the inter-node stage dense where `dense_wins` says so. "
         "Per GPU and bucket (`P` peers, `d` entries, `k` selected): **dense** ring all-reduce `2(P-1)/P * 4d` bytes; "
         "**all-gather** `(P-1) * 4(2k+1)`; bounded sparse **all-reduce** `(P-1) * 4(2c1+1) + (P-1) * 4(2c2+1)`, "

@@ -11,7 +11,7 @@ layers of very different sizes) goes through the exchange's math, at density 0.0
   Ok-Topk's split (f1, f2) = (2, 1), as first built, against (1.5, 1.5), as built now (the same words per
   rank, an update of ~1.5k entries), plus (1, 1) and (2, 2) for scale.
 
-:func:`exchange` is the math of ``lightning_gaussk.core.sparse_allreduce`` without processes (for
+:func:`exchange` is the math of ``lightning_gaussk.comm.sparse_allreduce`` without processes (for
 the built variant it gives the same update and delivered masks as the real exchange on gloo).
 
 Each variant keeps its own residuals (error feedback: ``residual = u - delivered``); the model
@@ -35,7 +35,7 @@ import time
 import torch
 from torch import nn
 
-from lightning_gaussk.core.sparse_allreduce import SparseAllReduce
+from lightning_gaussk.comm.sparse_allreduce import SparseAllReduce
 
 DENSITY = 0.01
 PEERS = (2, 4, 8, 16)
@@ -75,7 +75,7 @@ def regions(d: int, P: int, layout: str) -> tuple[torch.Tensor, torch.Tensor, in
 
 def exchange(us: torch.Tensor, k: int, layout: str, cap: float = 2, out_factor: float = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """The sparse all-reduce's math on ``us`` (P, d): returns (update sum, selected indices (P, k),
-    delivered (P, k), wire words per rank). Same rules as lightning_gaussk.core.sparse_allreduce:
+    delivered (P, k), wire words per rank). Same rules as lightning_gaussk.comm.sparse_allreduce:
     per region keep the ``c1`` largest of each rank's selection, sum, keep the exact top-``c2`` of
     each reduced region (positions nobody sent never win)."""
     P, d = us.shape
@@ -110,7 +110,7 @@ def exchange(us: torch.Tensor, k: int, layout: str, cap: float = 2, out_factor: 
 
 
 def built_words(k: int, d: int, P: int) -> int:
-    """Wire words per rank of the exchange as built (lightning_gaussk.core.sparse_allreduce)."""
+    """Wire words per rank of the exchange as built (lightning_gaussk.comm.sparse_allreduce)."""
     return SparseAllReduce().wire_bytes(k, d, P) // 4
 
 

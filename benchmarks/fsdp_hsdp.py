@@ -6,7 +6,7 @@ ranks of a node). Contenders:
 
 - ``hsdp-dense``: plain custom HSDP: the all-reduce hook does a dense mean all-reduce of the
   shard across the replicas (what native HSDP does);
-- ``hsdp-gaussk@0.01``, ``hsdp-gaussk@0.001``: :func:`lightning_gaussk.fsdp.register_gaussk_fsdp`
+- ``hsdp-gaussk@0.01``, ``hsdp-gaussk@0.001``: :func:`lightning_gaussk.engine.fsdp.register_gaussk_fsdp`
   (all-gather exchange, ``dense_fallback="never"``);
 - ``ddp-node@0.01``: DDP with the gaussk hook in node mode (reference: the model and AdamW states
   replicated on every rank).
@@ -24,7 +24,7 @@ Parts:
    memory per rank (``ru_maxrss``) and its growth over the resident memory before the model was
    built; the bytes of the tensors a rank keeps between steps (parameters, gradients, AdamW
    states, GaussK buffers).
-3. the cost model (:func:`lightning_gaussk.costmodel.hsdp_unit_time`) for nodes of 8 GPUs
+3. the cost model (:func:`lightning_gaussk.costs.model.hsdp_unit_time`) for nodes of 8 GPUs
    (NVLink-class inside, 25 Gbit/s per node), the same model's units.
 
 ``--report`` writes the "fsdp" section of docs/benchmarks.md from benchmarks/out/fsdp_hsdp*.json.
@@ -243,7 +243,7 @@ def summarize(res: dict[str, Any]) -> dict[str, dict[str, float]]:
 
 def model_rows(gbit: float = 25.0, g: int = 8) -> list[str]:
     """Markdown rows: the cost model's ms per step of the gradient path for ``N`` nodes of ``g`` GPUs."""
-    from lightning_gaussk import costmodel as cm
+    from lightning_gaussk.costs import model as cm
 
     host, intra, inter = cm.HostCosts.for_device("cuda"), cm.Link(*NVLINK), cm.Link.from_gbit(gbit, latency_us=10.0)
     rows = [f"| nodes x {g} GPUs ({gbit:g} Gbit/s) | HSDP dense | HSDP + gaussk 0.01 (all-gather) | HSDP + gaussk 0.01 (all-reduce) | dense / best |",

@@ -48,7 +48,7 @@ def _worker(rank: int, world: int, port: int, density: float, steps: int, warmup
     from throughput import make_batch, make_model
 
     from lightning_gaussk import GaussKState, gaussk_hook, register_selector
-    from lightning_gaussk.selectors import gaussk_selector
+    from lightning_gaussk.selection.selectors import gaussk_selector
 
     register_selector("gaussk_unfused", gaussk_selector, override=True)  # not fused: another name
     torch.manual_seed(0)

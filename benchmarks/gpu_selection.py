@@ -107,8 +107,9 @@ def method_fns(x, r, g, u, k: int) -> dict[str, Callable[[], tuple]]:
     or of ``u = g + r`` for the two ``accum_*`` methods)."""
     import torch
 
-    from lightning_gaussk import kernels, select
-    from lightning_gaussk._histselect import hist_select
+    from lightning_gaussk import select
+    from lightning_gaussk.selection import triton as kernels
+    from lightning_gaussk.selection.histogram import hist_select
 
     def topk():
         idx = torch.topk(x.abs(), k, sorted=False).indices

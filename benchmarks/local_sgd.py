@@ -6,7 +6,7 @@ Contenders (names):
 
 - ``dense``: DDP all-reduce every step;
 - ``gaussk@0.01``: the per-step GaussK hook at density 0.01 (error feedback, no remedy);
-- ``diloco/H<h>[/a<alpha>]``: :class:`~lightning_gaussk.local_sgd.SparseLocalSGD` with
+- ``diloco/H<h>[/a<alpha>]``: :class:`~lightning_gaussk.engine.local_sgd.SparseLocalSGD` with
   ``outer="dense"`` (outer Nesterov, momentum 0.9, outer lr 0.7 or ``alpha``);
 - ``sparse@<rho>/H<h>[/q2][/a<alpha>][/b<beta>]``: ``outer="sparse"``, chunk-wise exact top-k over
   chunks of 4096, ``ef_decay`` 0.95 (or ``beta``), ``outer_lr`` 1 (or ``alpha``), optionally 2-bit
@@ -20,7 +20,7 @@ ranks then hold the same model.
 Bytes: message bytes per rank per inner step (dense: ``4 d``; gaussk: ``4 (2k + 1)``; local SGD:
 the outer step's message bytes / ``H``). Time at an emulated 100 Mbit/s: each run's median measured
 compute time per inner step (forward, backward, optimizer; the hook or the amortised outer step's
-host work included) plus the cost model's communication time (:mod:`lightning_gaussk.costmodel`,
+host work included) plus the cost model's communication time (:mod:`lightning_gaussk.costs.model`,
 50 us per hop, 95% payload) for the bytes actually sent on 4 ranks; no overlap is credited.
 
     python benchmarks/local_sgd.py                       # all contenders, 1600 steps
@@ -76,8 +76,8 @@ def train_local(rank: int, world: int, method: str, seed: int, task: dict[str, A
     import torch
     import torch.distributed as dist
 
-    from lightning_gaussk import costmodel as cm
-    from lightning_gaussk.local_sgd import SparseLocalSGD
+    from lightning_gaussk.costs import model as cm
+    from lightning_gaussk.engine.local_sgd import SparseLocalSGD
 
     fam = convergence.FAMILIES[FAMILY]
     torch.manual_seed(seed)
@@ -114,7 +114,7 @@ def train_local(rank: int, world: int, method: str, seed: int, task: dict[str, A
 
 
 def train_ddp(rank: int, world: int, method: str, seed: int, task: dict[str, Any], steps: int) -> dict[str, Any]:
-    from lightning_gaussk import costmodel as cm
+    from lightning_gaussk.costs import model as cm
 
     convergence.EVAL_EVERY = EVAL_EVERY
     res = convergence.train_one(rank, world, FAMILY, "dense" if method == "dense" else f"{method}/off", seed, task, steps)

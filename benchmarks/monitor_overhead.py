@@ -164,7 +164,7 @@ def paired(width: int, steps: int, density: float, every: int, skip: int) -> dic
 def instrumentation_cost(repeats: int = 100_000) -> float:
     """Microseconds per bucket of the telemetry bookkeeping the hook does on CPU buckets (clock
     reads, counter additions, the lock; the same statements as in gaussk_hook), in isolation."""
-    from lightning_gaussk.hook import _TELEMETRY_LOCK
+    from lightning_gaussk.engine.timing import LOCK as _TELEMETRY_LOCK
 
     tel = {"hook_calls": 0, "bytes_sent": 0, "bytes_dense": 0, "entries_sent": 0, "entries_total": 0,
            "select_ns": 0, "hook_ns": 0, "comm_ns": 0}

@@ -1,14 +1,14 @@
 """Pre-flight on an emulated cluster: does it measure the link it runs on, and is its advice right?
 
 Two hosts (network namespaces, :mod:`cluster`) of 2 ranks each, their link shaped with ``tc`` at
-each ``--rates`` (default 100 Mbit/s and 1 Gbit/s); ``python -m lightning_gaussk.preflight`` runs
+each ``--rates`` (default 100 Mbit/s and 1 Gbit/s); ``python -m lightning_gaussk.observe.preflight`` runs
 under torchrun's variables on the 4 ranks (gloo over the veth between hosts, loopback inside one).
 For each rate it checks (issue 19, "Done when"):
 
 - the inter-node figure is within ``--tolerance`` (25%) of the shaped rate;
 - on the slowest rate the recommendation is sparse;
 - on every rate the recommendation is what the cost model gives for the figures pre-flight
-  measured (:func:`lightning_gaussk.preflight.predict_table` and ``recommend`` recomputed here
+  measured (:func:`lightning_gaussk.observe.preflight.predict_table` and ``recommend`` recomputed here
   from the JSON's links and host costs: the same table, and at the recommended density no row
   faster than the recommended one).
 
@@ -39,7 +39,7 @@ def run_rate(rate: str, params: str, timeout: float) -> dict[str, Any]:
         assert c.log_dir is not None
         path = os.path.join(c.log_dir, "preflight.json")
         t0 = time.perf_counter()
-        c.run(["-m", "lightning_gaussk.preflight", "--params", params, "--json", path], timeout=timeout)
+        c.run(["-m", "lightning_gaussk.observe.preflight", "--params", params, "--json", path], timeout=timeout)
         wall = time.perf_counter() - t0
         with open(path) as f:
             report = json.load(f)
@@ -52,7 +52,8 @@ def run_rate(rate: str, params: str, timeout: float) -> dict[str, Any]:
 
 def check(rate: str, report: dict[str, Any], tolerance: float, slowest: bool) -> list[str]:
     """What is wrong with ``report`` (empty: nothing)."""
-    from lightning_gaussk import costmodel, preflight
+    from lightning_gaussk.costs import model as costmodel
+    from lightning_gaussk.observe import preflight
 
     bad = []
     shaped = cluster.parse_rate(rate) / 1e9

@@ -470,7 +470,7 @@ def markdown(results: list[dict[str, Any]], digits: dict[str, Any] | None) -> st
     lines += [
         "### Predicted for nodes of 8 GPUs",
         "",
-        "`lightning_gaussk/costmodel.py`, GPU host-cost preset (assumed, not measured: no GPU here), NVLink-class "
+        "`lightning_gaussk/costs/model.py`, GPU host-cost preset (assumed, not measured: no GPU here), NVLink-class "
         f"intra-node links ({NVLINK[1] / 1e9:.0f} GB/s, {NVLINK[0] * 1e6:.0f} us), inter-node `Link.from_gbit(g, latency_us=10)` "
         "per node, the 25M model's 3 buckets. Entries: predicted communication + host ms per step (compute excluded) of "
         "**dense** (flat ring all-reduce over all 8N GPUs; the ring crosses each node's NIC once each way), **flat** "

@@ -12,7 +12,7 @@ interleaved so that drift on a shared machine hits them alike) and reports
 * ``overlap``    the fraction of the exact top-k's indices that the method selected,
 * ``count/k``    entries selected over k (1 for every method but "gaussk_paper").
 
-Methods: "topk", "gaussk", "dgc", "randk" from ``lightning_gaussk.selectors`` and, as a quality
+Methods: "topk", "gaussk", "dgc", "randk" from ``lightning_gaussk.selection.selectors`` and, as a quality
 reference, "gaussk_paper": the reference code's unrefined Gaussian-k (threshold
 ``mu + sigma * PPF(1 - rho/2)`` from the mean and std of the whole tensor, then at most 3 passes
 that halve it when fewer than 2k/3 entries clear it or multiply it by 1.5 when more than 4k/3 do;
@@ -42,7 +42,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import DOCS, load_average, machine_description, write_doc_section  # noqa: E402
-from lightning_gaussk.selectors import select  # noqa: E402
+from lightning_gaussk.selection.selectors import select  # noqa: E402
 
 METHODS = ("topk", "gaussk", "dgc", "randk", "gaussk_paper")
 FAMILIES = ("normal", "laplace", "student_t3", "mixed_scales", "real_grad")

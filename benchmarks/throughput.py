@@ -137,7 +137,7 @@ def calibrate_host(sizes: list[int], world: int, densities: list[float], methods
     the remaining per-bucket passes (scatter of the W gathered messages, residual commit)."""
     import torch
 
-    from lightning_gaussk.selectors import accumulate_select
+    from lightning_gaussk.selection.selectors import accumulate_select
 
     g = torch.Generator().manual_seed(0)
     res: dict[str, Any] = {"pass": [], "select": [], "hook_rest": []}

@@ -9,46 +9,28 @@ import inspect
 import sys
 from pathlib import Path
 
-MODULES = [
-    "lightning_gaussk",
-    "lightning_gaussk.selectors",
-    "lightning_gaussk.config",
-    "lightning_gaussk.hook",
-    "lightning_gaussk.topology",
-    "lightning_gaussk.node_mode",
-    "lightning_gaussk.core.pipeline",
-    "lightning_gaussk.core.state",
-    "lightning_gaussk.core.store",
-    "lightning_gaussk.core.exchange",
-    "lightning_gaussk.core.sparse_allreduce",
-    "lightning_gaussk.core.topology",
-    "lightning_gaussk.core.codec",
-    "lightning_gaussk.core.log",
-    "lightning_gaussk.core.inflight",
-    "lightning_gaussk.core.linkprobe",
-    "lightning_gaussk.core.timing",
-    "lightning_gaussk.checkpoint",
-    "lightning_gaussk.strategy",
-    "lightning_gaussk.fsdp",
-    "lightning_gaussk.fsdp_strategy",
-    "lightning_gaussk.local_sgd",
-    "lightning_gaussk.core.quant",
-    "lightning_gaussk.local_strategy",
-    "lightning_gaussk.local_accelerate",
-    "lightning_gaussk.monitor",
-    "lightning_gaussk.distribution_stats",
-    "lightning_gaussk.distribution_plots",
-    "lightning_gaussk.telemetry",
-    "lightning_gaussk.accelerate",
-    "lightning_gaussk.remedies",
-    "lightning_gaussk.costmodel",
-    "lightning_gaussk.preflight",
-]
+ROOT = Path(__file__).resolve().parent.parent
+# the public modules first, then every module of the layers, bottom up (see tests/test_layers.py)
+PUBLIC = ["lightning_gaussk", "lightning_gaussk.accelerate", "lightning_gaussk.fsdp", "lightning_gaussk.local_sgd", "lightning_gaussk.preflight"]
+LAYERS = ("utils", "selection", "comm", "costs", "config", "engine", "checkpoint", "observe", "frontends")
+
+
+def _layer_modules() -> list[str]:
+    out = []
+    for layer in LAYERS:
+        folder = ROOT / "lightning_gaussk" / layer
+        out += [f"lightning_gaussk.{layer}"] + sorted(
+            f"lightning_gaussk.{layer}.{p.stem}" for p in folder.glob("*.py") if p.stem != "__init__"
+        )
+    return out
+
+
+MODULES = PUBLIC + _layer_modules()
 OUT = Path(__file__).with_name("api.md")
 
 
 def _entry(name: str, obj: object) -> list[str]:
-    if inspect.isclass(obj) or inspect.isfunction(obj):
+    if inspect.isclass(obj) or inspect.isfunction(obj) or hasattr(obj, "__wrapped__"):  # functools wrappers too
         try:
             sig = str(inspect.signature(obj))
         except (TypeError, ValueError):
@@ -68,7 +50,7 @@ def render() -> str:
         out += [f"## `{modname}`", ""]
         first = (inspect.getdoc(mod) or "").split("\n\n")[0]
         out += [first, ""]
-        for name in mod.__all__:
+        for name in getattr(mod, "__all__", []):
             obj = getattr(mod, name)
             if (inspect.isclass(obj) or inspect.isfunction(obj)) and id(obj) in seen:
                 out += [f"- `{name}`: see above.", ""]

@@ -112,7 +112,7 @@ BLOCKS = (
     Block("docs/convergence.md", "convergence", lambda: _convergence("convergence.json"), ("convergence.json",)),
     Block("docs/convergence.md", "convergence_long", lambda: _convergence("convergence-long.json"), ("convergence-long.json",)),
     Block("docs/convergence.md", "convergence_summary", _convergence_summary, ("convergence.json", "convergence-long.json")),
-    Block("lightning_gaussk/remedies.py", "adaptive_measured", _adaptive_measured, ("convergence-long.json",)),
+    Block("lightning_gaussk/frontends/remedies.py", "adaptive_measured", _adaptive_measured, ("convergence-long.json",)),
     Block("docs/benchmarks.md", "break_even", _break_even),
     Block("docs/benchmarks.md", "scaleout", _scaleout, ("scaleout-1gbit-0.001.json", "scaleout-20mbit-0.01.json", "scaleout-digits.json")),
     Block("docs/benchmarks.md", "exchange", _exchange),

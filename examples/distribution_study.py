@@ -46,7 +46,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import lightning_gaussk  # noqa: E402
-from lightning_gaussk.monitor import load_snapshot  # noqa: E402
+from lightning_gaussk.observe.monitor import load_snapshot  # noqa: E402
 
 MODELS = ("mlp", "cnn", "lstm")
 TITLES = {"mlp": "MLP 64-512-512-10", "cnn": "CNN conv32-conv64-fc128", "lstm": "LSTM(8->128) rows"}

@@ -9,9 +9,10 @@ its siblings (and ``"gaussk_fsdp"``) with Lightning's strategy registry.
 from typing import Any
 
 from lightning_gaussk.config import GaussKConfig
-from lightning_gaussk.hook import GaussKState, gaussk_hook
-from lightning_gaussk.local_sgd import SparseLocalSGD
-from lightning_gaussk.selectors import accumulate_select, available_selectors, get_selector, register_selector, select
+from lightning_gaussk.engine.ddp_hook import gaussk_hook
+from lightning_gaussk.engine.state import GaussKState
+from lightning_gaussk.engine.local_sgd import SparseLocalSGD
+from lightning_gaussk.selection.selectors import accumulate_select, available_selectors, get_selector, register_selector, select
 
 _LIGHTNING_NAMES = ("GaussKDDPStrategy", "GaussKFSDPStrategy", "GaussKLocalSGDStrategy", "GaussKTelemetry", "GradientDistributionMonitor", "telemetry_figures")
 
@@ -23,11 +24,11 @@ except ModuleNotFoundError as _err:  # raw torch or Accelerate without Lightning
     _missing_lightning: ModuleNotFoundError | None = _err
 else:
     _missing_lightning = None
-    from lightning_gaussk.monitor import GradientDistributionMonitor
-    from lightning_gaussk.fsdp_strategy import GaussKFSDPStrategy
-    from lightning_gaussk.local_strategy import GaussKLocalSGDStrategy
-    from lightning_gaussk.strategy import GaussKDDPStrategy
-    from lightning_gaussk.telemetry import GaussKTelemetry, telemetry_figures
+    from lightning_gaussk.observe.monitor import GradientDistributionMonitor
+    from lightning_gaussk.frontends.lightning_fsdp import GaussKFSDPStrategy
+    from lightning_gaussk.frontends.lightning_local import GaussKLocalSGDStrategy
+    from lightning_gaussk.frontends.lightning_ddp import GaussKDDPStrategy
+    from lightning_gaussk.observe.telemetry import GaussKTelemetry, telemetry_figures
 
     GaussKDDPStrategy.register_strategies(_registry)  # makes Trainer(strategy="gaussk_ddp") resolve
     GaussKFSDPStrategy.register_strategies(_registry)  # "gaussk_fsdp"

@@ -15,7 +15,7 @@ import pytest  # noqa: E402
 @pytest.fixture
 def registry():
     """Selector names registered (or overridden) by a test are restored afterwards."""
-    from lightning_gaussk.selectors import _SELECTORS
+    from lightning_gaussk.selection.selectors import _SELECTORS
 
     before = dict(_SELECTORS)
     yield

@@ -1,4 +1,4 @@
-"""lightning_gaussk.accelerate.register_gaussk: real 2-process Accelerate runs (torchrun, MULTI_CPU)
+"""lightning_gaussk.frontends.accelerate.register_gaussk: real 2-process Accelerate runs (torchrun, MULTI_CPU)
 plus in-process checks of configuration, misuse and checkpoint-folder handling.
 
 The two torchrun launches (tests/scripts/accelerate_train.py) run once per module and feed
@@ -22,7 +22,7 @@ from accelerate import Accelerator  # noqa: E402
 from accelerate.utils import DistributedType  # noqa: E402
 
 from lightning_gaussk import GaussKState  # noqa: E402
-from lightning_gaussk.accelerate import (  # noqa: E402
+from lightning_gaussk.frontends.accelerate import (  # noqa: E402
     ENV_VARS,
     STATE_FILE,
     _attach_loss_scale,
@@ -241,7 +241,7 @@ def _saved(tmp_path: Path, world: int, value_of_rank) -> None:
     for rank in range(world):
         state = GaussKState(density=0.1)
         state.load_state_dict({**state.state_dict(), "step": 4, "residuals": {"w": torch.full((3,), value_of_rank(rank))}})
-        payload = {"format": "lightning_gaussk.accelerate/1", "rank": rank, "world_size": world, "state": state.state_dict()}
+        payload = {"format": "lightning_gaussk.frontends.accelerate/1", "rank": rank, "world_size": world, "state": state.state_dict()}
         torch.save(payload, tmp_path / STATE_FILE.format(rank=rank))
 
 

@@ -11,7 +11,7 @@ import torch
 from test_select import SELECT_MODULE, make
 
 from lightning_gaussk import register_selector, select
-from lightning_gaussk.selectors import accumulate_select
+from lightning_gaussk.selection.selectors import accumulate_select
 
 D = 300_007  # not a multiple of 64: a 39-entry tail outside the lane scan
 

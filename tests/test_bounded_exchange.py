@@ -12,7 +12,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from _dist import run_distributed
 from lightning_gaussk import GaussKState, gaussk_hook
-from lightning_gaussk.topology import chunk_bounds
+from lightning_gaussk.comm.layout import chunk_bounds
 from test_hook import Net, _gather, _nonfinite, batch
 
 AR = {"exchange": "allreduce", "dense_fallback": "never"}

@@ -1,4 +1,4 @@
-"""Residual checkpoints that scale (lightning_gaussk/checkpoint.py): per-rank shard files with a
+"""Residual checkpoints that scale (lightning_gaussk/checkpoint/shards.py): per-rank shard files with a
 manifest, the layout-change policy for residuals and momentum-correction velocities, every saved
 format through one reader, named errors for missing and corrupt shards, agreement on failure
 (every rank raises, under Lightning and under a real Accelerate save_state/load_state), a
@@ -29,7 +29,7 @@ from torch import nn
 
 from _dist import run_distributed
 from lightning_gaussk import GaussKDDPStrategy, GaussKState
-from lightning_gaussk.checkpoint import (
+from lightning_gaussk.checkpoint.shards import (
     MANIFEST_FORMAT,
     SavedState,
     agree_on_failure,
@@ -45,8 +45,8 @@ from lightning_gaussk.checkpoint import (
     state_from_shards,
     write_shard,
 )
-from lightning_gaussk.strategy import CHECKPOINT_KEY
-from lightning_gaussk.topology import Layout, chunk_bounds
+from lightning_gaussk.frontends.lightning_ddp import CHECKPOINT_KEY
+from lightning_gaussk.comm.layout import Layout, chunk_bounds
 
 SIZES = {"a.weight": 37, "b.bias": 5, "c.weight": 3}  # 3 < L: empty chunks in node mode
 SCRIPT = Path(__file__).parent / "scripts" / "lightning_fit.py"
@@ -280,8 +280,8 @@ def test_a_malformed_checkpoint_entry_is_refused_naming_the_checkpoint(entry):
 
 def test_earlier_accelerate_files_without_manifests_read_through_the_same_reader(tmp_path):
     states = saved_states(2, None)
-    for r, sd in enumerate(states):  # the "lightning_gaussk.accelerate/1" files: no layout, no manifest
-        torch.save({"format": "lightning_gaussk.accelerate/1", "rank": r, "world_size": 2, "state": sd}, tmp_path / f"s{r}.pt")
+    for r, sd in enumerate(states):  # the "lightning_gaussk.frontends.accelerate/1" files: no layout, no manifest
+        torch.save({"format": "lightning_gaussk.frontends.accelerate/1", "rank": r, "world_size": 2, "state": sd}, tmp_path / f"s{r}.pt")
     names = {"shard_name": lambda r: f"s{r}.pt", "manifest_name": lambda r: f"m{r}.json"}
     saved = SavedState.from_folder(tmp_path, **names)
     assert saved.world_size == 2 and saved.folder == tmp_path
@@ -340,7 +340,7 @@ def test_strategy_carries_loaded_shards_through_a_save_while_not_fitting(tmp_pat
 # ============================================================================ Accelerate's files, in process
 def test_accelerate_files_carry_checksums_and_follow_the_same_policy(tmp_path):
     pytest.importorskip("accelerate")
-    from lightning_gaussk.accelerate import _load_into, _save_files, manifest_file, state_file
+    from lightning_gaussk.frontends.accelerate import _load_into, _save_files, manifest_file, state_file
 
     states = []
     for rank in range(2):
@@ -506,7 +506,7 @@ def _accelerate_agreement_entry(rank: int, world: int, out: str) -> None:
                       OMP_NUM_THREADS="1")  # fmt: skip
     from accelerate import Accelerator
 
-    from lightning_gaussk.accelerate import register_gaussk, state_file
+    from lightning_gaussk.frontends.accelerate import register_gaussk, state_file
 
     torch.manual_seed(0)
     acc = Accelerator(cpu=True)
@@ -638,7 +638,7 @@ def test_the_checkpoint_protocol_imports_neither_lightning_nor_accelerate():
     import lightning_gaussk
 
     root = Path(lightning_gaussk.__file__).parent
-    todo, seen, foreign = ["lightning_gaussk.checkpoint"], set(), []
+    todo, seen, foreign = ["lightning_gaussk.checkpoint.shards"], set(), []
     while todo:
         mod = todo.pop()
         if mod in seen:
@@ -654,7 +654,7 @@ def test_the_checkpoint_protocol_imports_neither_lightning_nor_accelerate():
                     foreign.append((mod, name))
                 elif top == "lightning_gaussk" and name != "lightning_gaussk":
                     todo.append(name)
-    assert "lightning_gaussk.core.log" in seen and foreign == [], (sorted(seen), foreign)
+    assert "lightning_gaussk.utils.log" in seen and foreign == [], (sorted(seen), foreign)
 
 
 @pytest.mark.parametrize(("case", "error", "detail"), [("missing", "FileNotFoundError", "is missing"),
@@ -663,7 +663,7 @@ def test_accelerate_load_state_raises_on_every_rank_when_one_ranks_shard_is_bad(
     """Under a real Accelerate load_state (2 gloo processes), rank 1's shard missing or corrupt:
     rank 1 raises its own error and rank 0, whose own shard is fine, raises too, both naming
     rank 1's file; the intact copy of the same save loads on both."""
-    from lightning_gaussk.accelerate import state_file
+    from lightning_gaussk.frontends.accelerate import state_file
 
     path = str(spawned / "acc" / case / state_file(1))
     mine, peer = (json.loads((spawned / f"acc_rank{r}.json").read_text())[case] for r in (1, 0))

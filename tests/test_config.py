@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from lightning_gaussk import GaussKDDPStrategy, GaussKState
-from lightning_gaussk.accelerate import ENV_VARS, config_from_env, register_gaussk, resolve_config
+from lightning_gaussk.frontends.accelerate import ENV_VARS, config_from_env, register_gaussk, resolve_config
 from lightning_gaussk.config import GaussKConfig, bucket_k, config_fields, env_var
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,7 +61,7 @@ def test_strategy_signature_config_fields_and_environment_variables_agree(strate
     """The strategies spell the options out (LightningCLI reads the signature): names, order,
     defaults, types and docs must be the config's. ``gaussk_fsdp`` leaves out the layout options
     (its layout is the mesh)."""
-    from lightning_gaussk.fsdp_strategy import _LAYOUT_OPTIONS, GaussKFSDPStrategy
+    from lightning_gaussk.frontends.lightning_fsdp import _LAYOUT_OPTIONS, GaussKFSDPStrategy
 
     cls = GaussKDDPStrategy if strategy == "gaussk_ddp" else GaussKFSDPStrategy
     left_out = () if strategy == "gaussk_ddp" else _LAYOUT_OPTIONS

@@ -9,9 +9,9 @@ import torch
 from _dist import run_distributed
 from _invariants import decode_mean
 from lightning_gaussk import GaussKConfig, GaussKState
-from lightning_gaussk.core import codec
-from lightning_gaussk.core.exchange import Delivery, Exchange, Launched, Route, Selection, all_gather, available_exchanges, buffer, register_exchange
-from lightning_gaussk.core.pipeline import reduce
+from lightning_gaussk.comm import codec
+from lightning_gaussk.comm.exchange import Delivery, Exchange, Launched, Route, Selection, all_gather, available_exchanges, buffer, register_exchange
+from lightning_gaussk.engine.pipeline import reduce
 from test_hook import _gather
 
 

@@ -1,40 +1,14 @@
-"""The alpha-beta cost model: formulas, the per-bucket decision, fits on synthetic figures.
+"""The alpha-beta cost model: formulas, the per-bucket decision, fits on synthetic figures."""
 
-Loads ``lightning_gaussk/costmodel.py`` by path: the module is pure (standard library only), and
-importing the package would import Lightning (seconds) for nothing.
-"""
-
-import importlib.util
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 
-_PATH = os.path.join(os.path.dirname(__file__), "..", "lightning_gaussk", "costmodel.py")
+from lightning_gaussk.comm.sparse_allreduce import bounded_chunks
+from lightning_gaussk.costs import model as cm
 
-
-def _load():
-    name = "_gaussk_costmodel_under_test"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, _PATH)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
-
-
-cm = _load()
 CPU = cm.HostCosts.for_device("cpu")
 GPU = cm.HostCosts.for_device("cuda")
-
-
-def test_module_is_pure_standard_library():
-    code = f"import importlib.util, sys; s = importlib.util.spec_from_file_location('m', {_PATH!r}); " \
-           "m = importlib.util.module_from_spec(s); sys.modules['m'] = m; s.loader.exec_module(m); " \
-           "assert 'torch' not in sys.modules and 'numpy' not in sys.modules, sorted(sys.modules)"  # fmt: skip
-    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 # ------------------------------------------------------------------------------------- links
@@ -238,13 +212,13 @@ def test_hierarchical_model_and_scaleout_table_take_the_inter_stage_from_dense_w
 # ------------------------------------------------------------------------------------- exchanges
 def test_exchange_bytes_formulas():
     d, k, P = 1_000_000, 10_000, 8
-    c1, c2 = cm.bounded_chunks(d, k, P)
+    c1, c2 = bounded_chunks(d, k, P)
     assert (c1, c2) == (1875, 1875)  # ceil(3k / 2P) both
     assert cm.exchange_bytes("dense", d, k, P) == pytest.approx(2 * 7 / 8 * 4 * d)
     assert cm.exchange_bytes("allgather", d, k, P) == 7 * 4 * (2 * k + 1) == cm.wire_bytes("sparse", d, P, k=k)
     assert cm.exchange_bytes("allreduce", d, k, P) == 7 * 4 * (2 * c1 + 1) + 7 * 4 * (2 * c2 + 1)
-    assert cm.bounded_chunks(100, 90, 8) == (13, 13)  # both capped at ceil(d/P)
-    assert cm.bounded_chunks(10, 3, 4) == (2, 2)
+    assert bounded_chunks(100, 90, 8) == (13, 13)  # both capped at ceil(d/P)
+    assert bounded_chunks(10, 3, 4) == (2, 2)
     with pytest.raises(ValueError, match="exchange"):
         cm.exchange_bytes("ring", d, k, P)
 

@@ -36,11 +36,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from _dist import free_port
-from lightning_gaussk.core.timing import fold as fold_device_times
+from lightning_gaussk.engine.timing import fold as fold_device_times
 from lightning_gaussk import GaussKState, accumulate_select, gaussk_hook, select
-from lightning_gaussk._histselect import NUM_BINS, bin_index, boundary, hist_select, histogram, threshold_from_moments
-from lightning_gaussk.kernels import triton_accumulate_select, triton_available, triton_select
-from lightning_gaussk.selectors import _accumulate
+from lightning_gaussk.selection.histogram import NUM_BINS, bin_index, boundary, hist_select, histogram, threshold_from_moments
+from lightning_gaussk.selection.triton import triton_accumulate_select, triton_available, triton_select
+from lightning_gaussk.selection.selectors import _accumulate
 
 CUDA = torch.cuda.is_available()
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -70,7 +70,7 @@ def device_threshold(x: torch.Tensor, k: int) -> torch.Tensor:
 
 def kernel_threshold(x: torch.Tensor, k: int) -> torch.Tensor:
     """The Gaussian-k estimate as ``triton_select(x, k)`` computes it (its moments kernel)."""
-    from lightning_gaussk import kernels
+    from lightning_gaussk.selection import triton as kernels
 
     programs, tiles = kernels._grid(x.numel(), kernels.BLOCK, kernels._MAX_PROGRAMS)
     part = torch.empty(2, programs, dtype=torch.float32, device=x.device)

@@ -10,8 +10,8 @@ import torch
 import torch.distributed as dist
 
 from _dist import run_distributed
-from lightning_gaussk.core.exchange import AllGather, Route, Selection, available_exchanges, get_exchange
-from lightning_gaussk.core.sparse_allreduce import SparseAllReduce, capacities
+from lightning_gaussk.comm.exchange import AllGather, Route, Selection, available_exchanges, get_exchange
+from lightning_gaussk.comm.sparse_allreduce import SparseAllReduce, bounded_chunks
 
 
 # ------------------------------------------------------------------------------ helpers (per rank)
@@ -66,7 +66,7 @@ def _check_case(rank: int, world: int, kind: str, d: int, k: int, seed: int, ind
     expected /= world
     assert torch.allclose(out.double(), expected, rtol=1e-6, atol=1e-6), (kind, d, k, (out.double() - expected).abs().max())
 
-    _, c2 = capacities(k, d, world)
+    _, c2 = bounded_chunks(d, k, world)
     assert int((out != 0).sum()) <= world * c2  # the global update holds about k entries, not P k
     # selected entries that were not delivered although their index is in the update (another rank's
     # value got there, this rank's was dropped in stage 1): the subtle half of the delivery rule
@@ -191,7 +191,7 @@ def test_one_peer_delivers_everything_without_collectives():
 def test_bytes_stay_bounded_as_peers_grow_while_allgather_grows():
     ar, ag = SparseAllReduce(), AllGather()
     for d, k in ((10**6, 10**4), (10**5, 10**3), (4099, 41)):
-        c1_2, c2_2 = capacities(k, d, 2)
+        c1_2, c2_2 = bounded_chunks(d, k, 2)
         assert ar.wire_bytes(k, d, 2) == 4 * (2 * c1_2 + 1) + 4 * (2 * c2_2 + 1)  # the cost model's formula
         # from 2 to 4 peers: at most the (P-1)/P factor (1.5x), up to the ceilings of c1 and c2 (at most
         # 4 words per peer); the all-gather's triple
@@ -200,10 +200,10 @@ def test_bytes_stay_bounded_as_peers_grow_while_allgather_grows():
         for peers in (2, 4, 8, 16, 64, 512):
             words = ar.wire_bytes(k, d, peers) / 4
             assert words <= 6 * k * (peers - 1) / peers + 6 * (peers - 1)  # Ok-Topk's 6 words per entry
-            c1, c2 = capacities(k, d, peers)
+            c1, c2 = bounded_chunks(d, k, peers)
             assert ar.message_bytes(k, d, peers) == 4 * ((2 * c1 + 1) * peers + 2 * c2 + 1)
         assert ar.wire_bytes(k, d, 8) <= 0.45 * ag.wire_bytes(k, d, 8)
     # tiny buckets: never more capacity than a region holds, and still at least one entry
-    assert capacities(1, 1, 4) == (1, 1)
-    assert capacities(3, 3, 4) == (1, 1)
-    assert capacities(37, 37, 4) == (10, 10)
+    assert bounded_chunks(1, 1, 4) == (1, 1)
+    assert bounded_chunks(3, 3, 4) == (1, 1)
+    assert bounded_chunks(37, 37, 4) == (10, 10)

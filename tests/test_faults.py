@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from _dist import free_port
 from lightning_gaussk import GaussKDDPStrategy, GaussKState, gaussk_hook
-from lightning_gaussk.checkpoint import make_manifest, read_shard, shard_dir, write_shard
+from lightning_gaussk.checkpoint.shards import make_manifest, read_shard, shard_dir, write_shard
 from test_hook import MatrixNet, matrix_batch
 from test_strategy import bound_strategy, good_state, records, run_plan
 
@@ -262,7 +262,7 @@ import atexit, os, sys
 import torch, torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from lightning_gaussk import GaussKState, gaussk_hook
-from lightning_gaussk.core import inflight
+from lightning_gaussk.comm import inflight
 
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
 dist.init_process_group("gloo", rank=0, world_size=1)

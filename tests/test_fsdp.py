@@ -12,7 +12,6 @@ checkpoints; refusals.
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -25,16 +24,10 @@ fsdp = pytest.importorskip("torch.distributed.fsdp")
 from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # noqa: E402
 
-from lightning_gaussk.fsdp import (  # noqa: E402
-    SHARDING,
-    GaussKFSDPState,
-    register_gaussk_fsdp,
-    reshard_state,
-    restore_fsdp_shards,
-    save_fsdp_shards,
-)
-from lightning_gaussk import checkpoint as ckpt  # noqa: E402
-from lightning_gaussk.topology import Layout  # noqa: E402
+from lightning_gaussk.checkpoint.fsdp import reshard_state, restore_fsdp_shards, save_fsdp_shards  # noqa: E402
+from lightning_gaussk.engine.fsdp import SHARDING, GaussKFSDPState, register_gaussk_fsdp  # noqa: E402
+from lightning_gaussk.checkpoint import shards as ckpt  # noqa: E402
+from lightning_gaussk.comm.layout import Layout  # noqa: E402
 
 
 class Net(nn.Module):

@@ -20,7 +20,7 @@ pytest.importorskip("torch.distributed.fsdp")
 from accelerate import Accelerator  # noqa: E402
 from accelerate.utils import DistributedType  # noqa: E402
 
-from lightning_gaussk.accelerate import FSDP_RECIPE, find_ddp_module, register_gaussk  # noqa: E402
+from lightning_gaussk.frontends.accelerate import FSDP_RECIPE, find_ddp_module, register_gaussk  # noqa: E402
 
 SCRIPT = Path(__file__).parent / "scripts" / "accelerate_fsdp.py"
 ROOT = Path(__file__).resolve().parent.parent

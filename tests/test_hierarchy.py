@@ -14,8 +14,8 @@ from _dist import run_distributed
 from _invariants import assert_residual_is_u_minus_sent, decode_mean
 from lightning_gaussk import GaussKState, gaussk_hook, register_selector
 from lightning_gaussk.config import bucket_k
-from lightning_gaussk.selectors import topk_selector
-from lightning_gaussk.topology import Layout, chunk_bounds, resolve_layout
+from lightning_gaussk.selection.selectors import topk_selector
+from lightning_gaussk.comm.layout import Layout, chunk_bounds, resolve_layout
 from test_hook import DDP_MODES, MATRIX, MatrixNet, Net, _gather, _matrix_loss, _train_step, batch
 
 NODE = {"hierarchy": "node", "ranks_per_node": 2}
@@ -279,7 +279,7 @@ def test_telemetry_counts_intra_and_inter_node_bytes_separately():
 
 
 def test_the_startup_line_says_the_mode_why_the_exchange_and_what_a_node_sends():
-    from lightning_gaussk.core.topology import Flat, Node
+    from lightning_gaussk.comm.topology import Flat, Node
 
     state = GaussKState(density=0.01)
     state.topology = Node(Layout(8, 0, 4), None, None)

@@ -181,8 +181,8 @@ def test_nonfinite_gradient_on_one_rank_is_seen_everywhere_and_spares_residuals(
 
 # --------------------------------------------------------------------------------------------
 def _fused_vs_unfused(rank: int, world: int) -> None:
-    import lightning_gaussk._cputopk as cpu
-    import lightning_gaussk.selectors as sel
+    import lightning_gaussk.selection.cpu as cpu
+    import lightning_gaussk.selection.selectors as sel
 
     fused_scans = []
     scan = cpu._lane_absmax
@@ -320,7 +320,7 @@ def test_load_state_dict_rejects_foreign_dicts():
 
 
 def test_dense_fallback_rule_is_a_pure_function_of_shapes_and_config():
-    from lightning_gaussk import costmodel
+    from lightning_gaussk.costs import model as costmodel
 
     auto, never = GaussKState(density=0.01), GaussKState(density=0.01, dense_fallback="never")
     # all-gather of W (2k + 1) words vs ring allreduce of 2 d (W - 1) / W: sparse only if fewer bytes

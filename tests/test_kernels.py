@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_gaussk import _histselect, kernels
-from lightning_gaussk._histselect import (
+from lightning_gaussk.selection import histogram as _histselect
+from lightning_gaussk.selection import triton as kernels
+from lightning_gaussk.selection.histogram import (
     CENTER,
     NUM_BINS,
     bin_index,
@@ -29,7 +30,7 @@ from lightning_gaussk._histselect import (
     scatter_histogram,
     threshold_from_moments,
 )
-from lightning_gaussk.kernels import triton_available, triton_select
+from lightning_gaussk.selection.triton import triton_available, triton_select
 
 needs_triton = pytest.mark.skipif(
     not triton_available(), reason="`import triton` failed: the Triton kernels cannot run here"

@@ -16,10 +16,10 @@ import sys
 import pytest
 import torch
 
-from lightning_gaussk import kernels
-from lightning_gaussk._histselect import NUM_BINS
-from lightning_gaussk.kernels import fusable, triton_accumulate_select, triton_available, triton_select
-from lightning_gaussk.selectors import _accumulate
+from lightning_gaussk.selection import triton as kernels
+from lightning_gaussk.selection.histogram import NUM_BINS
+from lightning_gaussk.selection.triton import fusable, triton_accumulate_select, triton_available, triton_select
+from lightning_gaussk.selection.selectors import _accumulate
 
 pytestmark = pytest.mark.skipif(
     not triton_available(), reason="`import triton` failed: the Triton kernels cannot run here"

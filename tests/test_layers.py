@@ -7,30 +7,20 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "lightning_gaussk"
-# the algorithm: everything a raw-torch user, Accelerate or a future FSDP2/local-SGD driver runs on
-ALGORITHM = [
-    "lightning_gaussk",
-    "lightning_gaussk.core.codec",
-    "lightning_gaussk.core.exchange",
-    "lightning_gaussk.core.store",
-    "lightning_gaussk.core.topology",
-    "lightning_gaussk.core.state",
-    "lightning_gaussk.core.pipeline",
-    "lightning_gaussk.core.log",
-    "lightning_gaussk.core.linkprobe",
-    "lightning_gaussk.core.timing",
-    "lightning_gaussk.core.sparse_allreduce",
-    "lightning_gaussk.hook",
-    "lightning_gaussk.node_mode",
-    "lightning_gaussk.config",
-    "lightning_gaussk.costmodel",
-    "lightning_gaussk.selectors",
-    "lightning_gaussk.topology",
-    "lightning_gaussk.checkpoint",
-]
+# the layers, bottom up: a module of a folder imports only its own folder and the folders before it
+LAYERS = ("utils", "selection", "comm", "costs", "config", "engine", "checkpoint", "observe", "frontends")
+# the public modules at the package root: they re-export from the layers (and may import any)
+PUBLIC = ("lightning_gaussk", "lightning_gaussk.accelerate", "lightning_gaussk.fsdp", "lightning_gaussk.local_sgd", "lightning_gaussk.preflight")
+
+
+def _algorithm() -> list[str]:
+    """Every module of the layers a raw-torch user runs on (up to the checkpoints), and the root."""
+    algo = set(LAYERS[: LAYERS.index("checkpoint") + 1])
+    return ["lightning_gaussk", "lightning_gaussk.local_sgd", "lightning_gaussk.fsdp"] + sorted(
+        m for m in import_graph() if m.count(".") >= 1 and m.split(".")[1] in algo
+    )
 
 _BLOCKED_RUN = r"""
 import importlib, importlib.abc, sys
@@ -75,7 +65,7 @@ def test_algorithm_imports_and_trains_with_lightning_and_accelerate_blocked():
     from _dist import free_port
 
     env = {**os.environ, "PORT": str(free_port())}
-    proc = subprocess.run([sys.executable, "-c", _BLOCKED_RUN, *ALGORITHM], capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", _BLOCKED_RUN, *_algorithm()], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
 
 
@@ -131,7 +121,7 @@ def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_no_import_cycle_in_the_package_counting_imports_inside_functions():
     graph = import_graph()
-    assert "lightning_gaussk.core.store" in graph["lightning_gaussk.core.pipeline"]  # the graph is real
+    assert "lightning_gaussk.engine.state" in graph["lightning_gaussk.engine.pipeline"]  # the graph is real
     assert find_cycles(graph) == []
 
 
@@ -142,3 +132,39 @@ def test_the_cycle_check_sees_an_import_inside_a_function(tmp_path):
     (pkg / "a.py").write_text("from lightning_gaussk import b\n")
     (pkg / "b.py").write_text("def f():\n    from .a import x\n")
     assert find_cycles(import_graph(pkg)) == [["lightning_gaussk.a", "lightning_gaussk.b", "lightning_gaussk.a"]]
+
+
+def _layer(module: str) -> int | None:
+    """The index of ``module``'s folder in :data:`LAYERS` (None: a public module at the root)."""
+    parts = module.split(".")
+    return LAYERS.index(parts[1]) if len(parts) > 2 or (len(parts) == 2 and parts[1] in LAYERS) else None
+
+
+def layer_violations(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+    """Every import of a folder above the importer's own (imports inside functions counted)."""
+    bad = []
+    for module, targets in graph.items():
+        own = _layer(module)
+        if own is None:
+            continue
+        bad += [(module, t) for t in sorted(targets) if _layer(t) is None or _layer(t) > own]
+    return bad
+
+
+def test_each_folder_imports_only_itself_and_the_folders_below_it():
+    graph = import_graph()
+    folders = {m.split(".")[1] for m in graph if m.count(".") >= 1 and m not in PUBLIC}
+    assert folders == set(LAYERS), folders  # every module lives in a layer or is a public module
+    assert "lightning_gaussk.costs.model" in graph["lightning_gaussk.engine.state"]  # the graph is real
+    assert layer_violations(graph) == []
+
+
+def test_the_layer_check_sees_an_upward_import_inside_a_function(tmp_path):
+    pkg = tmp_path / "lightning_gaussk"
+    for folder in ("comm", "engine"):
+        (pkg / folder).mkdir(parents=True)
+        (pkg / folder / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text("")
+    (pkg / "engine" / "state.py").write_text("from lightning_gaussk.comm import exchange\n")
+    (pkg / "comm" / "exchange.py").write_text("def f():\n    from lightning_gaussk.engine import state\n")
+    assert layer_violations(import_graph(pkg)) == [("lightning_gaussk.comm.exchange", "lightning_gaussk.engine.state")]

@@ -1,4 +1,4 @@
-"""Sparse local SGD (lightning_gaussk.local_sgd, the "gaussk_local" strategy, register_gaussk's
+"""Sparse local SGD (lightning_gaussk.engine.local_sgd, the "gaussk_local" strategy, register_gaussk's
 local path) on gloo.
 
 One spawned 4-process run (module fixture ``raw``) feeds the raw-torch tests: DDP equivalence
@@ -20,8 +20,8 @@ import torch.distributed as dist
 from torch import nn
 
 from _dist import run_distributed
-from lightning_gaussk.core.quant import dequantize, message_bytes, pack_codes, quantize, unpack_codes
-from lightning_gaussk.local_sgd import SparseLocalSGD
+from lightning_gaussk.comm.quant import dequantize, message_bytes, pack_codes, quantize, unpack_codes
+from lightning_gaussk.engine.local_sgd import SparseLocalSGD
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE / "scripts"))
@@ -292,7 +292,7 @@ def test_strategy_signature_is_the_outer_loops_options():
     import inspect
     import typing
 
-    from lightning_gaussk.local_strategy import GaussKLocalSGDStrategy
+    from lightning_gaussk.frontends.lightning_local import GaussKLocalSGDStrategy
 
     internal = ("model", "optimizer", "process_group", "launcher_ranks_per_node")  # given by the strategy
     loop = [p for n, p in inspect.signature(SparseLocalSGD.__init__).parameters.items() if n not in ("self", *internal)]

@@ -22,7 +22,7 @@ import scipy.stats
 import torch
 
 from lightning_gaussk import GaussKState, GaussKTelemetry, GradientDistributionMonitor, select, telemetry_figures
-from lightning_gaussk.distribution_stats import (
+from lightning_gaussk.observe.distribution_stats import (
     contraction,
     group_statistics,
     histogram,
@@ -33,7 +33,7 @@ from lightning_gaussk.distribution_stats import (
     selection_quality,
     topk_threshold,
 )
-from lightning_gaussk.monitor import load_snapshot
+from lightning_gaussk.observe.monitor import load_snapshot
 
 SCRIPT = Path(__file__).parent / "scripts" / "monitor_fit.py"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -189,7 +189,7 @@ def test_telemetry_figures_are_differences_of_the_counters():
 
 
 def test_local_sgd_figures_are_cumulative_and_time_only_an_outer_step():
-    from lightning_gaussk.telemetry import local_sgd_figures
+    from lightning_gaussk.observe.telemetry import local_sgd_figures
 
     before = {"inner_steps": 15, "outer_steps": 0, "skipped_outer_steps": 0, "bytes_sent": 0, "outer_ns": 0}
     after = {"inner_steps": 16, "outer_steps": 1, "skipped_outer_steps": 0, "bytes_sent": 4000, "outer_ns": 3_000_000}
@@ -484,7 +484,9 @@ def test_single_device_fit_measures_the_gradient_and_draws(tmp_path):
 
 def test_statistics_and_figures_are_still_importable_from_the_monitor_module():
     """They moved to distribution_stats / distribution_plots; the old import path keeps working."""
-    from lightning_gaussk import distribution_plots, distribution_stats, monitor
+    from lightning_gaussk.observe import distribution_plots
+    from lightning_gaussk.observe import distribution_stats
+    from lightning_gaussk.observe import monitor
 
     for mod in (distribution_stats, distribution_plots):
         for name in mod.__all__:

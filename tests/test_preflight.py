@@ -1,4 +1,4 @@
-"""Pre-flight (``python -m lightning_gaussk.preflight``) and ``link_gbit="measure"``: the JSON's
+"""Pre-flight (``python -m lightning_gaussk.observe.preflight``) and ``link_gbit="measure"``: the JSON's
 schema and the recommendation on gloo over loopback (ranks started with torchrun's variables),
 the recommendation rule on given links, errors naming the argument, and a measured link that every
 rank agrees on. The emulated-cluster check (shaped links, root only) is
@@ -15,7 +15,9 @@ import pytest
 import torch.distributed as dist
 
 from _dist import free_port, run_distributed
-from lightning_gaussk import GaussKState, costmodel, preflight
+from lightning_gaussk import GaussKState
+from lightning_gaussk.costs import model as costmodel
+from lightning_gaussk.observe import preflight
 from lightning_gaussk.config import GaussKConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,7 +34,7 @@ def _launch(world: int, per_node: int, args: list[str], tmp_path: Path, timeout:
         env = dict(base, RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r % per_node), LOCAL_WORLD_SIZE=str(per_node),
                    GROUP_RANK=str(r // per_node), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")  # fmt: skip
         log = open(tmp_path / f"rank{r}.log", "w")
-        procs.append((subprocess.Popen([sys.executable, "-m", "lightning_gaussk.preflight", *args], env=env, cwd=ROOT,
+        procs.append((subprocess.Popen([sys.executable, "-m", "lightning_gaussk.observe.preflight", *args], env=env, cwd=ROOT,
                                        stdout=log, stderr=subprocess.STDOUT, start_new_session=True), log))  # fmt: skip
     try:
         codes = [p.wait(timeout=timeout) for p, _ in procs]

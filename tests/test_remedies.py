@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from _dist import run_distributed
 from _invariants import assert_residual_is_u_minus_sent
 from lightning_gaussk import GaussKState, gaussk_hook
-from lightning_gaussk.remedies import describe, frozen_adam_step, wrap_optimizer
+from lightning_gaussk.frontends.remedies import describe, frozen_adam_step, wrap_optimizer
 
 M = 0.9
 D_IN, D_OUT = 6, 5  # one weight of 30 entries: one bucket, one parameter

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from lightning_gaussk import available_selectors, get_selector, register_selector, select
-from lightning_gaussk.selectors import _lane_size
+from lightning_gaussk.selection.selectors import _lane_size
 from test_hook import check_message
 
-SELECT_MODULE = sys.modules["lightning_gaussk._cputopk"]  # the CPU lane machinery behind "gaussk" and "dgc"
+SELECT_MODULE = sys.modules["lightning_gaussk.selection.cpu"]  # the CPU lane machinery behind "gaussk" and "dgc"
 
 BUILTIN = ("topk", "gaussk", "dgc", "randk")
 EXACT = ("topk", "gaussk", "dgc")  # exact top-k on CPU tensors (up to ties)

@@ -21,7 +21,7 @@ from torch import nn
 
 import lightning_gaussk
 from lightning_gaussk import GaussKDDPStrategy, GaussKState
-from lightning_gaussk.checkpoint import MANIFEST_FORMAT, read_shard, shard_dir
+from lightning_gaussk.checkpoint.shards import MANIFEST_FORMAT, read_shard, shard_dir
 from test_hook import BAD_CONFIG, check_message
 
 SCRIPT = Path(__file__).parent / "scripts" / "lightning_fit.py"

@@ -12,7 +12,7 @@ from lightning.pytorch.strategies import StrategyRegistry
 
 import lightning_gaussk  # noqa: F401  (registers "gaussk_ddp")
 from lightning_gaussk import GaussKDDPStrategy
-from lightning_gaussk.accelerate import resolve_config
+from lightning_gaussk.frontends.accelerate import resolve_config
 
 
 @pytest.fixture(autouse=True)

@@ -12,7 +12,7 @@ from accelerate import Accelerator
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
-from lightning_gaussk.accelerate import register_gaussk
+from lightning_gaussk.frontends.accelerate import register_gaussk
 
 
 def make_batch(i: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

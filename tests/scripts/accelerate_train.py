@@ -17,7 +17,7 @@ import torch.distributed as dist
 from accelerate import Accelerator
 from torch import nn
 
-from lightning_gaussk.accelerate import register_gaussk
+from lightning_gaussk.frontends.accelerate import register_gaussk
 
 STEPS_BEFORE_SAVE = 6
 STEPS_AFTER_SAVE = 4

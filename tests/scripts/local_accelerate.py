@@ -17,7 +17,7 @@ from _launched import record_group_at_exit
 from accelerate import Accelerator
 from torch import nn
 
-from lightning_gaussk.accelerate import register_gaussk
+from lightning_gaussk.frontends.accelerate import register_gaussk
 
 
 def make_batch(step: int, micro: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 import lightning_gaussk  # noqa: F401 (registers "gaussk_local")
 from lightning_gaussk import GaussKTelemetry
-from lightning_gaussk.local_strategy import GaussKLocalSGDStrategy
+from lightning_gaussk.frontends.lightning_local import GaussKLocalSGDStrategy
 
 H = 3
 

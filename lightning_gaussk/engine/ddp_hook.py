@@ -1,0 +1,78 @@
+"""TopK-SGD as a DDP communication hook: ``gaussk_hook`` and its state, ``GaussKState``.
+
+The hook is a thin adapter: a DDP bucket is one call of the core entry
+(:func:`lightning_gaussk.engine.pipeline.reduce`), keyed by the bucket's index, over the bucket's
+parameters and flat buffer. One bucket, one step, in flat mode (``d`` entries, ``W`` ranks,
+``k = ceil(density * d)``)::
+
+    u        = grad + residual                      fp32 work buffer, reused between steps
+    idx, val = select(u, k)                         exactly k entries (selector by name)
+                                                    (one fused pass on CPU: accumulate_select)
+    msg      = [val | idx as int32 bits | flag]     ONE fp32 tensor of 2k + 1 entries
+    all_gather(msg)                                 ONE async collective of fixed size
+    grad     = scatter_add(idx_r, val_r) / W        duplicate indices across ranks add up
+    residual = u with u[idx] := 0                   so sent + residual == u, bit for bit
+
+``flag`` is 0 when ``u`` is finite, NaN otherwise (``0 * sum(u)``, or ``0 * sum(val)`` where the
+selection is an exact top-k, which always picks non-finite entries first). The gathered flags are
+added to the first entry of the result, so a non-finite gradient on any rank shows up on every
+rank (as with plain DDP, letting a GradScaler skip the step), and no rank commits its residual for
+that step: one bad step cannot poison the error feedback.
+
+Node mode (:mod:`lightning_gaussk.comm.topology`) reduces the bucket inside each node first and
+exchanges 1/L of it between nodes. Residuals are kept per parameter (the bucket buffer is the
+concatenation of ``bucket.parameters()``), so they survive DDP's bucket rebuild after the first
+iteration, ``static_graph``, ``find_unused_parameters`` and any ``bucket_cap_mb``.
+"""
+
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from lightning_gaussk.config import GaussKConfig
+from lightning_gaussk.engine.pipeline import reduce
+from lightning_gaussk.engine.state import GaussKState
+
+__all__ = ["gaussk_hook", "validate_config"]
+
+
+def validate_config(
+    density: Any,
+    selector: Any,
+    error_feedback: Any,
+    warmup_steps: Any,
+    warmup_density: Any,
+    seed: Any,
+    dense_fallback: Any = "auto",
+    link_gbit: Any = None,
+    **options: Any,
+) -> None:
+    """Raise ``TypeError``/``ValueError`` naming the argument, the value and what is allowed
+    (the checks of :class:`~lightning_gaussk.config.GaussKConfig`, which own them)."""
+    GaussKConfig(
+        density=density, selector=selector, error_feedback=error_feedback, warmup_steps=warmup_steps,
+        warmup_density=warmup_density, seed=seed, dense_fallback=dense_fallback, link_gbit=link_gbit, **options,
+    )  # fmt: skip
+
+
+def gaussk_hook(state: GaussKState, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
+    """TopK-SGD with error feedback for one DDP bucket (see the module docstring).
+
+    1. The bucket is one call of the core entry, keyed by its index.
+    2. After the last bucket of a backward pass, the state counts the step and drops served
+       monitor requests.
+
+    Register with ``ddp_model.register_comm_hook(state, gaussk_hook)``.
+
+    Example::
+
+        state = GaussKState(density=0.01).bind(ddp_model)
+        ddp_model.register_comm_hook(state, gaussk_hook)
+    """
+    fut = reduce(state, bucket.index(), bucket.parameters(), bucket.buffer())
+    if bucket.is_last():
+        state.end_backward()
+    return fut
