@@ -608,9 +608,13 @@ def netcheck_worker(nbytes: int, out: str | None) -> None:
 
 
 # ---------------------------------------------------------------------------------- helpers
-def load_costmodel() -> Any:
-    """:mod:`lightning_gaussk.costs.model`: the model and the one formula of k."""
-    return importlib.import_module("lightning_gaussk.costs.model")
+def load_costmodel(part: str = "model") -> Any:
+    """A module of :mod:`lightning_gaussk.costs`: ``"model"`` (links, host costs, bytes and times,
+    the one formula of k), ``"policy"`` (the one exchange policy) or ``"planning"`` (node-mode and
+    step times, fits)."""
+    if part not in ("model", "policy", "planning"):
+        raise ValueError(f"load_costmodel: `part` must be 'model', 'policy' or 'planning', got {part!r}")
+    return importlib.import_module(f"lightning_gaussk.costs.{part}")
 
 
 def load_topology() -> Any:

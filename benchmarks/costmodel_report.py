@@ -35,6 +35,7 @@ EXCHANGE_DENSITIES = (0.001, 0.01, 0.05)
 
 def markdown_costmodel(results: list[dict[str, Any]], plot_path: str | None) -> str:
     cm = cluster.load_costmodel()
+    plan = cluster.load_costmodel("planning")
 
     lines = [
         "## Cost model",
@@ -93,7 +94,7 @@ def markdown_costmodel(results: list[dict[str, Any]], plot_path: str | None) -> 
         link1, hosts = throughput.calibrated(base)
         host = hosts["gaussk"]
         buckets = tuple(base["methods"]["ddp"]["buckets"]) if "ddp" in base["methods"] else (base["numel"],)
-        work = cm.Workload(compute_s=base["compute_concurrent_s"], buckets=buckets)
+        work = plan.Workload(compute_s=base["compute_concurrent_s"], buckets=buckets)
         worlds = (2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
         lines += [
             "",
@@ -113,9 +114,9 @@ def markdown_costmodel(results: list[dict[str, Any]], plot_path: str | None) -> 
             cells = []
             for g in (1, 10, 100):
                 ln = cm.Link.from_gbit(g)
-                dn = cm.step_time(work, "dense", w, ln, host)
-                sp = cm.step_time(work, "sparse", w, ln, host, density=0.001)
-                au = cm.step_time(work, "sparse", w, ln, host, density=0.001, auto=True)
+                dn = plan.step_time(work, "dense", w, ln, host)
+                sp = plan.step_time(work, "sparse", w, ln, host, density=0.001)
+                au = plan.step_time(work, "sparse", w, ln, host, density=0.001, auto=True)
                 cells.append(f"{1 / dn:.2f} / {1 / sp:.2f} / {1 / au:.2f}")
             lines.append(f"| {w} | " + " | ".join(cells) + " |")
         lines += ["", "<!-- break_even:begin -->", markdown_break_even(), "<!-- break_even:end -->"]
@@ -133,11 +134,13 @@ def markdown_costmodel(results: list[dict[str, Any]], plot_path: str | None) -> 
         "### How the hook calls it",
         "",
         "```python",
-        "from lightning_gaussk.costs.model import HostCosts, Link, decide, prefer_dense",
+        "from lightning_gaussk.costs.model import HostCosts, Link",
+        "from lightning_gaussk.costs.policy import pick_exchange",
         "link = Link.from_gbit(10.0)            # the slowest link a bucket crosses; or Link(alpha, bandwidth) from fit_link",
         "host = HostCosts.for_device(buf.device.type)   # 'cpu' (fitted here) or 'cuda' (assumed); or fit_host_costs(...)",
-        "if prefer_dense(d, k, world, link, host):      # pure: memoise per (d, k, world)",
-        "    ...  # all-reduce this bucket dense; telemetry: decide(d, k, world, link, host).reason",
+        "decision = pick_exchange(d, k, world, link, host, exchange='allgather')   # pure: memoise per (d, k, world)",
+        "if decision.dense:  # (prefer_dense before the policy)",
+        "    ...  # all-reduce this bucket dense; telemetry: decision.reason",
         "```",
         "",
     ]
@@ -149,6 +152,7 @@ def markdown_break_even(d: int = max(scaleout.MODEL_BUCKETS)) -> str:
     predicted faster sparse (all-gather) than dense, by ``costmodel.dense_wins`` (the byte rule
     ``W (2k+1) >= 2d``, then the time model), for the CPU and GPU host presets. The model only."""
     cm = cluster.load_costmodel()
+    policy = cluster.load_costmodel("policy")
     lines = [
         f"Break-even (largest worker count at which one {d / 1e6:.1f}M-entry bucket is predicted faster sparse than "
         "dense; above it `prefer_dense` answers True; `costmodel.dense_wins`: the byte rule `W (2k+1) >= 2d` caps it "
@@ -164,9 +168,9 @@ def markdown_break_even(d: int = max(scaleout.MODEL_BUCKETS)) -> str:
             cells = []
             for g in (1, 10, 100):
                 ln = cm.Link.from_gbit(g)
-                best = max((w for w in range(2, 4097) if not cm.prefer_dense(d, k, w, ln, hc)), default=1)
+                best = max((w for w in range(2, 4097) if not policy.dense_wins(d, k, w, ln, hc)), default=1)
                 cells.append("never" if best == 1 else ("> 4096" if best == 4096 else str(best)))
-            rule = max(w for w in range(1, 4097) if not cm.byte_rule_dense(d, k, w) or w == 1)
+            rule = max(w for w in range(1, 4097) if not policy.byte_rule("allgather", d, k, w) or w == 1)
             lines.append(f"| {label} | {rho} | " + " | ".join(cells) + f" | {rule} |")
     return "\n".join(lines)
 
@@ -214,7 +218,7 @@ def markdown_exchange() -> str:
     s = math.ceil(big / 8)
     k = cm.bucket_k(0.01, s)
     for n in scaleout.SCALE_NODES:
-        b = {e: cm.exchange_bytes(e, s, k, n) for e in cm.EXCHANGES}
+        b = {e: cm.exchange_bytes(e, s, k, n) for e in ("dense", "allgather", "allreduce")}
         lines.append(f"| {n} | {throughput.fmt_bytes(b['dense'])} | {throughput.fmt_bytes(b['allgather'])} | "
                      f"{throughput.fmt_bytes(b['allreduce'])} | {b['allreduce'] / b['allgather']:.2f} |")  # fmt: skip
     r = scaleout.model_step_s("dense", 0.01, 128, 25) / scaleout.model_step_s("node+allreduce", 0.01, 128, 25)
@@ -237,6 +241,7 @@ def plot_costmodel(results: list[dict[str, Any]], path: str) -> str | None:
     import matplotlib.pyplot as plt
 
     cm = cluster.load_costmodel()
+    plan = cluster.load_costmodel("planning")
 
     base = next((r for r in results if r["model"] == "mlp25m" and r["world"] == 2 and r["rate"] == "1gbit"), None)
     if base is None:
@@ -263,14 +268,14 @@ def plot_costmodel(results: list[dict[str, Any]], path: str) -> str | None:
     ax.legend(fontsize=5.5, ncol=2, loc="upper left")
     ax = axes[1]
     buckets = tuple(base["methods"]["ddp"]["buckets"]) if "ddp" in base["methods"] else (base["numel"],)
-    work = cm.Workload(compute_s=base["compute_concurrent_s"], buckets=buckets)
+    work = plan.Workload(compute_s=base["compute_concurrent_s"], buckets=buckets)
     for g, col in ((1, "tab:red"), (10, "tab:blue"), (100, "tab:green")):
         ln = cm.Link.from_gbit(g)
         for rho, ls in ((0.001, "-"), (0.01, "--")):
-            sp = [cm.step_time(work, "dense", w, ln, host) / cm.step_time(work, "sparse", w, ln, host, density=rho) for w in worlds]
+            sp = [plan.step_time(work, "dense", w, ln, host) / plan.step_time(work, "sparse", w, ln, host, density=rho) for w in worlds]
             ax.plot(worlds, sp, color=col, ls=ls, label=f"{g} Gbit/s, density {rho}")
         gpu = cm.HostCosts.for_device("cuda")
-        sp = [cm.step_time(work, "dense", w, ln, gpu) / cm.step_time(work, "sparse", w, ln, gpu, density=0.001) for w in worlds]
+        sp = [plan.step_time(work, "dense", w, ln, gpu) / plan.step_time(work, "sparse", w, ln, gpu, density=0.001) for w in worlds]
         ax.plot(worlds, sp, color=col, ls=":", lw=1, label=f"{g} Gbit/s, 0.001, GPU preset (assumed)")
     ax.axhline(1, color="k", lw=0.8)
     ax.set_xscale("log", base=2)

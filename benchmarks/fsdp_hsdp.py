@@ -244,14 +244,15 @@ def summarize(res: dict[str, Any]) -> dict[str, dict[str, float]]:
 def model_rows(gbit: float = 25.0, g: int = 8) -> list[str]:
     """Markdown rows: the cost model's ms per step of the gradient path for ``N`` nodes of ``g`` GPUs."""
     from lightning_gaussk.costs import model as cm
+    from lightning_gaussk.costs import planning as plan
 
     host, intra, inter = cm.HostCosts.for_device("cuda"), cm.Link(*NVLINK), cm.Link.from_gbit(gbit, latency_us=10.0)
     rows = [f"| nodes x {g} GPUs ({gbit:g} Gbit/s) | HSDP dense | HSDP + gaussk 0.01 (all-gather) | HSDP + gaussk 0.01 (all-reduce) | dense / best |",
             "|---|---|---|---|---|"]  # fmt: skip
     for nodes in (2, 8, 32, 128):
-        dense = sum(cm.hsdp_unit_time(u, 1.0, nodes, g, intra, inter, host, "dense") for u in UNITS)
-        ag = sum(cm.hsdp_unit_time(u, 0.01, nodes, g, intra, inter, host, "allgather") for u in UNITS)
-        ar = sum(cm.hsdp_unit_time(u, 0.01, nodes, g, intra, inter, host, "allreduce") for u in UNITS)
+        dense = sum(plan.hsdp_unit_time(u, 1.0, nodes, g, intra, inter, host, "dense") for u in UNITS)
+        ag = sum(plan.hsdp_unit_time(u, 0.01, nodes, g, intra, inter, host, "allgather") for u in UNITS)
+        ar = sum(plan.hsdp_unit_time(u, 0.01, nodes, g, intra, inter, host, "allreduce") for u in UNITS)
         rows.append(f"| {nodes} x {g} | {dense * 1e3:.1f} ms | {ag * 1e3:.1f} ms | {ar * 1e3:.1f} ms | {dense / min(ag, ar):.1f}x |")
     return rows
 

@@ -6,7 +6,7 @@ Contenders (names):
 
 - ``dense``: DDP all-reduce every step;
 - ``gaussk@0.01``: the per-step GaussK hook at density 0.01 (error feedback, no remedy);
-- ``diloco/H<h>[/a<alpha>]``: :class:`~lightning_gaussk.engine.local_sgd.SparseLocalSGD` with
+- ``diloco/H<h>[/a<alpha>]``: :class:`~lightning_gaussk.engine.local.driver.SparseLocalSGD` with
   ``outer="dense"`` (outer Nesterov, momentum 0.9, outer lr 0.7 or ``alpha``);
 - ``sparse@<rho>/H<h>[/q2][/a<alpha>][/b<beta>]``: ``outer="sparse"``, chunk-wise exact top-k over
   chunks of 4096, ``ef_decay`` 0.95 (or ``beta``), ``outer_lr`` 1 (or ``alpha``), optionally 2-bit
@@ -77,7 +77,7 @@ def train_local(rank: int, world: int, method: str, seed: int, task: dict[str, A
     import torch.distributed as dist
 
     from lightning_gaussk.costs import model as cm
-    from lightning_gaussk.engine.local_sgd import SparseLocalSGD
+    from lightning_gaussk.engine.local.driver import SparseLocalSGD
 
     fam = convergence.FAMILIES[FAMILY]
     torch.manual_seed(seed)

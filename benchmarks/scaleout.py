@@ -214,9 +214,10 @@ def fitted(res: dict[str, Any]) -> dict[str, Any]:
     """Links (flat: the veth as a 4-rank ring sees it; inter: one inter-node pair while the other
     pair shares the veth; intra: loopback inside a node) and host costs from the run's calibration."""
     cm = cluster.load_costmodel()
+    plan = cluster.load_costmodel("planning")
 
     def link(samples: list[dict[str, Any]]) -> Any:
-        return cm.fit_link(cm.Sample(s["kind"], s["world"], s["nbytes"], s["seconds"]) for s in samples)
+        return plan.fit_link(plan.Sample(s["kind"], s["world"], s["nbytes"], s["seconds"]) for s in samples)
 
     _, hosts = throughput.calibrated({"link_samples": res["links"]["flat"], "host": res["host"], "world": HOSTS})
     return {"flat": link(res["links"]["flat"]), "inter": link(res["links"]["inter"]), "intra": link(res["links"]["intra"]),
@@ -258,15 +259,16 @@ def predict_node_stages(res: dict[str, Any], f: dict[str, Any], rho: float) -> d
 
 def predict_steps(res: dict[str, Any], f: dict[str, Any]) -> dict[str, float]:
     cm = cluster.load_costmodel()
+    plan = cluster.load_costmodel("planning")
     rho = res["density"]
     c = res["compute_concurrent_s"]
     out = {}
     for m, v in res["methods"].items():
-        work = cm.Workload(compute_s=c, buckets=tuple(v["buckets"]))
+        work = plan.Workload(compute_s=c, buckets=tuple(v["buckets"]))
         if m == "ddp":
-            out[m] = cm.step_time(work, "dense", res["world"], f["flat"], f["host"])
+            out[m] = plan.step_time(work, "dense", res["world"], f["flat"], f["host"])
         elif _mode(m) == "flat":
-            out[m] = cm.step_time(work, "sparse", res["world"], f["flat"], f["host"], density=rho)
+            out[m] = plan.step_time(work, "sparse", res["world"], f["flat"], f["host"], density=rho)
         elif _mode(m) == "node":
             out[m] = c + sum(predict_node_stages(res, f, rho).values())
     return out
@@ -337,16 +339,17 @@ SCALE_GBIT = (10, 25, 100)
 
 
 def _flat_bucket(cm: Any, d: int, rho: float, nodes: int, g: int, intra: Any, inter: Any, host: Any) -> float:
-    return cm.bucket_time(d, cm.bucket_k(rho, d), nodes * g, inter, host)  # the one rule, all 8N GPUs as peers
+    plan = cluster.load_costmodel("planning")
+    return plan.bucket_time(d, cm.bucket_k(rho, d), nodes * g, inter, host)  # the one rule, all 8N GPUs as peers
 
 
 # The contenders of the model tables: seconds of one bucket, (cm, d, rho, nodes, g, intra, inter, host).
 AT_SCALE: dict[str, Any] = {
     "dense": lambda cm, d, rho, n, g, intra, inter, host: cm.dense_bucket_time(d, n * g, inter, host),
     "flat": _flat_bucket,
-    "node": lambda cm, d, rho, n, g, intra, inter, host: cm.hierarchical_bucket_time(d, rho, n, g, intra, inter, host),
-    "node+allgather": lambda cm, d, rho, n, g, intra, inter, host: cm.hierarchical_bucket_time(d, rho, n, g, intra, inter, host, "allgather"),
-    "node+allreduce": lambda cm, d, rho, n, g, intra, inter, host: cm.hierarchical_bucket_time(d, rho, n, g, intra, inter, host, "allreduce"),
+    "node": lambda cm, d, rho, n, g, intra, inter, host: cluster.load_costmodel("planning").hierarchical_bucket_time(d, rho, n, g, intra, inter, host),
+    "node+allgather": lambda cm, d, rho, n, g, intra, inter, host: cluster.load_costmodel("planning").hierarchical_bucket_time(d, rho, n, g, intra, inter, host, "allgather"),
+    "node+allreduce": lambda cm, d, rho, n, g, intra, inter, host: cluster.load_costmodel("planning").hierarchical_bucket_time(d, rho, n, g, intra, inter, host, "allreduce"),
 }
 
 

@@ -394,30 +394,32 @@ def fmt_bytes(b: float) -> str:
 def calibrated(res: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     """(link, {selector: host costs}) fitted from one run's microbenchmarks."""
     cm = cluster.load_costmodel()
+    plan = cluster.load_costmodel("planning")
 
-    link = cm.fit_link(cm.Sample(**s) for s in res["link_samples"])
+    link = plan.fit_link(plan.Sample(**s) for s in res["link_samples"])
     h = res["host"]
-    rest = [cm.HostSample(x["d"], x["k"], x["world"], x["seconds"]) for x in h["hook_rest"]]
+    rest = [plan.HostSample(x["d"], x["k"], x["world"], x["seconds"]) for x in h["hook_rest"]]
     hosts = {}
     for method in sorted({x["method"] for x in h["select"]}):
-        sel = [cm.HostSample(x["d"], x["k"], res["world"], x["seconds"]) for x in h["select"] if x["method"] == method]
-        hosts[method] = cm.fit_host_costs(h["pass_s"], sel, rest)
+        sel = [plan.HostSample(x["d"], x["k"], res["world"], x["seconds"]) for x in h["select"] if x["method"] == method]
+        hosts[method] = plan.fit_host_costs(h["pass_s"], sel, rest)
     return link, hosts
 
 
 def model_check(res: dict[str, Any]) -> list[dict[str, Any]]:
     """Cost model predictions (calibrated from this run's microbenchmarks) vs measured step times."""
     cm = cluster.load_costmodel()
+    plan = cluster.load_costmodel("planning")
 
     link, hosts = calibrated(res)
     out = []
     for m, v in res["methods"].items():
-        work = cm.Workload(compute_s=res["compute_concurrent_s"], buckets=tuple(v["buckets"]))
+        work = plan.Workload(compute_s=res["compute_concurrent_s"], buckets=tuple(v["buckets"]))
         if m == "ddp":
-            pred = cm.step_time(work, "dense", res["world"], link, hosts.get("gaussk"))
+            pred = plan.step_time(work, "dense", res["world"], link, hosts.get("gaussk"))
         elif registry.parse(m).hook == "gaussk":
             c = registry.parse(m)
-            pred = cm.step_time(work, "sparse", res["world"], link, hosts[c.selector], density=c.density)
+            pred = plan.step_time(work, "sparse", res["world"], link, hosts[c.selector], density=c.density)
         else:
             continue  # fp16 (gloo sums fp16 in software) and PowerSGD (matmuls, QR) are not modelled
         meas = statistics.median(v["times"])
@@ -528,6 +530,7 @@ def main() -> None:
 def targets(results: list[dict[str, Any]]) -> str:
     """The issue's targets at 1 Gbit/s, 2 hosts, 25M parameters, density 0.001, as measured."""
     cm = cluster.load_costmodel()
+    plan = cluster.load_costmodel("planning")
     res = next((r for r in results if r["model"] == "mlp25m" and r["world"] == 2 and r["rate"] == "1gbit"), None)
     if res is None:
         return ""
@@ -548,9 +551,9 @@ def targets(results: list[dict[str, Any]]) -> str:
     over = g["step_s"] - c
     link, _ = calibrated(res)
     gpu = cm.HostCosts.for_device("cuda")
-    work = cm.Workload(compute_s=c, buckets=tuple(res["methods"]["gaussk@0.001"]["buckets"]))
-    g_gpu = cm.step_time(work, "sparse", 2, link, gpu, density=0.001)
-    d_gpu = cm.step_time(work, "dense", 2, link, gpu)
+    work = plan.Workload(compute_s=c, buckets=tuple(res["methods"]["gaussk@0.001"]["buckets"]))
+    g_gpu = plan.step_time(work, "sparse", 2, link, gpu, density=0.001)
+    d_gpu = plan.step_time(work, "dense", 2, link, gpu)
     lines += [
         "",
         f"Where the time goes (gaussk@0.001): compute-only step {c * 1e3:.0f} ms, distributed step "

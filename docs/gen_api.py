@@ -19,8 +19,10 @@ def _layer_modules() -> list[str]:
     out = []
     for layer in LAYERS:
         folder = ROOT / "lightning_gaussk" / layer
-        out += [f"lightning_gaussk.{layer}"] + sorted(
-            f"lightning_gaussk.{layer}.{p.stem}" for p in folder.glob("*.py") if p.stem != "__init__"
+        out += [f"lightning_gaussk.{layer}"] + sorted(  # subpackages (engine/local/) included
+            ".".join(("lightning_gaussk", layer, *p.relative_to(folder).with_suffix("").parts)).removesuffix(".__init__")
+            for p in folder.rglob("*.py")
+            if p.parent != folder or p.stem != "__init__"
         )
     return out
 

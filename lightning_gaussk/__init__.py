@@ -11,7 +11,7 @@ from typing import Any
 from lightning_gaussk.config import GaussKConfig
 from lightning_gaussk.engine.ddp_hook import gaussk_hook
 from lightning_gaussk.engine.state import GaussKState
-from lightning_gaussk.engine.local_sgd import SparseLocalSGD
+from lightning_gaussk.engine.local.driver import SparseLocalSGD
 from lightning_gaussk.selection.selectors import accumulate_select, available_selectors, get_selector, register_selector, select
 
 _LIGHTNING_NAMES = ("GaussKDDPStrategy", "GaussKFSDPStrategy", "GaussKLocalSGDStrategy", "GaussKTelemetry", "GradientDistributionMonitor", "telemetry_figures")

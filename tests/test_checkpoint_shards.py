@@ -1,4 +1,4 @@
-"""Residual checkpoints that scale (lightning_gaussk/checkpoint/shards.py): per-rank shard files with a
+"""Residual checkpoints that scale (lightning_gaussk/checkpoint/): per-rank shard files with a
 manifest, the layout-change policy for residuals and momentum-correction velocities, every saved
 format through one reader, named errors for missing and corrupt shards, agreement on failure
 (every rank raises, under Lightning and under a real Accelerate save_state/load_state), a
@@ -29,22 +29,10 @@ from torch import nn
 
 from _dist import run_distributed
 from lightning_gaussk import GaussKDDPStrategy, GaussKState
-from lightning_gaussk.checkpoint.shards import (
-    MANIFEST_FORMAT,
-    SavedState,
-    agree_on_failure,
-    average_states,
-    check_manifest,
-    make_manifest,
-    read_shard,
-    restore_state,
-    save_shards,
-    shard_dir,
-    shard_name,
-    state_from_legacy,
-    state_from_shards,
-    write_shard,
-)
+from lightning_gaussk.checkpoint.files import MANIFEST_FORMAT, check_manifest, make_manifest, read_shard, shard_dir, shard_name, write_shard
+from lightning_gaussk.checkpoint.formats import SavedState, state_from_legacy, state_from_shards
+from lightning_gaussk.checkpoint.protocol import agree_on_failure, restore_state, save_shards
+from lightning_gaussk.checkpoint.reshard import average_states
 from lightning_gaussk.frontends.lightning_ddp import CHECKPOINT_KEY
 from lightning_gaussk.comm.layout import Layout, chunk_bounds
 
@@ -630,7 +618,7 @@ def test_a_save_found_on_some_ranks_only_raises_on_every_rank(spawned):
 
 
 def test_the_checkpoint_protocol_imports_neither_lightning_nor_accelerate():
-    """checkpoint.py and the package modules it imports (transitively) import no `lightning` or
+    """The checkpoint protocol and the package modules it imports (transitively) import no `lightning` or
     `accelerate`, so the protocol serves both integrations and raw DDP; the agreement helper uses
     torch.distributed only."""
     import ast
@@ -638,7 +626,7 @@ def test_the_checkpoint_protocol_imports_neither_lightning_nor_accelerate():
     import lightning_gaussk
 
     root = Path(lightning_gaussk.__file__).parent
-    todo, seen, foreign = ["lightning_gaussk.checkpoint.shards"], set(), []
+    todo, seen, foreign = ["lightning_gaussk.checkpoint.protocol"], set(), []
     while todo:
         mod = todo.pop()
         if mod in seen:
@@ -724,3 +712,70 @@ def test_peak_host_memory_while_saving_does_not_grow_with_the_world_size(spawned
     assert two["legacy"] > 2.5 * residual_bytes, mb  # the measurement sees W copies when they are there
     for world in (2, 4):
         assert sorted(p.name for p in (tmp_path / f"w{world}").iterdir()) == [f"rank{r}.pt" for r in range(world)]
+
+
+# ------------------------------------------------------------------ the reshard policy comes from the saved marker
+def _fsdp_saves(world: int = 4, per_node: int = 2) -> list[dict]:
+    """Per-rank FSDP2 saves of one (5, 3) parameter, dim-0 shards of 3 and 2 rows, marked."""
+    from lightning_gaussk.engine.fsdp import SHARDING
+
+    def one(r: int) -> dict:
+        rows = 3 if r % per_node == 0 else 2
+        return {"format": "lightning_gaussk.state/1", "shapes": {"w": [5, 3]}, "step": 7,
+                "layout": {"world_size": world, "rank": r, "ranks_per_node": per_node, "sharding": SHARDING},
+                "residuals": {"w": torch.full((rows * 3,), float(r))}}  # fmt: skip
+
+    return [one(r) for r in range(world)]
+
+
+def _ddp_saves(world: int = 2) -> list[dict]:
+    return [{"format": "lightning_gaussk.state/1", "step": 3, "layout": {"world_size": world, "rank": r, "ranks_per_node": None},
+             "residuals": {"w": torch.full((15,), float(r))}} for r in range(world)]  # fmt: skip
+
+
+def test_the_reshard_policy_registry_maps_markers_and_refuses_an_unknown_one():
+    from lightning_gaussk.checkpoint.reshard import fsdp_state_for_layout, policy_for, state_for_layout
+    from lightning_gaussk.engine.fsdp import SHARDING
+
+    assert policy_for(None).state_for is state_for_layout
+    assert policy_for(SHARDING).state_for is fsdp_state_for_layout
+    with pytest.raises(ValueError, match="no reshard policy knows"):
+        policy_for("zero3")
+
+
+def test_an_fsdp2_save_on_another_layout_takes_the_row_policy_from_its_marker():
+    from lightning_gaussk.engine.fsdp import SHARDING
+
+    saved = SavedState.from_embedded({"world_size": 4, "per_rank": _fsdp_saves()})
+    assert saved.sharding(Layout(4, 0, 4)) == SHARDING
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = saved.state_for(Layout(4, 1, 4))
+    assert out["layout"]["sharding"] == SHARDING and any("FSDP2" in str(w.message) for w in caught)
+
+
+def test_a_same_layout_restore_reads_only_this_ranks_own_file():
+    per, reads = _fsdp_saves(), []
+
+    def read(r: int) -> dict:
+        reads.append(r)
+        return per[r]
+
+    out = SavedState(Layout(4, 0, 2), read, entry={}, folder=None).state_for(Layout(4, 3, 2))
+    assert reads == [3] and out["residuals"]["w"][0] == 3
+
+
+def test_a_save_of_the_other_kind_or_an_unknown_marker_is_refused_before_anything_changes():
+    from lightning_gaussk.engine.fsdp import SHARDING, GaussKFSDPState
+
+    with pytest.raises(ValueError, match="saved by an FSDP2 hook state.*cannot be loaded into a DDP hook state"):
+        restore_state(GaussKState(density=0.1), lambda: SavedState.from_embedded({"world_size": 4, "per_rank": _fsdp_saves()}),
+                      rank=0, world_size=4)  # fmt: skip
+    with pytest.raises(ValueError, match="saved by a DDP hook state.*FSDP2"):
+        restore_state(GaussKFSDPState(density=0.1), lambda: SavedState.from_embedded({"world_size": 2, "per_rank": _ddp_saves()}),
+                      rank=0, world_size=2, sharding=SHARDING)  # fmt: skip
+    unknown = _fsdp_saves()
+    for sd in unknown:
+        sd["layout"]["sharding"] = "zero3"
+    with pytest.raises(ValueError, match="'zero3', which no reshard policy knows"):
+        restore_state(GaussKState(density=0.1), lambda: SavedState.from_embedded({"world_size": 4, "per_rank": unknown}), rank=0, world_size=4)

@@ -21,6 +21,7 @@ import throughput  # noqa: E402
 import time_to_accuracy  # noqa: E402
 
 cm = cluster.load_costmodel()
+plan = cluster.load_costmodel("planning")
 
 
 class Recorder:
@@ -279,15 +280,15 @@ def synthetic_result(world=2):
             sel.append({"method": "gaussk", "d": d, "k": k, "seconds": host.pass_s * d * host.select_passes + host.select_per_k_s * k})
             rest.append({"d": d, "k": k, "world": world,
                          "seconds": host.call_s + host.pass_s * d * host.hook_passes + host.scatter_s * world * k})  # fmt: skip
-    work = cm.Workload(compute_s=0.25, buckets=tuple(buckets))
+    work = plan.Workload(compute_s=0.25, buckets=tuple(buckets))
     methods = {}
     for m in ("ddp", "powersgd", "gaussk@0.001"):
         if m == "ddp":
-            t = cm.step_time(work, "dense", world, link, host)
+            t = plan.step_time(work, "dense", world, link, host)
         elif m == "powersgd":
             t = 0.4
         else:
-            t = cm.step_time(work, "sparse", world, link, host, density=0.001)
+            t = plan.step_time(work, "sparse", world, link, host, density=0.001)
         methods[m] = {"times": [t, t * 1.01, t * 0.99], "tx": [1.0], "rx": [1.0],
                       "telemetry": [{"select_ns": 5e7, "hook_ns": 9e7}] if "@" in m else [],
                       "buckets": [numel] if m == "powersgd" else buckets}  # fmt: skip

@@ -4,10 +4,8 @@ the fields and the variables agree."""
 
 import dataclasses
 import importlib.util
-import inspect
 import io
 import sys
-import typing
 from pathlib import Path
 
 import pytest
@@ -56,25 +54,42 @@ def test_every_option_has_a_changed_value_here_and_a_doc():
         assert f.metadata["doc"], name
 
 
-@pytest.mark.parametrize("strategy", ["gaussk_ddp", "gaussk_fsdp"])
-def test_strategy_signature_config_fields_and_environment_variables_agree(strategy):
-    """The strategies spell the options out (LightningCLI reads the signature): names, order,
-    defaults, types and docs must be the config's. ``gaussk_fsdp`` leaves out the layout options
-    (its layout is the mesh)."""
-    from lightning_gaussk.frontends.lightning_fsdp import _LAYOUT_OPTIONS, GaussKFSDPStrategy
+def _strategies() -> dict[str, tuple[type, type, tuple[str, ...]]]:
+    """Every strategy: its class, the options class it spells out, the options it leaves out."""
+    from lightning_gaussk.config import LocalSGDConfig
+    from lightning_gaussk.frontends.lightning_fsdp import LAYOUT_OPTIONS, GaussKFSDPStrategy
+    from lightning_gaussk.frontends.lightning_local import GaussKLocalSGDStrategy
 
-    cls = GaussKDDPStrategy if strategy == "gaussk_ddp" else GaussKFSDPStrategy
-    left_out = () if strategy == "gaussk_ddp" else _LAYOUT_OPTIONS
-    fields = {n: f for n, f in config_fields().items() if n not in left_out}
-    params = list(inspect.signature(cls.__init__).parameters.values())[1 : 1 + len(fields)]
-    assert [p.name for p in params] == list(fields)  # same names, same order, first
-    config_types = typing.get_type_hints(GaussKConfig)
-    strategy_types = typing.get_type_hints(cls.__init__)
-    for p in params:
-        assert p.default == fields[p.name].default, p.name
-        assert strategy_types[p.name] == config_types[p.name], p.name
-        assert f"{p.name}: {fields[p.name].metadata['doc']}" in cls.__doc__  # documented once, shown by the CLI
-    assert [n for n in left_out if f"        {n}: " in cls.__doc__] == []
+    return {
+        "gaussk_ddp": (GaussKDDPStrategy, GaussKConfig, ()),
+        "gaussk_fsdp": (GaussKFSDPStrategy, GaussKConfig, LAYOUT_OPTIONS),  # its layout is the mesh
+        "gaussk_local": (GaussKLocalSGDStrategy, LocalSGDConfig, ()),
+    }
+
+
+@pytest.mark.parametrize("strategy", ["gaussk_ddp", "gaussk_fsdp", "gaussk_local"])
+def test_strategy_signature_is_its_options_declaration(strategy):
+    """The strategies spell the options out (LightningCLI reads the signature): names, order,
+    defaults, types and docs must be the declaration's (one check: ``wiring.check_signature``)."""
+    from lightning_gaussk.frontends.wiring import check_signature
+
+    cls, config_cls, left_out = _strategies()[strategy]
+    assert check_signature(cls.__init__, config_cls, left_out=left_out, doc=cls.__doc__) == []
+
+
+def test_check_signature_names_what_differs():
+    from lightning_gaussk.frontends.wiring import check_signature
+
+    def init(self, density: float = 0.5, selector: int = 0):
+        """density: fraction."""
+
+    problems = check_signature(init, GaussKConfig, left_out=[n for n in config_fields() if n not in ("density", "selector")], doc="")
+    assert any("density: default" in p for p in problems) and any("selector: type" in p for p in problems)
+    assert any("its declared doc" in p for p in problems)
+    assert check_signature(lambda self, selector="gaussk": None, GaussKConfig)[0].startswith("names or order")
+
+
+def test_environment_variables_are_the_fields_and_documented():
     everything = config_fields()
     assert ENV_VARS == {name: "GAUSSK_" + name.upper() for name in everything} == {n: env_var(n) for n in everything}
     doc = (ROOT / "docs" / "configuration.md").read_text()

@@ -10,7 +10,8 @@ from _dist import run_distributed
 from _invariants import decode_mean
 from lightning_gaussk import GaussKConfig, GaussKState
 from lightning_gaussk.comm import codec
-from lightning_gaussk.comm.exchange import Delivery, Exchange, Launched, Route, Selection, all_gather, available_exchanges, buffer, register_exchange
+from lightning_gaussk.comm.exchange import Delivery, Exchange, Launched, Route, Selection, all_gather, buffer
+from lightning_gaussk.comm.registry import available_exchanges, register_exchange
 from lightning_gaussk.engine.pipeline import reduce
 from test_hook import _gather
 
@@ -43,7 +44,7 @@ class FirstHalf(Exchange):
         return self.message_bytes(k, d, peers) * (peers - 1)
 
 
-register_exchange(FirstHalf)  # the one registration: now a valid `exchange` everywhere
+register_exchange("test-first-half", FirstHalf)  # the one registration: now a valid `exchange` everywhere
 
 
 def test_a_registered_exchange_is_a_valid_option_and_an_unknown_one_is_refused_by_name():

@@ -10,7 +10,8 @@ import torch
 import torch.distributed as dist
 
 from _dist import run_distributed
-from lightning_gaussk.comm.exchange import AllGather, Route, Selection, available_exchanges, get_exchange
+from lightning_gaussk.comm.exchange import AllGather, Route, Selection
+from lightning_gaussk.comm.registry import available_exchanges, get_exchange
 from lightning_gaussk.comm.sparse_allreduce import SparseAllReduce, bounded_chunks
 
 

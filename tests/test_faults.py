@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from _dist import free_port
 from lightning_gaussk import GaussKDDPStrategy, GaussKState, gaussk_hook
-from lightning_gaussk.checkpoint.shards import make_manifest, read_shard, shard_dir, write_shard
+from lightning_gaussk.checkpoint.files import make_manifest, read_shard, shard_dir, write_shard
 from test_hook import MatrixNet, matrix_batch
 from test_strategy import bound_strategy, good_state, records, run_plan
 

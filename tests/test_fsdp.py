@@ -24,9 +24,10 @@ fsdp = pytest.importorskip("torch.distributed.fsdp")
 from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # noqa: E402
 
-from lightning_gaussk.checkpoint.fsdp import reshard_state, restore_fsdp_shards, save_fsdp_shards  # noqa: E402
+from lightning_gaussk.checkpoint.formats import SavedState  # noqa: E402
+from lightning_gaussk.checkpoint.protocol import restore_fsdp_shards, save_fsdp_shards  # noqa: E402
+from lightning_gaussk.checkpoint.reshard import reshard_state  # noqa: E402
 from lightning_gaussk.engine.fsdp import SHARDING, GaussKFSDPState, register_gaussk_fsdp  # noqa: E402
-from lightning_gaussk.checkpoint import shards as ckpt  # noqa: E402
 from lightning_gaussk.comm.layout import Layout  # noqa: E402
 
 
@@ -247,7 +248,7 @@ def _checkpoint(rank: int, mesh, folder: str) -> dict:
     manifest = save_fsdp_shards(state, folder)
     fresh = _build(mesh)
     other = register_gaussk_fsdp(fresh, mesh, density=0.2, dense_fallback="never")
-    found = restore_fsdp_shards(other, lambda: ckpt.SavedState.from_manifest(manifest, folder))
+    found = restore_fsdp_shards(other, lambda: SavedState.from_manifest(manifest, folder))
     saved, loaded = state.state_dict()["residuals"], other.state_dict()["residuals"]
     equal = saved.keys() == loaded.keys() and all(torch.equal(saved[n], loaded[n]) for n in saved)
     steps_equal = other.step == state.step
@@ -258,7 +259,7 @@ def _checkpoint(rank: int, mesh, folder: str) -> dict:
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        restore_fsdp_shards(resharded, lambda: ckpt.SavedState.from_manifest(manifest, folder))
+        restore_fsdp_shards(resharded, lambda: SavedState.from_manifest(manifest, folder))
     old = _gather(saved["a.weight"])  # 2 x 2: node n's rows of shard l at rank 2 n + l
     pending = (torch.cat([old[0], old[1]]) + torch.cat([old[2], old[3]])) / 2
     new = torch.cat(_gather(resharded.state_dict()["residuals"]["a.weight"]))  # 1 x 4: (1/N') sum = the rows in order

@@ -279,15 +279,12 @@ def test_telemetry_counts_intra_and_inter_node_bytes_separately():
 
 
 def test_the_startup_line_says_the_mode_why_the_exchange_and_what_a_node_sends():
-    from lightning_gaussk.comm.topology import Flat, Node
+    from lightning_gaussk.config import GaussKConfig
+    from lightning_gaussk.engine.describe import startup_line
 
-    state = GaussKState(density=0.01)
-    state.topology = Node(Layout(8, 0, 4), None, None)
-    line = state.startup_line(4)
+    line = startup_line(GaussKConfig(density=0.01), Layout(8, 0, 4), 4)
     assert line.startswith("GaussK: node mode, 2 nodes x 4 ranks (hierarchy='auto'")
     assert "auto chose node mode" in line and "a node sends about density * d entries" in line
     assert "4x fewer" in line and "gaussk-preflight" in line and "exchange: all-gather" in line
-    flat = GaussKState(density=0.01, exchange="allreduce")
-    flat.topology = Flat(Layout(4, 0), None)
-    line = flat.startup_line(None)
+    line = startup_line(GaussKConfig(density=0.01, exchange="allreduce"), Layout(4, 0), None)
     assert "auto stayed flat: the launcher gives no ranks per node" in line and "bounded sparse all-reduce" in line

@@ -322,15 +322,20 @@ def test_load_state_dict_rejects_foreign_dicts():
 def test_dense_fallback_rule_is_a_pure_function_of_shapes_and_config():
     from lightning_gaussk.costs import model as costmodel
 
+    from lightning_gaussk.costs.policy import dense_wins
+
+    def dense(state, d, k, w):
+        return state.exchange_for(d, k, w, "cpu", exchange="allgather").name == "dense"
+
     auto, never = GaussKState(density=0.01), GaussKState(density=0.01, dense_fallback="never")
     # all-gather of W (2k + 1) words vs ring allreduce of 2 d (W - 1) / W: sparse only if fewer bytes
-    assert auto.prefer_dense(100, 50, 2, "cpu") and auto.prefer_dense(100, 1, 128, "cpu")
-    assert not auto.prefer_dense(100_000, 1000, 2, "cpu")
-    assert not never.prefer_dense(100, 50, 2, "cpu")
+    assert dense(auto, 100, 50, 2) and dense(auto, 100, 1, 128)
+    assert not dense(auto, 100_000, 1000, 2)
+    assert not dense(never, 100, 50, 2)
     linked = GaussKState(density=0.01, link_gbit=100.0)
     for d, k, w in [(10_000, 100, 2), (1_000_000, 1000, 8), (25_000_000, 25_000, 2)]:
-        expect = costmodel.prefer_dense(d, k, w, costmodel.Link.from_gbit(100.0), costmodel.HostCosts.for_device("cpu"))
-        assert linked.prefer_dense(d, k, w, "cpu") == (expect or w * (2 * k + 1) >= 2 * d)
+        expect = dense_wins(d, k, w, costmodel.Link.from_gbit(100.0), costmodel.HostCosts.for_device("cpu"))
+        assert dense(linked, d, k, w) == (expect or w * (2 * k + 1) >= 2 * d)
     with pytest.raises(ValueError, match="dense_fallback"):
         GaussKState(dense_fallback="sometimes")
 

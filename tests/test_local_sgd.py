@@ -1,4 +1,4 @@
-"""Sparse local SGD (lightning_gaussk.engine.local_sgd, the "gaussk_local" strategy, register_gaussk's
+"""Sparse local SGD (lightning_gaussk.engine.local, the "gaussk_local" strategy, register_gaussk's
 local path) on gloo.
 
 One spawned 4-process run (module fixture ``raw``) feeds the raw-torch tests: DDP equivalence
@@ -20,8 +20,14 @@ import torch.distributed as dist
 from torch import nn
 
 from _dist import run_distributed
+from lightning_gaussk.costs.model import Link
 from lightning_gaussk.comm.quant import dequantize, message_bytes, pack_codes, quantize, unpack_codes
-from lightning_gaussk.engine.local_sgd import SparseLocalSGD
+from lightning_gaussk.config import LocalSGDConfig
+from lightning_gaussk.engine.commit import commit
+from lightning_gaussk.engine.local.outer import OuterNesterov, OuterOptimizer, OuterSGD
+from lightning_gaussk.engine.local.schedule import SyncSchedule
+from lightning_gaussk.local_sgd import SparseLocalSGD
+from lightning_gaussk.selection.chunkwise import ChunkwiseTopK
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE / "scripts"))
@@ -118,6 +124,7 @@ def _invariants(rank: int, world: int, out: dict) -> None:
             "outer": outer, "exact": exact, "identical": identical, "conservation": cons,
             "scale": float(sum_delta.abs().max()), "telemetry": dict(local.telemetry), "outer_bytes": local.outer_bytes,
             "k": local.k, "per_inner": local.bytes_per_inner_step, "sparse": local.sparse,
+            "predicted_1g": local.predicted_outer_time(Link(alpha=1e-4, bandwidth=1.25e8)),
         }  # fmt: skip
 
 
@@ -245,6 +252,9 @@ def test_telemetry_counts_bytes_per_outer_and_inner_step(raw):
         assert tel["bytes_wire"] == 3 * 3 * r["outer_bytes"]  # ring all-gather: P - 1 messages
     assert plain["outer_bytes"] == 4 * (2 * plain["k"] + 1)  # the all-gather's codec: value + index + flag
     assert q2["outer_bytes"] < plain["outer_bytes"] / 2  # 2-bit values, int16 offsets, a scale per chunk
+    # communication only, by the exchange's own model: a ring all-gather of 4 messages, 3 hops
+    assert plain["predicted_1g"] == pytest.approx(3 * (1e-4 + plain["outer_bytes"] / 1.25e8), rel=1e-12)
+    assert q2["predicted_1g"] == pytest.approx(3 * (1e-4 + q2["outer_bytes"] / 1.25e8), rel=1e-12)
 
 
 @pytest.mark.parametrize("name", ["sparse2bit/mid-window", "diloco/after-outer", "node/mid-window"])
@@ -286,24 +296,6 @@ def test_single_process_runs_without_a_process_group():
     assert torch.equal(flat(model), local.global_params())
 
 
-def test_strategy_signature_is_the_outer_loops_options():
-    """``GaussKLocalSGDStrategy`` spells out ``SparseLocalSGD``'s options (LightningCLI reads the
-    signature): same names, order, defaults and types, and each is documented."""
-    import inspect
-    import typing
-
-    from lightning_gaussk.frontends.lightning_local import GaussKLocalSGDStrategy
-
-    internal = ("model", "optimizer", "process_group", "launcher_ranks_per_node")  # given by the strategy
-    loop = [p for n, p in inspect.signature(SparseLocalSGD.__init__).parameters.items() if n not in ("self", *internal)]
-    params = list(inspect.signature(GaussKLocalSGDStrategy.__init__).parameters.values())[1 : 1 + len(loop)]
-    assert [p.name for p in params] == [p.name for p in loop]
-    assert [p.default for p in params] == [p.default for p in loop]
-    hints, loop_hints = typing.get_type_hints(GaussKLocalSGDStrategy.__init__), typing.get_type_hints(SparseLocalSGD.__init__)
-    assert [n for n in (p.name for p in params) if hints[n] != loop_hints[n]] == []
-    assert [p.name for p in params if f"        {p.name}: " not in GaussKLocalSGDStrategy.__doc__] == []
-
-
 @pytest.mark.parametrize(
     "kwargs, match",
     [
@@ -324,6 +316,102 @@ def test_bad_arguments_are_refused_naming_them(kwargs, match):
     model = net()
     with pytest.raises(ValueError, match=match):
         SparseLocalSGD(model, torch.optim.SGD(model.parameters(), lr=0.1), **kwargs)
+
+
+def test_options_are_one_declaration_keywords_env_and_checks():
+    """LocalSGDConfig: today's defaults; keywords > GAUSSK_* variables > defaults; a bad value is
+    refused naming its argument (and its variable when it came from the environment)."""
+    cfg = LocalSGDConfig()
+    assert (cfg.sync_every, cfg.density, cfg.outer_lr, cfg.ef_decay, cfg.outer, cfg.chunk) == (16, 0.02, 1.0, 0.95, "sparse", 4096)
+    assert (cfg.quantize, cfg.selector, cfg.exchange, cfg.dense_fallback, cfg.outer_momentum) == (None, "gaussk", "allgather", "auto", 0.9)
+    assert isinstance(LocalSGDConfig(density=1).density, float)
+    env = {"GAUSSK_SYNC_EVERY": "4", "GAUSSK_CHUNK": "none", "GAUSSK_OUTER": "dense", "GAUSSK_OUTER_LR": "0.5"}
+    got = LocalSGDConfig.from_env(env, outer_lr=0.7)
+    assert (got.sync_every, got.chunk, got.outer, got.outer_lr) == (4, None, "dense", 0.7)
+    assert LocalSGDConfig.env_vars()["sync_every"] == "GAUSSK_SYNC_EVERY"
+    assert LocalSGDConfig.from_dict(got.to_dict()) == got and got.changed() == {"sync_every": 4, "outer": "dense", "outer_lr": 0.7, "chunk": None}
+    with pytest.raises(ValueError, match="sync_every.*GAUSSK_SYNC_EVERY='0'"):
+        LocalSGDConfig.from_env({"GAUSSK_SYNC_EVERY": "0"})
+    with pytest.raises(ValueError, match="GAUSSK_DENSITY"):
+        LocalSGDConfig.from_env({"GAUSSK_DENSITY": "lots"})
+    with pytest.raises(TypeError, match="chunk"):
+        LocalSGDConfig(chunk=True)
+    with pytest.raises(ValueError, match="exchange.*'allgather'"):
+        LocalSGDConfig(exchange="dense")  # the byte rule's choice, not an option
+    with pytest.raises(ValueError, match="unknown option"):
+        LocalSGDConfig.from_dict({"sync": 3})
+
+
+def test_the_driver_takes_a_config_and_keywords_over_it():
+    model = net()
+    local = SparseLocalSGD(model, torch.optim.SGD(model.parameters(), lr=0.1), config=LocalSGDConfig(sync_every=5, chunk=None), density=0.5)
+    assert (local.config.sync_every, local.config.chunk, local.config.density) == (5, None, 0.5)
+    with pytest.raises(TypeError, match="config"):
+        SparseLocalSGD(model, torch.optim.SGD(model.parameters(), lr=0.1), config={"sync_every": 5})  # type: ignore[arg-type]
+
+
+def test_schedule_syncs_every_h_steps_and_spreads_fragments():
+    one = SyncSchedule(every=4)
+    assert [t for t in range(1, 13) if one.due(t)] == [4, 8, 12] and one.due(8) == (0,)
+    assert [one.position(t) for t in (4, 5, 7, 8)] == [0, 1, 3, 0]
+    two = SyncSchedule(every=4, fragments=2)  # fragment 1 at offset 2
+    assert [(t, two.due(t)) for t in range(1, 9) if two.due(t)] == [(2, (1,)), (4, (0,)), (6, (1,)), (8, (0,))]
+    for bad in ({"every": 0}, {"every": 2, "fragments": 3}):
+        with pytest.raises(ValueError, match=next(iter(bad)) if "fragments" not in bad else "fragments"):
+            SyncSchedule(**bad)
+
+
+@pytest.mark.parametrize("n, C, kc", [(3, 16, 4), (1, 7, 7), (5, 32, 1)])
+def test_chunkwise_selection_is_the_exact_top_k_of_every_chunk(n, C, kc):
+    top = ChunkwiseTopK(n, C, kc)
+    for seed in (0, 1):  # the buffers are reused: a second call is as exact as the first
+        u = torch.randn(n * C, generator=torch.Generator().manual_seed(seed))
+        values, indices = top(u)
+        assert values.numel() == indices.numel() == top.k == n * kc
+        assert torch.equal(values, u[indices])
+        chunks = indices.view(n, kc)
+        assert torch.equal(chunks // C, torch.arange(n).unsqueeze(1).expand(n, kc))  # kc per chunk, in chunk order
+        want = torch.topk(u.view(n, C).abs(), kc, dim=1).values
+        assert torch.equal(u[chunks].abs().sort(dim=1, descending=True).values, want)
+    with pytest.raises(ValueError, match="per_chunk"):
+        ChunkwiseTopK(2, 4, 5)
+
+
+def test_outer_optimizers_follow_their_formulas():
+    theta, g = torch.tensor([1.0, -2.0, 0.5]), torch.tensor([0.25, 0.5, -1.0])
+    sgd = OuterSGD(0.5)
+    t = theta.clone()
+    sgd.step(t, g.clone())
+    assert torch.equal(t, theta - 0.5 * g) and sgd.state_dict() == {}
+    nesterov = OuterNesterov(lr=0.5, momentum=0.75, numel=3)
+    assert isinstance(nesterov, OuterOptimizer) and isinstance(sgd, OuterOptimizer)
+    t, m = theta.clone(), torch.zeros(3)
+    for _ in range(3):  # by hand: m <- mu m + g; theta <- theta - alpha (g + mu m)
+        m = 0.75 * m + g
+        want = t - 0.5 * (g + 0.75 * m)
+        nesterov.step(t, g.clone())
+        assert torch.allclose(t, want) and torch.allclose(nesterov.state_dict()["momentum"], m)
+    fresh = OuterNesterov(lr=0.5, momentum=0.75, numel=3)
+    fresh.load_state_dict({"momentum": m})
+    assert torch.equal(fresh.momentum, nesterov.momentum)
+    with pytest.raises(ValueError, match="momentum"):
+        OuterNesterov(lr=1.0, momentum=1.0, numel=3)
+
+
+def test_commit_keeps_what_was_not_sent_and_nothing_on_a_skip():
+    """One rule for every engine: sent + kept == u; exact entries zeroed, lossy values subtracted,
+    undelivered entries kept; a non-finite agreement keeps the old buffer (host or device choice)."""
+    u = torch.tensor([1.0, -2.0, 3.0, 4.0])
+    idx, delivered = torch.tensor([1, 3]), torch.tensor([True, False])
+    kept, _ = commit(torch.zeros(4), u.clone(), idx, delivered, True)
+    assert torch.equal(kept, torch.tensor([1.0, 0.0, 3.0, 4.0]))
+    sent = torch.tensor([-1.5, 4.0])  # a dequantised value: the rounding error stays
+    kept, _ = commit(torch.zeros(4), u.clone(), idx, None, True, sent=sent)
+    assert torch.equal(kept + torch.zeros(4).index_add_(0, idx, sent), u)
+    old = torch.full((4,), 7.0)
+    assert torch.equal(commit(old.clone(), u.clone(), idx, None, False)[0], old)
+    assert torch.equal(commit(old.clone(), u.clone(), idx, None, torch.tensor(False))[0], old)
+    assert torch.equal(commit(old.clone(), u.clone(), None, None, torch.tensor(True), everything=True)[0], torch.zeros(4))
 
 
 def test_wrapped_model_and_wrong_types_are_refused():

@@ -480,14 +480,3 @@ def test_single_device_fit_measures_the_gradient_and_draws(tmp_path):
                 _close(metrics[(step, f"gaussk/rank0/{name}/{key}")], value, f"{step} {name} {key}")
     assert len(mon.figure_paths) == 3 and all(Path(p).read_bytes()[:8] == PNG_MAGIC for p in mon.figure_paths)
     assert all(Path(p).parent.parent == tmp_path / "csv" / "version_0" for p in mon.figure_paths)
-
-
-def test_statistics_and_figures_are_still_importable_from_the_monitor_module():
-    """They moved to distribution_stats / distribution_plots; the old import path keeps working."""
-    from lightning_gaussk.observe import distribution_plots
-    from lightning_gaussk.observe import distribution_stats
-    from lightning_gaussk.observe import monitor
-
-    for mod in (distribution_stats, distribution_plots):
-        for name in mod.__all__:
-            assert getattr(monitor, name) is getattr(mod, name), name

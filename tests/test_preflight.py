@@ -17,6 +17,7 @@ import torch.distributed as dist
 from _dist import free_port, run_distributed
 from lightning_gaussk import GaussKState
 from lightning_gaussk.costs import model as costmodel
+from lightning_gaussk.costs.policy import pick_exchange
 from lightning_gaussk.observe import preflight
 from lightning_gaussk.config import GaussKConfig
 
@@ -184,7 +185,7 @@ def _measure_worker(rank: int, world: int) -> None:
     assert all(s == seen[0] for s in seen), seen  # rank 0's figure on every rank, so the same choices
     # the choice is the cost model's with the measured link (share = ranks per node)
     for d, name in zip((1000, 100_000, 4_000_000), choices):
-        assert name == costmodel.pick_exchange(d, max(1, d // 100), 2, link, costmodel.HostCosts.for_device("cpu"), share=2)
+        assert name == pick_exchange(d, max(1, d // 100), 2, link, costmodel.HostCosts.for_device("cpu"), share=2).name
 
 
 def test_link_gbit_measure_is_agreed_on_every_rank():

@@ -19,9 +19,8 @@ from lightning.fabric.plugins.environments import LightningEnvironment
 from lightning.pytorch.strategies import StrategyRegistry
 from torch import nn
 
-import lightning_gaussk
 from lightning_gaussk import GaussKDDPStrategy, GaussKState
-from lightning_gaussk.checkpoint.shards import MANIFEST_FORMAT, read_shard, shard_dir
+from lightning_gaussk.checkpoint.files import MANIFEST_FORMAT, read_shard, shard_dir
 from test_hook import BAD_CONFIG, check_message
 
 SCRIPT = Path(__file__).parent / "scripts" / "lightning_fit.py"
@@ -104,7 +103,7 @@ def test_resume_on_another_world_size_averages_residuals_with_a_warning():
     strategy = GaussKDDPStrategy(density=0.1, cluster_environment=LightningEnvironment())  # world size 1
     strategy._gaussk_state = GaussKState(density=0.1).bind(model)
     with pytest.warns(UserWarning, match="world size 2 on world size 1"):
-        strategy._restore({"world_size": 2, "per_rank": saved_ranks})
+        strategy._gaussk_load({"gaussk": {"world_size": 2, "per_rank": saved_ranks}}, "early.ckpt")  # the state exists: now
     loaded = strategy._gaussk_state.state_dict()
     assert loaded["step"] == 7
     for n, p in model.named_parameters():
@@ -388,4 +387,4 @@ def test_corrupted_rank_state_is_refused_with_a_clear_error(corrupt, match):
     sd = good_state(model)
     corrupt(sd)
     with pytest.raises(ValueError, match=match):
-        strategy._restore({"world_size": 1, "per_rank": [sd]})
+        strategy._gaussk_load({"gaussk": {"world_size": 1, "per_rank": [sd]}}, "early.ckpt")

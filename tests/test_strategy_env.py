@@ -69,3 +69,43 @@ def test_unknown_and_invalid_variables_are_reported(monkeypatch):
 def test_without_variables_the_keywords_and_defaults_are_the_config():
     assert GaussKDDPStrategy().gaussk_config.density == 0.001
     assert GaussKDDPStrategy(density=0.01, exchange="allreduce").gaussk_config.exchange == "allreduce"
+
+
+# ------------------------------------------------------------------------------- local SGD
+def test_gaussk_sync_every_is_honoured_by_gaussk_local_and_diloco(monkeypatch):
+    """The local SGD strategies read their options (``LocalSGDConfig``) the same way."""
+    monkeypatch.setenv("GAUSSK_SYNC_EVERY", "8")
+    monkeypatch.setenv("GAUSSK_QUANTIZE", "2")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # used, so no warning
+        cfg = StrategyRegistry.get("gaussk_local").local_config
+    assert cfg.sync_every == 8 and cfg.quantize == 2
+    monkeypatch.delenv("GAUSSK_QUANTIZE")
+    diloco = StrategyRegistry.get("diloco").local_config  # the registered keywords are given: outer, outer_lr
+    assert (diloco.sync_every, diloco.outer, diloco.outer_lr) == (8, "dense", 0.7)
+    monkeypatch.setenv("GAUSSK_OUTER_LR", "0.5")
+    with pytest.warns(UserWarning, match=r"GAUSSK_OUTER_LR='0.5' is overridden by outer_lr=0.7"):
+        assert StrategyRegistry.get("diloco").local_config.outer_lr == 0.7
+
+
+def test_local_sgd_variables_are_checked_and_the_per_step_ones_are_not_its_own(monkeypatch):
+    from lightning_gaussk.frontends.lightning_local import GaussKLocalSGDStrategy
+
+    monkeypatch.setenv("GAUSSK_SYNC_EVERY", "0")
+    with pytest.raises(ValueError, match="GAUSSK_SYNC_EVERY='0'"):
+        GaussKLocalSGDStrategy()
+    monkeypatch.delenv("GAUSSK_SYNC_EVERY")
+    monkeypatch.setenv("GAUSSK_WARMUP_STEPS", "10")  # GaussKConfig's, not local SGD's
+    with pytest.warns(UserWarning, match="GAUSSK_WARMUP_STEPS"):
+        GaussKLocalSGDStrategy()
+
+
+def test_register_gaussk_local_path_reads_the_variables_and_validates_first(monkeypatch):
+    from accelerate import Accelerator
+    from torch import nn
+
+    from lightning_gaussk.frontends.accelerate import register_gaussk
+
+    monkeypatch.setenv("GAUSSK_OUTER_LR", "-1")
+    with pytest.raises(ValueError, match="GAUSSK_OUTER_LR='-1'"):  # even on one process
+        register_gaussk(Accelerator(cpu=True), nn.Linear(2, 2), sync_every=4)

@@ -16,15 +16,24 @@ Rules every exchange keeps:
   when ``launch`` returns, and :meth:`Launched.finish` issues none;
 - buffers live in the slot's ``cache`` and are reused between steps.
 
-A new exchange is one subclass and one :func:`register_exchange` call.
+Every exchange also states what it costs, so that the cost model (:mod:`lightning_gaussk.costs`)
+prices it, ``dense_fallback="auto"`` judges it and ``exchange="auto"`` can choose it:
+
+- :meth:`Exchange.volume_bytes` ``V``: the bytes of the buffers its collectives gather or reduce,
+  summed over its stages; a ring moves ``(P - 1) / P`` of each through every rank, so
+  :meth:`Exchange.wire_bytes` is ``ceil((P - 1) V / P)``, and the byte rule compares ``V`` (equal
+  to comparing wire bytes for ``P > 1``, and still defined for one peer);
+- :meth:`Exchange.time`: its alpha-beta time on the :class:`Pricing` the cost model hands it.
+
+A new exchange is one subclass and one
+:func:`~lightning_gaussk.comm.registry.register_exchange` call.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 import torch.distributed as dist
@@ -38,12 +47,10 @@ __all__ = [
     "Delivery",
     "Exchange",
     "Launched",
+    "Pricing",
     "Route",
     "Selection",
-    "available_exchanges",
     "buffer",
-    "get_exchange",
-    "register_exchange",
 ]
 
 # torch >= 2.6 renamed all_gather_into_tensor; the old name warns on every call
@@ -115,11 +122,47 @@ def buffer(cache: dict[str, Tensor], name: str, numel: int, device: torch.device
     return buf
 
 
+class Pricing(Protocol):
+    """The cost model as an exchange's time model reads it
+    (:class:`lightning_gaussk.costs.model.Pricing` provides it; this layer imports no cost model).
+
+    ``alpha``: seconds per message hop; ``beta``: seconds per byte on this exchange's share of the
+    link (node mode: ``G`` exchanges share a node's NIC); ``host``: the host costs
+    (:class:`~lightning_gaussk.costs.model.HostCosts`: ``pass_s``, ``select_passes``,
+    ``select_per_k_s``, ``scatter_s``, ...)."""
+
+    @property
+    def alpha(self) -> float: ...
+
+    @property
+    def beta(self) -> float: ...
+
+    @property
+    def host(self) -> Any: ...
+
+    def sparse_host(self, d: int, k: int, peers: int) -> float:
+        """Host seconds of the sparse pipeline around any sparse exchange (``H_s``)."""
+        ...
+
+    def dense_host(self, d: int) -> float:
+        """Host seconds of a dense all-reduce's reduction (``H_d``)."""
+        ...
+
+    def allreduce(self, nbytes: float, peers: int) -> float:
+        """Seconds of a ring all-reduce of ``nbytes`` per rank among ``peers``."""
+        ...
+
+
 class Exchange:
-    """One scheme of exchanging selections (subclass it and :func:`register_exchange` it).
+    """One scheme of exchanging selections (subclass it and register it with
+    :func:`~lightning_gaussk.comm.registry.register_exchange`).
 
     ``sparse``: whether it takes a selection (``launch(sel=...)``) or the whole ``u`` (dense);
-    ``positional``: whether it needs the canonical order of positions (:class:`Selection`)."""
+    ``positional``: whether it needs the canonical order of positions (:class:`Selection`).
+
+    A subclass implements :meth:`launch`, :meth:`message_bytes` and :meth:`volume_bytes`; the
+    default :meth:`time` prices a sparse exchange of ring collectives issued one after another
+    (override :meth:`hops`, or :meth:`time` itself for other algorithms)."""
 
     name: ClassVar[str]
     sparse: ClassVar[bool] = True
@@ -135,10 +178,31 @@ class Exchange:
         """Bytes of this rank's own message(s) per bucket (what telemetry's ``bytes_sent`` adds)."""
         raise NotImplementedError
 
-    def wire_bytes(self, k: int, d: int, peers: int) -> int:
-        """Bytes this rank puts on the wire per bucket, as the collectives' algorithms send them
-        (ring all-gather: ``(P - 1)`` messages; ring all-reduce: ``2 (P - 1) / P`` of the data)."""
+    def volume_bytes(self, k: int, d: int, peers: int) -> int:
+        """``V``: bytes of the buffers this exchange's collectives gather or reduce, summed over its
+        stages (an all-gather: the ``P`` messages; a ring all-reduce of ``n`` bytes: ``2 n``, its
+        reduce-scatter and its all-gather; an all-to-all: one rank's send buffer). The byte rule
+        (:mod:`lightning_gaussk.costs.policy`) compares it with the dense all-reduce's ``8 d``."""
         raise NotImplementedError
+
+    def wire_bytes(self, k: int, d: int, peers: int) -> int:
+        """Bytes this rank puts on the wire per bucket, as ring algorithms send them:
+        ``ceil((P - 1) V / P)`` with ``V`` = :meth:`volume_bytes` (ring all-gather: ``P - 1``
+        messages; ring all-reduce: ``2 (P - 1) / P`` of the data)."""
+        return -(-(peers - 1) * self.volume_bytes(k, d, peers) // peers)
+
+    def hops(self, peers: int) -> int:
+        """Message hops of its collectives, one stage after another (one ring all-gather: ``P - 1``)."""
+        return peers - 1
+
+    def time(self, k: int, d: int, peers: int, price: Pricing) -> float:
+        """Predicted seconds of one bucket through this exchange, host work included::
+
+            T = H_s + hops alpha + wire_bytes beta
+
+        (``H_s``: the sparse pipeline's host work, :meth:`Pricing.sparse_host`). Exact for
+        collectives issued one after another whose hops each carry ``1 / hops`` of the bytes."""
+        return price.sparse_host(d, k, peers) + self.hops(peers) * price.alpha + self.wire_bytes(k, d, peers) * price.beta
 
     def entries(self, k: int, d: int) -> int:
         """Entries of ``u`` this rank offers per bucket (``k``; ``d`` for a dense exchange)."""
@@ -170,8 +234,9 @@ class AllGather(Exchange):
     def message_bytes(self, k: int, d: int, peers: int) -> int:
         return 4 * codec.message_words(k)
 
-    def wire_bytes(self, k: int, d: int, peers: int) -> int:
-        return 4 * codec.message_words(k) * (peers - 1)
+    def volume_bytes(self, k: int, d: int, peers: int) -> int:
+        """``4 P (2k + 1)``: the gathered messages (so the wire carries ``(P - 1) 4 (2k + 1)``)."""
+        return 4 * codec.message_words(k) * peers
 
 
 class DenseAllReduce(Exchange):
@@ -193,39 +258,13 @@ class DenseAllReduce(Exchange):
     def message_bytes(self, k: int, d: int, peers: int) -> int:
         return 4 * d
 
-    def wire_bytes(self, k: int, d: int, peers: int) -> int:
-        return math.ceil(8 * d * (peers - 1) / peers)
+    def volume_bytes(self, k: int, d: int, peers: int) -> int:
+        """``8 d``: a ring all-reduce reduce-scatters, then all-gathers, the ``4 d`` bytes of ``u``."""
+        return 8 * d
+
+    def time(self, k: int, d: int, peers: int, price: Pricing) -> float:
+        """``H_d + 2 (P-1) alpha + 2 (P-1)/P 4d beta`` (:meth:`Pricing.allreduce` of ``4 d`` bytes)."""
+        return price.dense_host(d) + price.allreduce(4 * d, peers)
 
     def entries(self, k: int, d: int) -> int:
         return d
-
-
-_EXCHANGES: dict[str, type[Exchange]] = {}
-
-
-def register_exchange(cls: type[Exchange], name: str | None = None) -> type[Exchange]:
-    """Make ``cls`` available under ``name`` (default ``cls.name``); usable as a decorator."""
-    if not (isinstance(cls, type) and issubclass(cls, Exchange)):
-        raise TypeError(f"register_exchange: `cls` must be an Exchange subclass, got {cls!r}")
-    key = name if name is not None else getattr(cls, "name", None)
-    if not isinstance(key, str) or not key:
-        raise ValueError(f"register_exchange: `name` must be a non-empty str, got {key!r}")
-    _EXCHANGES[key] = cls
-    return cls
-
-
-def get_exchange(name: str) -> Exchange:
-    """A new instance of the exchange registered as ``name`` (``ValueError`` listing the choices)."""
-    try:
-        return _EXCHANGES[name]()
-    except KeyError:
-        raise ValueError(f"`exchange` must be one of {available_exchanges()}, got {name!r}") from None
-
-
-def available_exchanges() -> list[str]:
-    """The registered exchange names, sorted (``"dense"`` is the dense fallback's)."""
-    return sorted(_EXCHANGES)
-
-
-register_exchange(AllGather)
-register_exchange(DenseAllReduce)

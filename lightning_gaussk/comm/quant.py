@@ -161,5 +161,6 @@ class QuantAllGather(Exchange):
     def message_bytes(self, k: int, d: int, peers: int) -> int:
         return message_bytes(k // self.per_chunk, self.per_chunk, self.bits)
 
-    def wire_bytes(self, k: int, d: int, peers: int) -> int:
-        return self.message_bytes(k, d, peers) * (peers - 1)
+    def volume_bytes(self, k: int, d: int, peers: int) -> int:
+        """The ``P`` gathered messages (so the wire carries ``P - 1`` of them)."""
+        return self.message_bytes(k, d, peers) * peers

@@ -60,16 +60,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lightning_gaussk.comm import codec
-from lightning_gaussk.comm.exchange import (
-    Delivery,
-    Exchange,
-    Launched,
-    Route,
-    Selection,
-    all_gather,
-    buffer,
-    register_exchange,
-)
+from lightning_gaussk.comm.exchange import Delivery, Exchange, Launched, Pricing, Route, Selection, all_gather, buffer
 
 __all__ = ["SparseAllReduce", "bounded_chunks"]
 
@@ -202,9 +193,29 @@ class SparseAllReduce(Exchange):
         c1, c2 = bounded_chunks(d, k, peers)
         return 4 * (codec.message_words(c1) * peers + codec.message_words(c2))
 
-    def wire_bytes(self, k: int, d: int, peers: int) -> int:
+    def volume_bytes(self, k: int, d: int, peers: int) -> int:
+        """``4 P (2 c1 + 1) + 4 P (2 c2 + 1)``: the all-to-all's send buffer and the gathered results
+        (so the wire carries ``(P - 1) 4 (2 c1 + 1) + (P - 1) 4 (2 c2 + 1)``)."""
         c1, c2 = bounded_chunks(d, k, peers)
-        return 4 * (peers - 1) * codec.message_words(c1) + 4 * (peers - 1) * codec.message_words(c2)
+        return 4 * peers * codec.message_words(c1) + 4 * peers * codec.message_words(c2)
+
+    def hops(self, peers: int) -> int:
+        """An all-to-all, then an all-gather: ``2 (P - 1)``."""
+        return 2 * (peers - 1)
+
+    def time(self, k: int, d: int, peers: int, price: Pricing) -> float:
+        """:meth:`Exchange.time` plus the region's host work (an assumption: it was not timed)::
+
+            + g P (c1 + c2 - k) + p (d/P) (1 + s) + q c2        (region: zero, scatter, select)
+
+        stage 1 scatters the ``P c1`` received entries into a region of ``d/P`` and selects ``c2``
+        of it; the decode scatters ``P c2`` entries instead of the all-gather's ``P k``."""
+        t = super().time(k, d, peers, price)
+        if peers > 1:
+            h = price.host
+            c1, c2 = bounded_chunks(d, k, peers)
+            t += h.scatter_s * peers * (c1 + c2 - k) + h.pass_s * d / peers * (1 + h.select_passes) + h.select_per_k_s * c2
+        return t
 
 
 class _Done:
@@ -224,6 +235,3 @@ class _Done:
         fut: torch.futures.Future = torch.futures.Future()
         fut.set_result([self._result])
         return fut
-
-
-register_exchange(SparseAllReduce)

@@ -1,7 +1,8 @@
 """``GaussKConfig``: every option of the hook, declared once.
 
-Each field carries its type, its default and a one-line doc (``field.metadata["doc"]``). The rest
-is derived from the fields:
+Each field carries its type, its default and a one-line doc (``field.metadata["doc"]``, declared by
+:func:`~lightning_gaussk.config.declare.option`). The rest is derived from the fields, by the
+helpers of :mod:`lightning_gaussk.config.declare` that every options class shares:
 
 - validation (:meth:`GaussKConfig.__post_init__`): ``TypeError``/``ValueError`` naming the
   argument, the value and what is allowed;
@@ -21,18 +22,17 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import types
-import typing
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
+from lightning_gaussk.config import declare
+from lightning_gaussk.config.declare import ENV_PREFIX, option
 from lightning_gaussk.costs.model import bucket_k  # the one formula of k (re-exported here)
 
 __all__ = [
     "DENSE_FALLBACKS",
-    "ENV_PREFIX",
     "HIERARCHIES",
     "REMEDIES",
     "ADAM_REMEDIES",
@@ -41,22 +41,13 @@ __all__ = [
     "config_fields",
     "env_options",
     "env_var",
-    "parse_env",
     "unknown_env_vars",
 ]
 
-ENV_PREFIX = "GAUSSK_"
 DENSE_FALLBACKS = ("auto", "never")
 HIERARCHIES = ("auto", "flat", "node")
 REMEDIES = ("auto", "all", "none")
 ADAM_REMEDIES = ("freeze", "amsgrad", "none")
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
-_NONE = {"", "none", "null"}
-
-
-def _opt(default: Any, doc: str) -> Any:
-    return field(default=default, metadata={"doc": doc})
 
 
 @dataclass(frozen=True)
@@ -68,50 +59,50 @@ class GaussKConfig:
     ``GaussKConfig.from_dict(checkpoint_config)``, or change one option with ``cfg.replace(...)``.
     """
 
-    density: float = _opt(0.001, "fraction of each gradient bucket sent per step, k / d, in (0, 1]")
-    selector: str = _opt("gaussk", "selection method: gaussk, topk, dgc, randk or a name registered with register_selector")
-    error_feedback: bool = _opt(True, "carry what was not sent over to the next step (TopK-SGD); False drops it")
-    warmup_steps: int = _opt(0, "optimizer steps over which density decays geometrically from warmup_density (0: none)")
-    warmup_density: float | None = _opt(None, "density at step 0 when warmup_steps > 0, in [density, 1]")
-    seed: int = _opt(0, "seed of randomised selectors, combined with the step and the bucket index")
-    dense_fallback: Literal["auto", "never"] = _opt(
-        "auto", "auto: a bucket goes dense when sparse cannot be cheaper (costmodel.byte_rule_dense, and the cost model "
+    density: float = option(0.001, "fraction of each gradient bucket sent per step, k / d, in (0, 1]")
+    selector: str = option("gaussk", "selection method: gaussk, topk, dgc, randk or a name registered with register_selector")
+    error_feedback: bool = option(True, "carry what was not sent over to the next step (TopK-SGD); False drops it")
+    warmup_steps: int = option(0, "optimizer steps over which density decays geometrically from warmup_density (0: none)")
+    warmup_density: float | None = option(None, "density at step 0 when warmup_steps > 0, in [density, 1]")
+    seed: int = option(0, "seed of randomised selectors, combined with the step and the bucket index")
+    dense_fallback: Literal["auto", "never"] = option(
+        "auto", "auto: a bucket goes dense when sparse cannot be cheaper (the byte rule of costs.policy, and the cost model "
         "with link_gbit); never: always sparse"
     )
-    link_gbit: float | Literal["measure"] | None = _opt(
+    link_gbit: float | Literal["measure"] | None = option(
         None, "inter-node link bandwidth in Gbit/s for the cost model of dense_fallback and exchange='auto' (None: byte "
         "rule only); 'measure': timed once at setup with real collectives (lightning_gaussk.observe.preflight), rank 0's "
         "figure used by every rank"
     )
-    exchange: str = _opt(
+    exchange: str = option(
         "allgather", "how selections are combined: allgather (every rank's k entries to every rank, ~2k(P-1) words per "
         "rank; the update holds up to P k entries), allreduce (bounded sparse all-reduce, at most ~6k(P-1)/P words per "
         "rank whatever P; the update holds ~1.5k entries), auto (per bucket, the cheaper by the cost model; dense "
-        "where that is cheaper still), or a name registered with core.exchange.register_exchange"
+        "where that is cheaper still), or a name registered with comm.registry.register_exchange"
     )
-    hierarchy: Literal["auto", "flat", "node"] = _opt(
+    hierarchy: Literal["auto", "flat", "node"] = option(
         "auto", "flat: every rank sparsifies its whole bucket; node: reduce-scatter inside a node, sparsify a 1/L shard "
         "across nodes; auto: node when the job spans several nodes of several ranks"
     )
-    ranks_per_node: int | None = _opt(None, "ranks per node L for node mode (None: from the launcher); must divide the world size")
-    remedies: Literal["auto", "all", "none"] = _opt(
+    ranks_per_node: int | None = option(None, "ranks per node L for node mode (None: from the launcher); must divide the world size")
+    remedies: Literal["auto", "all", "none"] = option(
         "auto", "auto: the strategy (or remedies.wrap_optimizer) adapts recognised optimizers: Adam/AdamW get "
         "adam_remedy; all: also SGD momentum moves into the hook (momentum_correction; measured mixed, docs/convergence.md); "
         "none: optimizers run unchanged"
     )
-    momentum_correction: float | None = _opt(
+    momentum_correction: float | None = option(
         None, "DGC momentum correction: the hook keeps a velocity u = m u + g per entry, accumulates it in the residual "
         "and zeroes it where sent (factor masking); the optimizer must then run without momentum (None: off)"
     )
-    momentum_masking: bool = _opt(
+    momentum_masking: bool = option(
         True, "with momentum_correction: zero the velocity where an entry is sent (DGC's factor masking); False keeps it, "
         "so every gradient contributes 1 / (1 - m) in total, as in dense momentum SGD"
     )
-    adam_remedy: Literal["freeze", "amsgrad", "none"] = _opt(
+    adam_remedy: Literal["freeze", "amsgrad", "none"] = option(
         "none", "Adam/AdamW under remedies='auto': none (measured best over 1600 steps), freeze (second moment frozen "
         "after variance_freeze_steps, 1-bit Adam style), amsgrad (max of the second moment)"
     )
-    variance_freeze_steps: int | None = _opt(
+    variance_freeze_steps: int | None = option(
         None, "optimizer steps after which adam_remedy='freeze' freezes Adam's second moment (None: warmup_steps, or "
         "100 with a density warm-up from 1.0 added over them when there is none)"
     )
@@ -124,8 +115,7 @@ class GaussKConfig:
                 object.__setattr__(self, name, float(value))
 
     def _validate_exchange(self) -> None:
-        from lightning_gaussk.comm import sparse_allreduce  # noqa: F401 (registers "allreduce")
-        from lightning_gaussk.comm.exchange import available_exchanges
+        from lightning_gaussk.comm.registry import available_exchanges
 
         choices = ["auto", *(e for e in available_exchanges() if e != "dense")]
         if not isinstance(self.exchange, str) or self.exchange not in choices:
@@ -197,30 +187,19 @@ class GaussKConfig:
     # ------------------------------------------------------------------ derived forms
     def to_dict(self) -> dict[str, Any]:
         """Plain Python values, one per field (what checkpoints store)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return declare.to_dict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> GaussKConfig:
         """Inverse of :meth:`to_dict`. Fields missing from ``data`` (a checkpoint written before
         they existed) take their defaults; unknown keys raise ``ValueError`` naming them."""
-        unknown = sorted(set(data) - set(config_fields()))
-        if unknown:
-            raise ValueError(f"GaussKConfig.from_dict: unknown option(s) {unknown}; known: {list(config_fields())}")
-        return cls(**data)
+        return declare.from_dict(cls, data)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> GaussKConfig:
         """Keywords > ``GAUSSK_*`` variables (:func:`env_options`) > defaults, validated; an
         invalid value that came from the environment is reported with its variable."""
-        environ = os.environ if environ is None else environ
-        from_env = {k: v for k, v in env_options(environ).items() if k not in overrides}
-        try:
-            return cls(**{**from_env, **overrides})
-        except (TypeError, ValueError) as err:
-            if not from_env:
-                raise
-            where = ", ".join(f"{env_var(k)}={environ[env_var(k)]!r}" for k in from_env)
-            raise type(err)(f"{err} (settings from the environment: {where})") from err
+        return declare.from_env(cls, os.environ if environ is None else environ, overrides)
 
     def replace(self, **changes: Any) -> GaussKConfig:
         """A copy with ``changes`` applied (and validated)."""
@@ -254,47 +233,7 @@ def env_var(name: str) -> str:
 def env_options(environ: Mapping[str, str]) -> dict[str, Any]:
     """The options set by ``GAUSSK_*`` variables in ``environ``, parsed by each field's type
     (unvalidated; ``ValueError`` naming the variable for text that does not parse)."""
-    hints = typing.get_type_hints(GaussKConfig)
-    return {name: parse_env(env_var(name), environ[env_var(name)], hints[name]) for name in config_fields() if env_var(name) in environ}
-
-
-def parse_env(var: str, raw: str, hint: Any) -> Any:
-    """``raw`` as a value of type ``hint``: bool (1/0, true/false, yes/no, on/off), int, float,
-    str, a ``Literal`` of str, or any of them ``| None`` (none, null or empty)."""
-    text = raw.strip()
-    args = typing.get_args(hint)
-    optional = type(None) in args and (typing.get_origin(hint) in (typing.Union, types.UnionType))
-    if optional:
-        if text.lower() in _NONE:
-            return None
-        rest = [a for a in args if a is not type(None)]
-        if len(rest) > 1:  # e.g. float | Literal["measure"]: a listed word, else the first type's parse
-            words = [w for a in rest if typing.get_origin(a) is Literal for w in typing.get_args(a)]
-            if text in words:
-                return text
-            try:
-                return parse_env(var, raw, rest[0] | None)
-            except ValueError:
-                raise ValueError(
-                    f"environment variable {var}={raw!r} is invalid: expected a {rest[0].__name__}, one of {words} or 'none'"
-                ) from None
-        (hint,) = rest
-    if hint is bool:
-        if text.lower() in _TRUE | _FALSE:
-            return text.lower() in _TRUE
-        expected = "one of 1/0, true/false, yes/no, on/off"
-    elif hint in (int, float):
-        try:
-            return hint(text)
-        except ValueError:
-            expected = f"an {hint.__name__}" if hint is int else "a float"
-    elif typing.get_origin(hint) is Literal:
-        return text  # validated by GaussKConfig with the choices named
-    else:
-        return text
-    if optional:
-        expected += " or 'none'"
-    raise ValueError(f"environment variable {var}={raw!r} is invalid: expected {expected}")
+    return declare.env_values(GaussKConfig, environ)
 
 
 def unknown_env_vars(environ: Mapping[str, str], also_known: tuple[str, ...] = ()) -> list[str]:

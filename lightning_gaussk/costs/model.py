@@ -1,8 +1,7 @@
-"""An alpha-beta cost model of one gradient bucket's communication: sparse all-gather vs dense ring
-all-reduce (and a hierarchical variant for multi-GPU nodes), plus host costs of the sparse path.
-
-Pure functions of plain numbers (standard library only, no torch): the hook can call
-:func:`prefer_dense` per bucket, and the benchmarks fit the parameters from measurements.
+"""The alpha-beta cost model of one gradient bucket's communication: links, host costs, and the
+bytes and times of every registered exchange. Pure functions of plain numbers (no torch); the
+rule that uses them is :mod:`~lightning_gaussk.costs.policy`, and hierarchical times, step times
+and fitting are :mod:`~lightning_gaussk.costs.planning`.
 
 Notation: a bucket holds ``d`` fp32 entries, ``k`` of which each rank sends; ``W`` ranks; a link
 moves ``n`` bytes between two hosts in ``alpha + n * beta`` seconds (``beta = 1 / bandwidth``,
@@ -23,99 +22,64 @@ of ``torch.dot(x, x)`` divided by ``d``)::
             g: seconds per gathered entry (scatter-add of W k entries); c: fixed cost per call
     dense   H_d = p * d * r_d          r_d: passes of the reduction inside the all-reduce
 
-Per bucket, sparse is predicted faster when ``H_s + T_ag(k) < H_d + T_ar(d)``. Whatever the
-link, sparse is never chosen under the byte rule :func:`byte_rule_dense`, ``W (2k + 1) >= 2d``:
-each rank would then receive at least the bytes of a ring all-reduce, ``(W-1)(2k+1)`` entries
-against ``2 (W-1)/W d``. The bytes cross at ``W ~ 1/density``; the host costs move the break-even
-lower, which the timed comparison captures.
+Exchanges (``P`` peers, a bucket or shard of ``d`` entries, ``k`` selected per peer): each
+registered exchange (:mod:`lightning_gaussk.comm.registry`) states its own bytes and time
+(:meth:`~lightning_gaussk.comm.exchange.Exchange.wire_bytes`,
+:meth:`~lightning_gaussk.comm.exchange.Exchange.time` on a :class:`Pricing`);
+:func:`exchange_bytes` and :func:`exchange_time` read them by name. The built-in ones (bytes one
+peer sends, = receives)::
 
-A training step (``C`` = compute-only step time of one rank)::
-
-    T_step = C + sum_b H_b + max(0, sum_b T_b - overlap)
-
-``overlap`` is the communication hidden behind the backward pass (0 = none, the default).
-
-Exchanges (``P`` peers, a bucket or shard of ``d`` entries, ``k`` selected per peer; bytes one
-peer sends, = receives; :func:`exchange_bytes`, :func:`exchange_time`)::
-
-    "dense"      ring all-reduce               B = 2 (P-1)/P * 4 d
+    "dense"      ring all-reduce               B = 2 (P-1)/P * 4 d   (whole bytes)
     "allgather"  ring all-gather of k pairs    B = (P-1) * 4 (2k + 1)                grows with P
     "allreduce"  bounded sparse all-reduce     B = (P-1) * 4 (2 c1 + 1) + (P-1) * 4 (2 c2 + 1)
                  stage 1: all_to_all_single, per-peer chunks of (2 c1 + 1) words, c1 = min(ceil(3k/2P), ceil(d/P))
                  stage 2: all-gather of (2 c2 + 1) words per peer,             c2 = c1
                  so B <= 4 (P-1) (6k/P + 6): 6 words per selected entry, (P-1)/P of it, + 6 per peer
 
-The one rule (:func:`dense_wins`, :func:`pick_exchange`): a sparse exchange is ruled out when it
-moves no fewer bytes than dense (the byte rule, integer form: ``P (2k + 1) >= 2d`` for
-"allgather", ``P (c1 + c2 + 1) >= d`` for "allreduce"); given a link, the cheapest predicted time
-wins (ties go to the sparse exchange). The hook's ``dense_fallback="auto"``, its
-``exchange="auto"``, :func:`decide`, :func:`hierarchical_bucket_time`, :func:`step_time` and the
-benchmarks' tables all call it.
+with times (``beta' = G / bandwidth`` when ``share = G`` exchanges use one link)::
 
-Node mode (``N`` nodes of ``G`` GPUs, ``P = N G`` ranks): dense intra-node reduce-scatter, the
-inter-node exchange of each GPU's shard (``s = ceil(d/G)`` entries, ``k_s = bucket_k(density, s)``)
-among the ``N`` GPUs with the same local rank, the node's NIC shared by its ``G`` GPUs
-(``share=G``: each sees ``bandwidth / G``), decode, then dense intra-node all-gather
-(:func:`hierarchical_bucket_time`). The inter-node stage is the flat formulas with ``(s, k_s, N)``.
+    "dense"      H_d + 2 (P-1) alpha + 2 (P-1)/P 4d beta'
+    "allgather"  H_s + (P-1) alpha + (P-1) 4 (2k+1) beta'
+    "allreduce"  H_s + g P (c1 + c2 - k) + p (d/P) (1 + s) + q c2        (region: zero, scatter, select)
+                     + 2 (P-1) alpha + (P-1) 4 (2 c1 + 2 c2 + 2) beta'   (all-to-all, then all-gather)
 
-Hook API (what ``dense_fallback="auto"`` and ``exchange="auto"`` call)::
+Usage::
 
-    from lightning_gaussk.costs.model import HostCosts, Link, dense_wins, pick_exchange
-    link = Link.from_gbit(10.0)                       # or Link(alpha=..., bandwidth=...) from a fit; None: bytes only
+    from lightning_gaussk.costs.model import HostCosts, Link, exchange_bytes, exchange_time
+    link = Link.from_gbit(10.0)                       # or Link(alpha=..., bandwidth=...) from a fit
     host = HostCosts.for_device("cpu")                # or "cuda"; or fitted
-    # flat mode: peers = W; node mode: the shard, peers = N nodes, share = L ranks per node
-    if dense_wins(d, k, peers, link, host, exchange="allgather", share=1):   # memoise: it is pure
-        ...send this bucket dense...
-    pick_exchange(d, k, peers, link, host, share=1)   # "dense" | "allgather" | "allreduce"
-
-Every rank must take the same decision (dense all-reduce and sparse all-gather are different
-collectives: ranks that disagree hang or mismatch). The functions are pure, so equal arguments on
-every rank suffice: pass configured or broadcast parameters, never figures each rank timed itself.
+    exchange_bytes("allreduce", d, k, peers)          # any registered name
+    exchange_time("allgather", d, k, peers, link, host, share=1)
 """
 
 import math
-from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from lightning_gaussk.comm.sparse_allreduce import bounded_chunks
+from lightning_gaussk.comm.exchange import AllGather, Exchange
+from lightning_gaussk.comm.registry import get_exchange
 
 __all__ = [
     "BYTES_PER_ENTRY",
+    "COMM_ONLY",
     "CPU_DEFAULT",
-    "Decision",
     "HostCosts",
-    "HostSample",
     "Link",
-    "Sample",
-    "EXCHANGES",
-    "Workload",
+    "Pricing",
     "allgather_time",
+    "as_exchange",
     "allreduce_time",
     "bucket_k",
-    "bucket_time",
-    "byte_rule_dense",
-    "decide",
     "dense_bucket_time",
     "dense_host_time",
-    "dense_wins",
     "exchange_bytes",
     "exchange_time",
-    "fit_host_costs",
-    "fit_link",
-    "hierarchical_bucket_time",
-    "least_squares",
-    "pick_exchange",
-    "prefer_dense",
     "sparse_bucket_time",
     "sparse_host_time",
     "sparse_message_bytes",
-    "step_time",
     "wire_bytes",
 ]
 
 BYTES_PER_ENTRY = 4  # fp32 values; int32 indices ride in the same fp32 message
-EXCHANGES = ("dense", "allgather", "allreduce")  # the schemes the model prices (see the module docstring)
-SPARSE_EXCHANGES = EXCHANGES[1:]
 
 
 # --------------------------------------------------------------------------------------- links
@@ -188,7 +152,7 @@ def wire_bytes(method: str, d: int, world: int, k: int = 0, elements: int | None
             raise ValueError("wire_bytes('allreduce', ...) needs `elements`")
         return ring * BYTES_PER_ENTRY * elements
     if method == "sparse":
-        return float(_sparse_words("allgather", d, k, world) * BYTES_PER_ENTRY)
+        return float(AllGather().wire_bytes(k, d, world))
     raise ValueError(f"method must be 'dense', 'fp16', 'allreduce' or 'sparse', got {method!r}")
 
 
@@ -243,6 +207,8 @@ class HostCosts:
 
 
 CPU_DEFAULT = HostCosts()  # the fitted CPU figures (the dataclass defaults)
+#: no host work: with it a prediction is communication only (alpha-beta terms of the collectives)
+COMM_ONLY = HostCosts(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
 
 
 def sparse_host_time(d: int, k: int, world: int, host: HostCosts) -> float:
@@ -253,6 +219,44 @@ def sparse_host_time(d: int, k: int, world: int, host: HostCosts) -> float:
 def dense_host_time(d: int, host: HostCosts) -> float:
     """``H_d = p d r_d``."""
     return host.pass_s * d * host.dense_passes
+
+
+@dataclass(frozen=True)
+class Pricing:
+    """The cost model as an exchange's time model reads it
+    (:class:`lightning_gaussk.comm.exchange.Pricing`): ``link`` as the exchange sees it and the
+    ``host`` costs. :meth:`on` builds it for ``share`` exchanges on one link (node mode: the ``G``
+    ranks of a node on its NIC, each seeing ``bandwidth / G``)."""
+
+    link: Link
+    host: HostCosts = CPU_DEFAULT
+
+    @classmethod
+    def on(cls, link: Link, host: HostCosts | None = None, share: int = 1) -> "Pricing":
+        """``link`` shared by ``share`` exchanges (``beta' = share / bandwidth``); ``host`` defaults
+        to :data:`CPU_DEFAULT`."""
+        _check_world(share)
+        return cls(Link(link.alpha, link.bandwidth / share), CPU_DEFAULT if host is None else host)
+
+    @property
+    def alpha(self) -> float:
+        return self.link.alpha
+
+    @property
+    def beta(self) -> float:
+        return self.link.beta
+
+    def sparse_host(self, d: int, k: int, peers: int) -> float:
+        """:func:`sparse_host_time`."""
+        return sparse_host_time(d, k, peers, self.host)
+
+    def dense_host(self, d: int) -> float:
+        """:func:`dense_host_time`."""
+        return dense_host_time(d, self.host)
+
+    def allreduce(self, nbytes: float, peers: int) -> float:
+        """:func:`allreduce_time` on this link."""
+        return allreduce_time(nbytes, peers, self.link)
 
 
 def sparse_bucket_time(d: int, k: int, world: int, link: Link, host: HostCosts) -> float:
@@ -275,402 +279,37 @@ def bucket_k(density: float, d: int) -> int:
 
 
 # --------------------------------------------------------------------------------------- exchanges
-def _sparse_words(exchange: str, d: int, k: int, peers: int) -> int:
-    """fp32 words one peer sends in a sparse exchange (an integer: the byte rule compares exactly)."""
-    if exchange == "allgather":
-        return (peers - 1) * (2 * k + 1)
-    if exchange == "allreduce":
-        c1, c2 = bounded_chunks(d, k, peers)
-        return (peers - 1) * (2 * c1 + 1) + (peers - 1) * (2 * c2 + 1)
-    raise ValueError(f"exchange must be one of {EXCHANGES}, got {exchange!r}")
+def as_exchange(exchange: "str | Exchange") -> Exchange:
+    """``exchange`` itself, or a new instance of the exchange registered under that name."""
+    return exchange if isinstance(exchange, Exchange) else get_exchange(exchange)
 
 
-def exchange_bytes(exchange: str, d: int, k: int, peers: int) -> float:
-    """Bytes one peer sends (= receives) per bucket of ``d`` entries, ``k`` selected, ``P`` peers::
+def exchange_bytes(exchange: "str | Exchange", d: int, k: int, peers: int) -> float:
+    """Bytes one peer sends (= receives) per bucket of ``d`` entries, ``k`` selected, ``P`` peers,
+    through ``exchange`` (a registered name or an exchange object): its
+    :meth:`~lightning_gaussk.comm.exchange.Exchange.wire_bytes`, e.g.::
 
-        "dense"      2 (P-1)/P * 4 d
+        "dense"      ceil(2 (P-1)/P * 4 d)
         "allgather"  (P-1) * 4 (2k + 1)
-        "allreduce"  (P-1) * 4 (2 c1 + 1) + (P-1) * 4 (2 c2 + 1)     (c1, c2: :func:`bounded_chunks`)
+        "allreduce"  (P-1) * 4 (2 c1 + 1) + (P-1) * 4 (2 c2 + 1)     (c1, c2: bounded_chunks)
 
     Flat mode: ``P = W`` ranks. Node mode's inter-node stage: the shard ``s = ceil(d/G)``, its
     ``k_s`` and ``P = N`` nodes (per GPU; a node's NIC carries ``G`` times this)."""
     _check_bucket(d, k)
     _check_world(peers)
-    if exchange == "dense":
-        return 2 * (peers - 1) / peers * BYTES_PER_ENTRY * d
-    return float(_sparse_words(exchange, d, k, peers) * BYTES_PER_ENTRY)
+    return float(as_exchange(exchange).wire_bytes(k, d, peers))
 
 
-def _byte_rule(exchange: str, d: int, k: int, peers: int) -> bool:
-    """The sparse ``exchange`` moves no fewer bytes than dense, in integers (both sides times
-    ``P / (4 (P-1))``): ``P (2k + 1) >= 2d`` for "allgather", ``P (c1 + c2 + 1) >= d`` for "allreduce"."""
-    if exchange == "allgather":
-        return peers * (2 * k + 1) >= 2 * d
-    c1, c2 = bounded_chunks(d, k, peers)
-    return peers * (c1 + c2 + 1) >= d
-
-
-def exchange_time(exchange: str, d: int, k: int, peers: int, link: Link, host: HostCosts | None = None,
+def exchange_time(exchange: "str | Exchange", d: int, k: int, peers: int, link: Link, host: HostCosts | None = None,
                   share: int = 1) -> float:  # fmt: skip
-    """Predicted seconds of one bucket through ``exchange``, host work included (``beta' = G / bandwidth``
-    with ``share = G`` peers' exchanges on one NIC, as in node mode; 1 in flat mode)::
-
-        "dense"      H_d + 2 (P-1) alpha + 2 (P-1)/P 4d beta'
-        "allgather"  H_s + (P-1) alpha + (P-1) 4 (2k+1) beta'
-        "allreduce"  H_s + g P (c1 + c2 - k) + p (d/P) (1 + s) + q c2        (region: zero, scatter, select)
-                         + 2 (P-1) alpha + (P-1) 4 (2 c1 + 2 c2 + 2) beta'   (all-to-all, then all-gather)
-
-    ``H_s`` and ``H_d`` are :func:`sparse_host_time` and :func:`dense_host_time`. The bounded
-    all-reduce's extra host terms are an assumption (it was not timed here): stage 1 scatters the
-    ``P c1`` received entries into a dense region of ``d/P``, selects ``c2`` of it; the decode
-    scatters ``P c2`` entries instead of the all-gather's ``P k``."""
-    host = CPU_DEFAULT if host is None else host
+    """Predicted seconds of one bucket through ``exchange`` (a registered name or an exchange
+    object), host work included: its :meth:`~lightning_gaussk.comm.exchange.Exchange.time` on
+    :meth:`Pricing.on` ``(link, host, share)`` (``host`` defaults to :data:`CPU_DEFAULT`; ``share``
+    exchanges on one link, as node mode's ``G`` ranks on a NIC; 1 in flat mode). The built-in
+    formulas are in the module docstring."""
     _check_bucket(d, k)
     _check_world(peers)
-    _check_world(share)
-    wire = Link(link.alpha, link.bandwidth / share)
-    if exchange == "dense":
-        return dense_host_time(d, host) + allreduce_time(BYTES_PER_ENTRY * d, peers, wire)
-    words = _sparse_words(exchange, d, k, peers)
-    hops = peers - 1 if exchange == "allgather" else 2 * (peers - 1)
-    t = sparse_host_time(d, k, peers, host) + hops * wire.alpha + words * BYTES_PER_ENTRY * wire.beta
-    if exchange == "allreduce" and peers > 1:
-        c1, c2 = bounded_chunks(d, k, peers)
-        t += (host.scatter_s * peers * (c1 + c2 - k) + host.pass_s * d / peers * (1 + host.select_passes)
-              + host.select_per_k_s * c2)  # fmt: skip
-    return t
-
-
-# --------------------------------------------------------------------------------------- the rule
-@dataclass(frozen=True)
-class Decision:
-    """Outcome of the one rule for one sparse exchange (``sparse``, default "allgather"):
-    ``dense`` and why, with both predictions in seconds (``nan`` when no link was given)."""
-
-    dense: bool
-    reason: str  # "world*(2k+1) >= 2d" / "P(c1+c2+1) >= d", "single rank", "sparse slower", "sparse faster", "fewer bytes"
-    t_sparse: float
-    t_dense: float
-    sparse: str = "allgather"
-
-    @property
-    def exchange(self) -> str:
-        """What is sent: ``"dense"`` or the sparse exchange."""
-        return "dense" if self.dense else self.sparse
-
-
-_BYTE_REASON = {"allgather": "world*(2k+1) >= 2d", "allreduce": "P(c1+c2+1) >= d"}
-
-
-def _decide(d: int, k: int, peers: int, link: Link | None, host: HostCosts | None, exchange: str, share: int) -> Decision:
-    """The one rule, for one sparse exchange against dense (see :func:`dense_wins`)."""
-    _check_bucket(d, k)
-    _check_world(peers)
-    if exchange not in SPARSE_EXCHANGES:
-        raise ValueError(f"exchange must be one of {SPARSE_EXCHANGES}, got {exchange!r}")
-    if link is None:
-        t_sparse = t_dense = math.nan
-    else:
-        t_sparse = exchange_time(exchange, d, k, peers, link, host, share)
-        t_dense = exchange_time("dense", d, k, peers, link, host, share)
-    if link is not None and peers == 1:
-        return Decision(True, "single rank", t_sparse, t_dense, exchange)
-    if _byte_rule(exchange, d, k, peers):
-        return Decision(True, _BYTE_REASON[exchange], t_sparse, t_dense, exchange)
-    if link is None:
-        return Decision(False, "fewer bytes", t_sparse, t_dense, exchange)
-    if t_sparse > t_dense:
-        return Decision(True, "sparse slower", t_sparse, t_dense, exchange)
-    return Decision(False, "sparse faster", t_sparse, t_dense, exchange)
-
-
-def dense_wins(d: int, k: int, peers: int, link: Link | None = None, host: HostCosts | None = None,
-               exchange: str = "allgather", share: int = 1) -> bool:  # fmt: skip
-    """THE dense-or-sparse rule of a bucket (flat mode) or of node mode's inter-node stage.
-
-    ``d`` entries (node mode: the shard), ``k`` selected per peer, ``peers`` = ``P`` ranks that
-    exchange (flat mode: ``W``; node mode: ``N`` nodes), ``share`` = exchanges sharing one link
-    (node mode: ``G`` ranks per node on the node's NIC; only the time model uses it).
-
-    1. The byte rule: dense when the sparse ``exchange`` moves no fewer bytes than a ring
-       all-reduce, ``P (2k + 1) >= 2d`` ("allgather"), ``P (c1 + c2 + 1) >= d`` ("allreduce").
-    2. With a ``link``: dense also for one peer, and when :func:`exchange_time` predicts the sparse
-       exchange slower than dense (``host`` defaults to :data:`CPU_DEFAULT`; ties go to sparse).
-
-    A pure function of its arguments: every rank that passes the same ones takes the same branch.
-    """
-    return _decide(d, k, peers, link, host, exchange, share).dense
-
-
-def pick_exchange(d: int, k: int, peers: int, link: Link | None = None, host: HostCosts | None = None, share: int = 1,
-                  candidates: Sequence[str] = SPARSE_EXCHANGES) -> str:  # fmt: skip
-    """The cheapest of ``"dense"`` and the sparse ``candidates`` for one bucket (``exchange="auto"``).
-
-    Each candidate passes or fails :func:`dense_wins` (same arguments); of those that pass, the
-    fastest by :func:`exchange_time` (without a link: the fewest :func:`exchange_bytes`) wins,
-    ties to the earlier candidate; ``"dense"`` when none passes. So
-    ``pick_exchange(..., candidates=(e,)) == "dense"`` exactly when ``dense_wins(..., exchange=e)``.
-    """
-    ok = [x for x in (_decide(d, k, peers, link, host, e, share) for e in candidates) if not x.dense]
-    if not ok:
-        return "dense"
-    if link is None:
-        return min(ok, key=lambda x: exchange_bytes(x.sparse, d, k, peers)).sparse
-    return min(ok, key=lambda x: x.t_sparse).sparse
-
-
-def bucket_time(d: int, k: int, peers: int, link: Link, host: HostCosts | None = None, exchange: str = "allgather",
-                share: int = 1) -> float:  # fmt: skip
-    """Predicted seconds of one bucket as the hook sends it with the dense fallback on:
-    :func:`exchange_time` of ``exchange``, or of dense where :func:`dense_wins`; ``exchange="auto"``
-    takes :func:`pick_exchange`'s choice, ``"dense"`` is always dense."""
-    if exchange == "auto":
-        chosen = pick_exchange(d, k, peers, link, host, share)
-    elif exchange == "dense":
-        chosen = "dense"
-    else:
-        chosen = "dense" if dense_wins(d, k, peers, link, host, exchange, share) else exchange
-    return exchange_time(chosen, d, k, peers, link, host, share)
-
-
-def byte_rule_dense(d: int, k: int, world: int) -> bool:
-    """The byte rule of the all-gather, ``W (2k + 1) >= 2d`` (the sparse all-gather receives
-    ``(W-1)(2k+1)`` entries per rank, a ring all-reduce ``2 (W-1)/W d``): :func:`dense_wins`
-    without a link. ``world`` is the number of peers: ``W`` in flat mode, ``N`` in node mode."""
-    return dense_wins(d, k, world)
-
-
-def decide(d: int, k: int, world: int, link: Link, host: HostCosts | None = None) -> Decision:
-    """The one rule (:func:`dense_wins`) for the all-gather with a link, with its reason and both
-    predictions: dense when ``W == 1``, when ``W (2k + 1) >= 2d``, or when the sparse path is
-    predicted slower (ties go to sparse)."""
-    return _decide(d, k, world, link, host, "allgather", 1)
-
-
-def prefer_dense(d: int, k: int, world: int, link: Link, host: HostCosts | None = None) -> bool:
-    """``True`` when bucket (``d`` entries, ``k`` sent per rank, ``world`` ranks) should be sent
-    dense: :func:`dense_wins` with the link (the all-gather, flat mode)."""
-    return dense_wins(d, k, world, link, host)
-
-
-# --------------------------------------------------------------------------------------- hierarchy
-def hierarchical_bucket_time(d: int, density: float, nodes: int, gpus_per_node: int, intra: Link, inter: Link,
-                             host: HostCosts, exchange: str = "allgather") -> float:  # fmt: skip
-    """Node mode, per bucket (``N`` nodes of ``G`` GPUs)::
-
-        T = T_rs^intra(4d, G)                          reduce-scatter: each GPU owns s = ceil(d/G) summed entries
-          + bucket_time(s, k_s, N, inter, share=G)     k_s = bucket_k(density, s); the NIC shared by G GPUs
-          + T_ag^intra(4d, G)                          all-gather of the decoded dense shards
-
-    with ``T_rs = T_ag^dense = (G-1) alpha + (G-1)/G * 4d * beta`` (half a ring all-reduce each):
-    :func:`hsdp_unit_time` plus the all-gather. The inter-node stage is :func:`bucket_time`:
-    ``exchange`` ("allgather", "allreduce", "dense" or "auto"), or dense where :func:`dense_wins`
-    says so, as the hook decides it.
-    """
-    return hsdp_unit_time(d, density, nodes, gpus_per_node, intra, inter, host, exchange) + _half_ring(d, gpus_per_node, intra)
-
-
-def hsdp_unit_time(d: int, density: float, nodes: int, gpus_per_node: int, intra: Link, inter: Link,
-                   host: HostCosts, exchange: str = "allgather") -> float:  # fmt: skip
-    """FSDP2 across nodes (custom HSDP, :mod:`lightning_gaussk.engine.fsdp`), the gradient of one unit of
-    ``d`` entries::
-
-        T = T_rs^intra(4d, G)                          FSDP's reduce-scatter inside the node
-          + bucket_time(s, k_s, N, inter, share=G)     the replica exchange of the shard s = ceil(d/G)
-
-    No all-gather of the gradient follows (parameters and optimizer states stay sharded). With
-    ``exchange="dense"`` and ``density=1`` this is plain HSDP's gradient path (its all-reduce of the
-    shard across the ``N`` replicas). FSDP's parameter all-gathers, the same for every contender,
-    are not counted."""
-    _check_world(nodes)
-    _check_world(gpus_per_node)
-    shard = math.ceil(d / gpus_per_node)
-    k = bucket_k(density, shard)
-    inter_t = bucket_time(shard, k, nodes, inter, host, exchange, share=gpus_per_node) if nodes > 1 else 0.0
-    return _half_ring(d, gpus_per_node, intra) + inter_t
-
-
-def _half_ring(d: int, g: int, link: Link) -> float:
-    """A reduce-scatter (or all-gather) of ``4d`` bytes among ``g`` ranks: half a ring all-reduce."""
-    return (g - 1) * link.alpha + (g - 1) / g * BYTES_PER_ENTRY * d * link.beta if g > 1 else 0.0
-
-
-# --------------------------------------------------------------------------------------- steps
-@dataclass(frozen=True)
-class Workload:
-    """What a step needs: ``compute_s`` (forward, backward, optimizer of one rank, no communication)
-    and the bucket sizes in entries (DDP's buckets; ``[d]`` for one bucket)."""
-
-    compute_s: float
-    buckets: tuple[int, ...]
-    overlap_s: float = 0.0  # communication hidden behind backward
-
-    def __post_init__(self) -> None:
-        if not (self.compute_s >= 0 and self.overlap_s >= 0) or not self.buckets or any(b < 1 for b in self.buckets):
-            raise ValueError(f"Workload needs compute_s >= 0, overlap_s >= 0 and buckets of >= 1 entries, got {self}")
-
-    @property
-    def numel(self) -> int:
-        return sum(self.buckets)
-
-
-def step_time(work: Workload, method: str, world: int, link: Link, host: HostCosts | None = None,
-              density: float = 0.001, elements: int | None = None, auto: bool = False) -> float:  # fmt: skip
-    """Predicted seconds per step: ``C + sum_b H_b + max(0, sum_b T_b - overlap)``.
-
-    ``method``: ``"dense"`` (ring all-reduce, fp32), ``"fp16"`` (half the bytes),
-    ``"allreduce"`` (``elements`` fp32 entries in total, e.g. PowerSGD's P, Q and uncompressed
-    tensors: host costs then come from the caller's ``compute_s``), ``"sparse"`` (``k =
-    ceil(density d)`` per bucket). ``auto=True`` with ``"sparse"`` sends each bucket the way
-    :func:`decide` prefers.
-    """
-    host = CPU_DEFAULT if host is None else host
-    hosts = comm = 0.0
-    if method == "allreduce":
-        if elements is None:
-            raise ValueError("step_time('allreduce') needs `elements`")
-        comm = allreduce_time(BYTES_PER_ENTRY * elements, world, link)
-    else:
-        for d in work.buckets:
-            if method in ("dense", "fp16"):
-                hosts += dense_host_time(d, host)
-                comm += allreduce_time((BYTES_PER_ENTRY if method == "dense" else 2) * d, world, link)
-            elif method == "sparse":
-                k = bucket_k(density, d)
-                if auto and dense_wins(d, k, world, link, host):
-                    hosts += dense_host_time(d, host)
-                    comm += allreduce_time(BYTES_PER_ENTRY * d, world, link)
-                else:
-                    hosts += sparse_host_time(d, k, world, host)
-                    comm += allgather_time(sparse_message_bytes(k), world, link)
-            else:
-                raise ValueError(f"method must be 'dense', 'fp16', 'allreduce' or 'sparse', got {method!r}")
-    return work.compute_s + hosts + max(0.0, comm - work.overlap_s)
-
-
-# --------------------------------------------------------------------------------------- fitting
-def least_squares(rows: Sequence[Sequence[float]], ys: Sequence[float], nonneg: bool = True) -> list[float]:
-    """``argmin_x ||A x - y||^2`` by the normal equations (few columns); with ``nonneg`` a
-    coefficient that comes out negative is pinned to 0 and the rest refitted."""
-    if not rows or len(rows) != len(ys):
-        raise ValueError("least_squares: need as many rows as targets, at least one")
-    n = len(rows[0])
-    active = list(range(n))
-    while True:
-        x_act = _solve_normal([[r[j] for j in active] for r in rows], ys)
-        x = [0.0] * n
-        for j, v in zip(active, x_act):
-            x[j] = v
-        neg = [j for j in active if x[j] < 0]
-        if not nonneg or not neg:
-            return x
-        active.remove(min(neg, key=lambda j: x[j]))
-        if not active:
-            return [0.0] * n
-
-
-def _solve_normal(a: Sequence[Sequence[float]], y: Sequence[float]) -> list[float]:
-    n = len(a[0])
-    m = [[sum(r[i] * r[j] for r in a) for j in range(n)] + [sum(r[i] * t for r, t in zip(a, y))] for i in range(n)]
-    for i in range(n):  # Gauss-Jordan with partial pivoting; a tiny ridge keeps it solvable
-        m[i][i] += 1e-30 + 1e-12 * abs(m[i][i])
-        p = max(range(i, n), key=lambda r: abs(m[r][i]))
-        m[i], m[p] = m[p], m[i]
-        piv = m[i][i]
-        if piv == 0:
-            continue
-        m[i] = [v / piv for v in m[i]]
-        for r in range(n):
-            if r != i and m[r][i] != 0:
-                f = m[r][i]
-                m[r] = [vr - f * vi for vr, vi in zip(m[r], m[i])]
-    return [m[i][n] for i in range(n)]
-
-
-@dataclass(frozen=True)
-class Sample:
-    """One timed collective: ``kind`` "allreduce" (``nbytes`` per rank) or "allgather"
-    (``nbytes`` per rank's message) or "p2p" (one message), on ``world`` ranks, ``seconds``."""
-
-    kind: str
-    world: int
-    nbytes: float
-    seconds: float
-
-    def features(self) -> tuple[float, float]:
-        """(latency hops, bytes through the busiest port) so that ``seconds = alpha*f0 + beta*f1``."""
-        w = self.world
-        if self.kind == "allreduce":
-            return 2.0 * (w - 1), 2.0 * (w - 1) / w * self.nbytes
-        if self.kind == "allgather":
-            return float(w - 1), (w - 1) * self.nbytes
-        if self.kind == "p2p":
-            return 1.0, float(self.nbytes)
-        raise ValueError(f"Sample.kind must be 'allreduce', 'allgather' or 'p2p', got {self.kind!r}")
-
-
-def fit_link(samples: Iterable[Sample]) -> Link:
-    """Fit ``alpha`` and ``beta`` to timed collectives, ``seconds = alpha * hops + beta * bytes``
-    (see :meth:`Sample.features`), in two stages that keep noise in one regime out of the other:
-
-    1. ordinary least squares on all samples (large, bandwidth-bound messages dominate it), which
-       fixes ``beta``;
-    2. ``alpha`` = the median, over the latency-bound samples (``alpha hops > beta bytes`` by the
-       first fit), of ``(seconds - beta * bytes) / hops`` (unchanged when there are none).
-
-    Exact samples of a link give that link back."""
-    samples = list(samples)
-    if len(samples) < 2:
-        raise ValueError("fit_link needs at least 2 samples")
-    for s in samples:
-        if not (s.seconds > 0 and s.nbytes >= 0 and s.world >= 2):
-            raise ValueError(f"fit_link: need seconds > 0, nbytes >= 0 and world >= 2, got {s}")
-    feats = [s.features() for s in samples]
-    alpha, beta = least_squares([list(f) for f in feats], [s.seconds for s in samples])
-    if beta <= 0:
-        raise ValueError("fit_link: samples carry no bandwidth information (beta <= 0); add larger messages")
-    small = [(s.seconds - beta * f1) / f0 for s, (f0, f1) in zip(samples, feats) if alpha * f0 > beta * f1]
-    if small:
-        small.sort()
-        mid = len(small) // 2
-        alpha = max(0.0, small[mid] if len(small) % 2 else 0.5 * (small[mid - 1] + small[mid]))
-    return Link(alpha=alpha, bandwidth=1.0 / beta)
-
-
-@dataclass(frozen=True)
-class HostSample:
-    """One timed sparse hook call (or its parts): bucket ``d``, ``k`` selected, ``world``, ``seconds``."""
-
-    d: int
-    k: int
-    world: int
-    seconds: float
-
-
-def fit_host_costs(pass_s: float, select_samples: Iterable[HostSample], rest_samples: Iterable[HostSample] = (),
-                   base: HostCosts | None = None) -> HostCosts:  # fmt: skip
-    """Fit the sparse host costs from a measured pass time ``pass_s`` (s/entry) and timings.
-
-    ``select_samples``: selector calls, ``seconds = p d s + q k`` -> ``s``, ``q`` (vary ``k``).
-    ``rest_samples``: the hook's work outside selection, ``seconds = c + p d h + g W k`` -> ``c``,
-    ``h`` (vary ``d``; ``g`` is kept from ``base``). Without them ``h``, ``c`` come from ``base``.
-    Least squares on relative error, coefficients >= 0.
-    """
-    base = CPU_DEFAULT if base is None else base
-    if not (pass_s > 0):
-        raise ValueError(f"fit_host_costs: pass_s must be > 0, got {pass_s!r}")
-    sel = list(select_samples)
-    if not sel:
-        raise ValueError("fit_host_costs needs selection samples")
-    s, q = least_squares([[pass_s * x.d / x.seconds, x.k / x.seconds] for x in sel], [1.0] * len(sel))
-    h, c = base.hook_passes, base.call_s
-    rest = list(rest_samples)
-    if rest:
-        rows = [[pass_s * x.d / x.seconds, 1.0 / x.seconds] for x in rest]
-        ys = [(x.seconds - base.scatter_s * x.world * x.k) / x.seconds for x in rest]
-        h, c = least_squares(rows, ys)
-    return HostCosts(pass_s=pass_s, hook_passes=h, select_passes=s, select_per_k_s=q, scatter_s=base.scatter_s,
-                     call_s=c, dense_passes=base.dense_passes)  # fmt: skip
+    return as_exchange(exchange).time(k, d, peers, Pricing.on(link, host, share))
 
 
 # --------------------------------------------------------------------------------------- checks

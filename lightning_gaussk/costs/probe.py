@@ -2,7 +2,7 @@
 the pre-flight command (:mod:`lightning_gaussk.observe.preflight`) reports.
 
 A link is fitted to timed all-gathers and all-reduces by the cost model's
-:func:`~lightning_gaussk.costs.model.fit_link` (alpha-beta: ``t = hops alpha + bytes beta``).
+:func:`~lightning_gaussk.costs.planning.fit_link` (alpha-beta: ``t = hops alpha + bytes beta``).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from lightning_gaussk.costs import model as costmodel
+from lightning_gaussk.costs.planning import Sample, fit_link
 from lightning_gaussk.comm.exchange import all_gather
 
 __all__ = ["fit", "measure_link", "median_seconds", "time_collectives"]
@@ -48,13 +49,13 @@ def _group_max(x: float, group: Any, device: torch.device) -> float:
 
 def time_collectives(group: Any, device: torch.device, max_bytes: int, *, min_bytes: int = 4096,
                      op_limit_s: float = 0.25, reps: int = 3,
-                     kinds: Sequence[str] = ("allgather", "allreduce")) -> list[costmodel.Sample]:  # fmt: skip
+                     kinds: Sequence[str] = ("allgather", "allreduce")) -> list[Sample]:  # fmt: skip
     """Time ``kinds`` of collectives in ``group`` (every member calls it, nobody else) at sizes
     ``min_bytes * 4^i`` up to ``max_bytes`` (fp32 messages per rank), median of ``reps`` after one
     warm-up; a size slower than ``op_limit_s`` is the last. Every member returns the same samples
     (the group's slowest time of each)."""
     world = dist.get_world_size(group)
-    samples: list[costmodel.Sample] = []
+    samples: list[Sample] = []
     if world < 2:
         return samples
     nbytes = max(4, min(min_bytes, max_bytes))
@@ -71,18 +72,18 @@ def time_collectives(group: Any, device: torch.device, max_bytes: int, *, min_by
                     dist.all_reduce(x, group=group)
 
             t = _group_max(median_seconds(op, device, reps), group, device)
-            samples.append(costmodel.Sample(kind, world, 4 * n, t))
+            samples.append(Sample(kind, world, 4 * n, t))
             slowest = max(slowest, t)
         if 4 * n >= max_bytes or slowest > op_limit_s:
             return samples
         nbytes = min(nbytes * 4, max_bytes)
 
 
-def fit(samples: Sequence[costmodel.Sample], small_bytes: int = 16384) -> costmodel.Link | None:
+def fit(samples: Sequence[Sample], small_bytes: int = 16384) -> costmodel.Link | None:
     """The link behind timed collectives (None without samples).
 
     Each kind (all-gather, all-reduce) is fitted on its own by
-    :func:`~lightning_gaussk.costs.model.fit_link`, and the faster fit is the link: a collective
+    :func:`~lightning_gaussk.costs.planning.fit_link`, and the faster fit is the link: a collective
     whose implementation does not reach the wire's rate (gloo's all-gather of large messages on a
     busy host) says something about that implementation, not about the link. When the fit pins
     the latency to 0 (a token-bucket shaper lets the first burst through at once, which pulls the
@@ -92,7 +93,7 @@ def fit(samples: Sequence[costmodel.Sample], small_bytes: int = 16384) -> costmo
     for kind in sorted({s.kind for s in samples}):
         mine = [s for s in samples if s.kind == kind]
         try:
-            fits.append((costmodel.fit_link(mine), mine))
+            fits.append((fit_link(mine), mine))
         except ValueError:
             big = max(mine, key=lambda s: s.features()[1])
             if big.features()[1] > 0:

@@ -7,7 +7,9 @@
 - :mod:`~lightning_gaussk.engine.timing`: stage clocks;
 - the drivers: :mod:`~lightning_gaussk.engine.ddp_hook` (a DDP bucket per call),
   :mod:`~lightning_gaussk.engine.fsdp` (an FSDP2 shard per call),
-  :mod:`~lightning_gaussk.engine.local_sgd` (a pseudo-gradient every ``H`` steps).
+  :mod:`~lightning_gaussk.engine.local` (a pseudo-gradient every ``H`` steps);
+- :mod:`~lightning_gaussk.engine.commit`: the commit and the non-finite skip, shared by all three;
+- :mod:`~lightning_gaussk.engine.counters`: the telemetry counters of every engine.
 
 Imports: the layers below; never Lightning or Accelerate.
 """

@@ -56,6 +56,7 @@ from torch import Tensor, nn
 
 from lightning_gaussk.config import GaussKConfig
 from lightning_gaussk.utils.log import rank_zero_info
+from lightning_gaussk.engine.describe import fsdp_startup_line
 from lightning_gaussk.engine.pipeline import reduce
 from lightning_gaussk.engine.state import GaussKState
 from lightning_gaussk.comm.topology import Replicas, dim0_shard
@@ -86,6 +87,8 @@ class GaussKFSDPState(GaussKState):
     :class:`~lightning_gaussk.GaussKState` whose topology is
     :class:`~lightning_gaussk.comm.topology.Replicas` and whose residuals are this rank's dim-0
     shards (``rows[l c, (l + 1) c)``, ``c = ceil(rows / L)``) of each parameter."""
+
+    sharding = SHARDING  # its saves take the row policy on another layout
 
     def __init__(self, config: GaussKConfig | None = None, **options: Any) -> None:
         super().__init__(config, **options)
@@ -119,14 +122,8 @@ class GaussKFSDPState(GaussKState):
         self.store.sizes = sizes
 
     def startup_line(self, launcher_rpn: int | None = None) -> str:
-        layout = self.layout
-        rho = self.density if not self.warmup_steps else f"{self.warmup_density} -> {self.density} over {self.warmup_steps} steps"
-        return (
-            f"GaussK: FSDP2 across nodes (custom HSDP), {layout.nodes} nodes x {layout.ranks_per_node} ranks: FSDP "
-            "reduce-scatters each unit inside the node, each rank selects ceil(density * d) entries of its shard of d "
-            f"and exchanges them with its {layout.nodes} replicas; density {rho}; exchange: {self.exchange}; "
-            f"dense fallback: {self.dense_fallback}"
-        )
+        """The line logged once at registration (:func:`~lightning_gaussk.engine.describe.fsdp_startup_line`)."""
+        return fsdp_startup_line(self.config, self.layout)
 
     def unit_backward(self, key: int) -> None:
         """A unit is about to be reduced. A key seen again means a new backward began before the

@@ -7,16 +7,16 @@ It owns the parts and the clocks, and little else:
 - ``topology`` (:mod:`lightning_gaussk.comm.topology`), resolved once by :meth:`setup_layout`;
 - ``store`` (:class:`~lightning_gaussk.engine.store.ResidualStore`): residuals and velocities;
 - the clocks: the optimizer ``step`` (density warm-up, randomised selectors) and the loss scale;
-- the choice of exchange per bucket (:meth:`exchange_for`, the dense rule of the cost model);
+- the choice of exchange per bucket (:meth:`exchange_for`: a cached call of the one policy,
+  :func:`lightning_gaussk.costs.policy.pick_exchange`);
 - monitor requests (capture, norms) and telemetry counters, which the pipeline fills.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import warnings
-from typing import Any
+from typing import Any, ClassVar
 
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -24,44 +24,20 @@ from torch import Tensor, nn
 from lightning_gaussk.costs import model as costmodel
 from lightning_gaussk.config import GaussKConfig, bucket_k
 from lightning_gaussk.comm import inflight
-from lightning_gaussk.comm import sparse_allreduce  # noqa: F401 (registers "allreduce")
-from lightning_gaussk.comm.exchange import Exchange, get_exchange
+from lightning_gaussk.comm.exchange import Exchange
+from lightning_gaussk.comm.vote import decide_layout
+from lightning_gaussk.costs.policy import pick_exchange
 from lightning_gaussk.costs.probe import measure_link
-from lightning_gaussk.utils.log import rank_zero_info, rank_zero_warn
+from lightning_gaussk.engine.describe import startup_line
+from lightning_gaussk.utils.log import rank_zero_info
+from lightning_gaussk.engine.counters import TELEMETRY_COUNTERS
 from lightning_gaussk.engine.store import ResidualStore
 from lightning_gaussk.comm.topology import Flat, Topology, build_topology
-from lightning_gaussk.comm.layout import Layout, resolve_layout
-from lightning_gaussk.comm.layout import launcher_ranks_per_node as launcher_ranks_per_node_env
+from lightning_gaussk.comm.layout import Layout
 
-__all__ = ["STATE_FORMAT", "GaussKState", "TELEMETRY_COUNTERS"]
+__all__ = ["STATE_FORMAT", "GaussKState"]
 
 STATE_FORMAT = "lightning_gaussk.state/1"
-
-# cumulative counters (ints, saved in state_dict); per-step figures are differences, see
-# lightning_gaussk.observe.telemetry. *_ns are host wall times, measured on CPU buckets only.
-TELEMETRY_COUNTERS = (
-    "hook_calls",
-    "bytes_sent",  # this rank's message bytes (values, indices, flag)
-    "bytes_dense",  # bytes of the dense buckets it replaced
-    "skipped_buckets",
-    "entries_sent",  # sum of k
-    "entries_total",  # sum of d
-    "select_ns",  # time forming u = grad + residual and selecting (CPU buckets only)
-    "comm_ns",  # issue of the last collective -> its completion callback (CPU buckets only)
-    "hook_ns",  # time in the hook body, select included (CPU buckets only)
-    "dense_buckets",  # buckets sent dense by dense_fallback
-    # node mode (zero in flat mode): bytes this rank sends inside its node (reduce-scatter and
-    # all-gather) and to other nodes (its message: = bytes_sent), and host times of the stages
-    # (CPU buckets only): intra-node collectives, inter-node exchange, decode
-    "bytes_intra",
-    "bytes_inter",
-    "intra_ns",
-    "inter_ns",
-    "decode_ns",
-    # bytes this rank puts on the wire in the exchange, as its collectives' algorithms send them
-    # (a ring all-gather sends P - 1 messages): the figure that shows whether traffic grows with P
-    "bytes_wire",
-)
 
 
 class GaussKState:
@@ -77,13 +53,16 @@ class GaussKState:
 
     The options are readable as attributes (``state.density``, ``state.selector``, ...) and as
     ``state.config``. ``dense_fallback="auto"`` sends a bucket dense (allreduce of
-    ``grad + residual``, residual reset) when sparse cannot be cheaper: always under
-    :func:`lightning_gaussk.costs.model.byte_rule_dense`, and with ``link_gbit`` also when the
-    cost model predicts dense faster.
+    ``grad + residual``, residual reset) when sparse cannot be cheaper: always under the byte rule
+    (:func:`lightning_gaussk.costs.policy.byte_rule`), and with ``link_gbit`` also when the cost
+    model predicts dense faster.
 
     ``state_dict()`` holds tensors and plain Python values only (``torch.load(weights_only=True)``
     works); residuals are keyed by parameter name, so call :meth:`bind` with the model first.
     """
+
+    #: the marker its saved layout carries (None: per-parameter residuals; see lightning_gaussk.checkpoint.reshard)
+    sharding: ClassVar[str | None] = None
 
     def __init__(
         self,
@@ -113,8 +92,7 @@ class GaussKState:
         self._layout_ready = False
         self.store = ResidualStore()
         self._numels: dict[str, int] = {}  # name -> numel of the whole parameter
-        self._exchanges: dict[str, Exchange] = {}
-        self._choices: dict[tuple[int, int, int, str, str], str] = {}  # exchange per bucket shape
+        self._choices: dict[tuple[int, int, int, str, str], Exchange] = {}  # exchange per bucket shape
         self._logged: set[tuple[int, int, str]] = set()
         # the link of the cost model: from link_gbit, or measured by setup_layout (link_gbit="measure")
         self.link: costmodel.Link | None = (
@@ -168,34 +146,20 @@ class GaussKState:
         ``ranks_per_node`` wins. ``"auto"`` picks node mode when the job spans more than one node
         of more than one rank (:func:`~lightning_gaussk.comm.layout.resolve_layout`).
 
-        Unless ``hierarchy="flat"``, the ranks compare their proposals (one small all-gather):
-        node mode needs the same ``L`` everywhere and node-contiguous ranks (torchrun's
-        ``GROUP_RANK == rank // L`` where it is set); otherwise ``"auto"`` falls back to flat
-        with a warning and ``"node"`` raises. The choice is logged once, on rank 0.
+        Unless ``hierarchy="flat"``, the ranks vote (:func:`~lightning_gaussk.comm.vote.vote_layout`):
+        node mode needs the same ``L`` everywhere and node-contiguous ranks; otherwise ``"auto"``
+        falls back to flat with a warning and ``"node"`` raises. The choice is logged once, on
+        rank 0 (:func:`~lightning_gaussk.engine.describe.startup_line`).
         """
         cfg = self.config
+        layout, hint = decide_layout(cfg.hierarchy, cfg.ranks_per_node, self.process_group, launcher_ranks_per_node)
         if not (dist.is_available() and dist.is_initialized()):
-            self.topology, self._layout_ready = Flat(Layout(1, 0), self.process_group), True
+            self.topology, self._layout_ready = Flat(layout, self.process_group), True
             return self.layout
-        group = self.process_group if self.process_group is not None else dist.group.WORLD
-        world, rank = dist.get_world_size(group), dist.get_rank(group)
-        hint = launcher_ranks_per_node if launcher_ranks_per_node is not None else launcher_ranks_per_node_env()
-        layout = resolve_layout(cfg.hierarchy, cfg.ranks_per_node, world, rank, hint)
-        if cfg.hierarchy != "flat" and world > 1:
-            group_rank = os.environ.get("GROUP_RANK")
-            contiguous = group_rank is None or layout.ranks_per_node is None or int(group_rank) == layout.node
-            votes: list[Any] = [None] * world
-            dist.all_gather_object(votes, (layout.ranks_per_node, contiguous), group=group)
-            if len(set(votes)) != 1 or not all(ok for _, ok in votes):
-                detail = f"ranks per node and node-contiguity differ between ranks: {sorted(set(votes), key=str)}"
-                if cfg.hierarchy == "node":
-                    raise ValueError(f"GaussKState: `hierarchy` = 'node' cannot be used: {detail}")
-                rank_zero_warn(f"GaussK: hierarchy='auto' stays flat: {detail}")
-                layout = Layout(world, rank)
         self.topology = build_topology(layout, self.process_group)
         self._layout_ready = True
         self._resize()
-        rank_zero_info(self.startup_line(hint))
+        rank_zero_info(startup_line(cfg, layout, hint))
         if cfg.link_gbit == "measure":
             self._measure_link()
         return layout
@@ -213,36 +177,6 @@ class GaussKState:
                 f"({'between nodes' if self.layout.mode == 'node' else 'among all ranks'}); the dense rule and "
                 "exchange='auto' use it"
             )
-
-    def startup_line(self, launcher_rpn: int | None = None) -> str:
-        """The line logged once at setup: the mode and why, the exchange, and what a node or a
-        rank sends per bucket of ``d`` entries."""
-        cfg, layout = self.config, self.layout
-        head = f"GaussK: {layout.describe()} (hierarchy={cfg.hierarchy!r}, ranks per node from the launcher: {launcher_rpn})"
-        rho = cfg.density if not cfg.warmup_steps else f"{cfg.warmup_density} -> {cfg.density} over {cfg.warmup_steps} steps"
-        if layout.mode == "node":
-            L = layout.ranks_per_node
-            what = (
-                f"each rank selects ceil(density * d / {L}) entries of its node-summed shard, so a node sends about "
-                f"density * d entries per bucket between nodes ({L}x fewer than flat mode's {L} ranks would); "
-                "it assumes fast links inside a node (NVLink/NVSwitch): on PCIe-only nodes flat mode may win, "
-                "`gaussk-preflight` measures both"
-            )
-            why = f"; auto chose node mode: {layout.nodes} nodes of {L} ranks" if cfg.hierarchy == "auto" else ""
-        else:
-            what = "each rank selects ceil(density * d) entries of a bucket of d"
-            why = ""
-            if cfg.hierarchy == "auto" and layout.world_size > 1:
-                why = "; auto stayed flat: " + (
-                    "the launcher gives no ranks per node" if launcher_rpn is None and cfg.ranks_per_node is None
-                    else "one node, or one rank per node"
-                )
-        exchange = {
-            "allgather": "all-gather (each selection to every peer: bytes per rank grow with the peers)",
-            "allreduce": "bounded sparse all-reduce (about 6k(P-1)/P words per rank; the update keeps about 1.5k entries)",
-            "auto": "auto (per bucket by the cost model; each choice logged once)",
-        }.get(cfg.exchange, repr(cfg.exchange))
-        return f"{head}{why}; density {rho}: {what}; exchange: {exchange}; dense fallback: {cfg.dense_fallback}"
 
     def set_step(self, step: int) -> None:
         """Tell the hook the current optimizer step (the Lightning strategy does this).
@@ -296,54 +230,26 @@ class GaussKState:
         return bucket_k(self.density_at(self.step), d)
 
     # ---------------------------------------------------------------- the exchange of a bucket
-    def prefer_dense(self, d: int, k: int, world: int, device_type: str) -> bool:
-        """Whether a bucket of ``d`` entries goes dense at ``k`` among ``world`` peers with the
-        all-gather (``dense_fallback``; :func:`lightning_gaussk.costs.model.dense_wins`)."""
-        return self.exchange_for(d, k, world, device_type, exchange="allgather").name == "dense"
-
     def exchange_for(self, d: int, k: int, peers: int, device_type: str, exchange: str | None = None) -> Exchange:
         """The exchange of a bucket of ``d`` entries at ``k`` among ``peers`` (``exchange``: the
-        configured one by default).
-
-        - ``dense_fallback="auto"``: dense when :func:`~lightning_gaussk.costs.model.dense_wins`
-          says so for the exchange (the byte rule; with ``link_gbit`` also the time model, the
-          ``L`` ranks of a node sharing its link in node mode);
-        - ``exchange="auto"``: the cheapest of dense, all-gather and all-reduce
-          (:func:`~lightning_gaussk.costs.model.pick_exchange`; without ``link_gbit``: the fewest
-          bytes), logged once per bucket size and choice.
+        configured one by default): :func:`~lightning_gaussk.costs.policy.pick_exchange` with this
+        state's ``dense_fallback``, link (``link_gbit``, or measured at setup: the same on every
+        rank), the host costs of ``device_type`` and, in node mode, the ``L`` ranks of a node
+        sharing its link. ``exchange="auto"`` logs each choice once per bucket size.
 
         A pure function of configuration and shapes, cached, so every rank takes the same branch
         (they must: the branches call different collectives)."""
         name = self.config.exchange if exchange is None else exchange
         key = (d, k, peers, device_type, name)
         if key not in self._choices:
-            self._choices[key] = choice = self._choose(d, k, peers, device_type, name)
-            if name == "auto" and (d, peers, choice) not in self._logged:
-                self._logged.add((d, peers, choice))
-                rank_zero_info(f"GaussK: exchange='auto' sends buckets of {d} entries (k={k}) among {peers} peers by {choice}")
-        return self._exchange(self._choices[key])
-
-    def _choose(self, d: int, k: int, peers: int, device_type: str, name: str) -> str:
-        cfg = self.config
-        link = self.link  # from link_gbit, or measured at setup: the same on every rank
-        host = costmodel.HostCosts.for_device(device_type)
-        share = self.layout.ranks_per_node or 1  # node mode: a node's L exchanges share its link
-        sparse = costmodel.SPARSE_EXCHANGES
-        if cfg.dense_fallback == "never":
-            if name != "auto":
-                return name
-            if link is None:
-                return min(sparse, key=lambda e: costmodel.exchange_bytes(e, d, k, peers))
-            return min(sparse, key=lambda e: costmodel.exchange_time(e, d, k, peers, link, host, share))
-        if name == "auto":
-            return costmodel.pick_exchange(d, k, peers, link, host, share)
-        priced = name if name in sparse else "allgather"  # a registered exchange is priced as the all-gather
-        return "dense" if costmodel.dense_wins(d, k, peers, link, host, exchange=priced, share=share) else name
-
-    def _exchange(self, name: str) -> Exchange:
-        if name not in self._exchanges:
-            self._exchanges[name] = get_exchange(name)
-        return self._exchanges[name]
+            share = self.layout.ranks_per_node or 1  # node mode: a node's L exchanges share its link
+            host = costmodel.HostCosts.for_device(device_type)
+            decision = pick_exchange(d, k, peers, self.link, host, share, exchange=name, dense_fallback=self.config.dense_fallback)
+            self._choices[key] = decision.exchange
+            if name == "auto" and (d, peers, decision.name) not in self._logged:
+                self._logged.add((d, peers, decision.name))
+                rank_zero_info(f"GaussK: exchange='auto' sends buckets of {d} entries (k={k}) among {peers} peers by {decision.name}")
+        return self._choices[key]
 
     # ---------------------------------------------------------------- monitor requests
     def capture_next_step(self) -> None:

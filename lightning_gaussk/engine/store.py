@@ -11,7 +11,8 @@ Loss scale: a slot's buffers are expressed in the scale ``S_r`` they were commit
 (``slot.scale``, 0-d); the pipeline brings them to the current scale ``S`` when used
 (``u = S g + (S / S_r) r``). Read-outs for checkpoints are unscaled (``r / S_r``).
 
-Commit (``sent + residual == u`` per rank, bit for bit)::
+Commit (``sent + residual == u`` per rank, bit for bit), by the one rule of
+:mod:`lightning_gaussk.engine.commit`::
 
     residual := u with the delivered entries zeroed      (sparse exchange)
     residual := 0                                        (everything delivered: dense)
@@ -31,6 +32,7 @@ import torch
 from torch import Tensor
 
 from lightning_gaussk.comm.slot import Slot
+from lightning_gaussk.engine.commit import agreed, commit
 
 __all__ = ["ResidualStore"]
 
@@ -150,40 +152,29 @@ class ResidualStore:
     @staticmethod
     def commit(slot: Slot, indices: Tensor | None, delivered: Tensor | None, flag: Tensor, loss_scale: float, *,
                error_feedback: bool, masking: bool) -> bool:  # fmt: skip
-        """Commit one step of ``slot`` (see the module docstring): ``u`` is ``slot.work`` (and
-        ``slot.vel_work``). ``indices``: this rank's selection, None when all of ``u`` was
-        delivered (dense); ``delivered``: bool mask over ``indices`` of what reached the update
-        (None: all of it). Returns False when the step was skipped on CPU (non-finite ``flag``);
-        on a device the choice stays on the device and True is returned."""
+        """Commit one step of ``slot`` by :func:`lightning_gaussk.engine.commit.commit` (see the
+        module docstring): ``u`` is ``slot.work`` (and ``slot.vel_work``). ``indices``: this rank's
+        selection, None when all of ``u`` was delivered (dense); ``delivered``: bool mask over
+        ``indices`` of what reached the update (None: all of it). Returns False when the step was
+        skipped on CPU (non-finite ``flag``); on a device the choice stays on the device and True
+        is returned."""
         keep_residual, vel = error_feedback, slot.velocity is not None
         if not (keep_residual or vel):
             return True
-        vel_indices = indices if masking else None  # momentum_masking=False: nothing masked
+        ok: bool | Tensor = agreed(flag)  # 0-d on the device: no host sync
         if slot.residual.device.type == "cpu":
-            if not bool(torch.isfinite(flag)):  # a host value already: no sync to avoid
+            ok = bool(ok)  # a host value already: no sync to avoid
+            if not ok:
                 return False
-            if keep_residual:
-                if indices is None:
-                    slot.residual.zero_()
-                else:
-                    _zero_delivered(slot.work, indices, delivered)
-                    slot.residual, slot.work = slot.work, slot.residual  # swap instead of copying d entries
-            if vel:
-                _zero_delivered(slot.vel_work, vel_indices, delivered)
-                slot.velocity, slot.vel_work = slot.vel_work, slot.velocity
-            slot.scale.fill_(loss_scale)
-            return True
-        ok = torch.isfinite(flag)  # 0-d on the device: no host sync
         if keep_residual:
-            if indices is None:
-                torch.where(ok, 0.0, slot.residual, out=slot.residual)
-            else:
-                _zero_delivered(slot.work, indices, delivered)
-                torch.where(ok, slot.work, slot.residual, out=slot.residual)
-        if vel:
-            _zero_delivered(slot.vel_work, vel_indices, delivered)
-            torch.where(ok, slot.vel_work, slot.velocity, out=slot.velocity)
-        torch.where(ok, loss_scale, slot.scale, out=slot.scale)
+            slot.residual, slot.work = commit(slot.residual, slot.work, indices, delivered, ok, everything=indices is None)
+        if slot.velocity is not None and slot.vel_work is not None:
+            vel_indices = indices if masking else None  # momentum_masking=False: nothing masked
+            slot.velocity, slot.vel_work = commit(slot.velocity, slot.vel_work, vel_indices, delivered, ok)
+        if ok is True:
+            slot.scale.fill_(loss_scale)
+        else:
+            slot.scale.masked_fill_(ok, loss_scale)
         return True
 
     # ---------------------------------------------------------------- checkpoint form
@@ -252,13 +243,3 @@ class ResidualStore:
             else:
                 self._pending_velocity[name] = tensor.detach().float().reshape(-1)
 
-
-def _zero_delivered(u: Tensor | None, indices: Tensor | None, delivered: Tensor | None) -> None:
-    """``u[indices] := 0`` where ``delivered`` (everywhere with ``delivered`` None); fixed sizes, no sync."""
-    if u is None or indices is None:
-        return
-    if delivered is None:
-        u.index_fill_(0, indices, 0.0)
-    else:
-        idx = indices.long()
-        u.index_put_((idx,), torch.where(delivered, 0.0, u.index_select(0, idx)))

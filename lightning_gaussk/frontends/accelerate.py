@@ -20,7 +20,7 @@ have no keys for one. So, after ``accelerator.prepare(...)``::
   layout) in the checkpoint folder, atomically (Accelerate writes objects registered with
   ``register_for_checkpointing`` on the main process only, which would lose every other rank's
   residuals); ``load_state`` reads them through the same restore protocol as the Lightning
-  strategy (:mod:`lightning_gaussk.checkpoint.shards`: checks, layout policy, and a missing or corrupt
+  strategy (:mod:`lightning_gaussk.checkpoint`: checks, layout policy, and a missing or corrupt
   shard on any rank raising on every rank);
 - reads its settings from keyword arguments, then ``GAUSSK_*`` environment variables, then the
   defaults (see :data:`ENV_VARS`).
@@ -41,12 +41,12 @@ from typing import Any
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from lightning_gaussk.checkpoint import shards as ckpt
-from lightning_gaussk.config import GaussKConfig, config_fields, env_options, env_var, parse_env, warn_unknown_env_vars
 from lightning_gaussk.comm.inflight import destroy_group_at_exit
-from lightning_gaussk.utils.log import rank_zero_warn
+from lightning_gaussk.config import GaussKConfig, LocalSGDConfig, config_fields, env_options, env_var, parse_env, warn_unknown_env_vars
 from lightning_gaussk.engine.ddp_hook import gaussk_hook
 from lightning_gaussk.engine.state import GaussKState
+from lightning_gaussk.frontends.wiring import HookCheckpoint, resolve_options, tell_loss_scale
+from lightning_gaussk.utils.log import rank_zero_warn
 
 try:
     from accelerate import Accelerator
@@ -110,8 +110,9 @@ def config_from_env(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
 
 def resolve_config(environ: Mapping[str, str] | None = None, **config: Any) -> dict[str, Any]:
     """Merge keyword arguments > ``GAUSSK_*`` environment variables > defaults, and validate
-    (:meth:`GaussKConfig.from_env`): every :class:`~lightning_gaussk.config.GaussKConfig` field,
-    plus ``process_group`` when given (a keyword only).
+    (:func:`lightning_gaussk.frontends.wiring.resolve_options`, as the strategies do): every
+    :class:`~lightning_gaussk.config.GaussKConfig` field, plus ``process_group`` when given (a
+    keyword only). A variable overridden by a keyword is warned about, one used is logged on rank 0.
 
     Invalid values raise ``TypeError`` / ``ValueError``; when a value came from the environment
     the message names the variable.
@@ -122,10 +123,8 @@ def resolve_config(environ: Mapping[str, str] | None = None, **config: Any) -> d
         raise TypeError(
             f"register_gaussk() got unknown argument(s) {sorted(unknown)}; allowed: {sorted(known)} and process_group"
         )
-    environ = os.environ if environ is None else environ
-    config_from_env(environ)  # warns about unknown GAUSSK_* names
     options = {k: v for k, v in config.items() if k != "process_group"}
-    merged = GaussKConfig.from_env(environ, **options).to_dict()
+    merged = resolve_options(GaussKConfig, options, owner="register_gaussk", environ=environ, also_known=(DISABLE_VAR,)).to_dict()
     if "process_group" in config:
         merged["process_group"] = config["process_group"]
     return merged
@@ -205,7 +204,9 @@ def register_gaussk(accelerator: Accelerator, model: nn.Module, mesh: Any = None
             ``GAUSSK_DENSITY``, ``GAUSSK_DENSE_FALLBACK``); then the defaults apply.
             With ``sync_every``: local SGD instead (models averaged every ``sync_every``
             optimizer steps, no per-step exchange); the options are then those of
-            :class:`~lightning_gaussk.engine.local_sgd.SparseLocalSGD` and the result is one
+            :class:`~lightning_gaussk.config.LocalSGDConfig` (keywords > ``GAUSSK_*`` variables >
+            defaults, e.g. ``GAUSSK_OUTER_LR``) and the result is a
+            :class:`~lightning_gaussk.local_sgd.SparseLocalSGD`
             (:func:`lightning_gaussk.frontends.accelerate_local.register_local_sgd`, docs/local-sgd.md).
 
     Returns:
@@ -225,7 +226,11 @@ def register_gaussk(accelerator: Accelerator, model: nn.Module, mesh: Any = None
     if "sync_every" in config:  # local SGD: models averaged every sync_every optimizer steps (docs/local-sgd.md)
         from lightning_gaussk.frontends.accelerate_local import register_local_sgd
 
-        return register_local_sgd(accelerator, model, mesh, ddp=find_ddp_module(model), **config)  # type: ignore[return-value]
+        process_group = config.pop("process_group", None)
+        local = resolve_options(LocalSGDConfig, config, owner="register_gaussk", also_known=(DISABLE_VAR,))  # validate first
+        return register_local_sgd(  # type: ignore[return-value]
+            accelerator, model, local, mesh=mesh, ddp=find_ddp_module(model), process_group=process_group
+        )
     resolved = resolve_config(**config)  # validate first: a bad setting fails even on one process
     kind = accelerator.distributed_type
     kind_name = getattr(kind, "name", str(kind))
@@ -330,7 +335,7 @@ def _attach_loss_scale(accelerator: Accelerator, model: nn.Module, state: GaussK
 
     def follow(module: nn.Module, args: Any) -> None:
         if module.training:
-            state.set_loss_scale(scaler.get_scale())
+            tell_loss_scale(state, scaler)
 
     model.register_forward_pre_hook(follow)  # on the outermost module: runs eagerly, also around torch.compile
 
@@ -389,39 +394,24 @@ def _attach_checkpointing(accelerator: Accelerator, state: GaussKState) -> None:
 
 def _save_files(state: GaussKState, folder: Path, rank: int, world: int, index: int = 0) -> None:
     """This rank's shard ``state_file(rank, index)`` and its one-entry manifest
-    ``manifest_file(rank, index)`` (:func:`lightning_gaussk.checkpoint.shards.save_rank_files`: atomic, no
-    collective, since a rank must not wait for the others inside Accelerate's pre-hook)."""
-    ckpt.save_rank_files(
-        state,
-        folder,
-        rank=rank,
-        world_size=world,
-        shard_name=lambda r: state_file(r, index),
-        manifest_name=lambda r: manifest_file(r, index),
-        extra={"index": index},
-    )
+    ``manifest_file(rank, index)`` (:meth:`~lightning_gaussk.frontends.wiring.HookCheckpoint.save_files`:
+    atomic, no collective, since a rank must not wait for the others inside Accelerate's pre-hook)."""
+    HookCheckpoint(state, owner="register_gaussk").save_files(
+        folder, rank=rank, world_size=world, shard_name=lambda r: state_file(r, index),
+        manifest_name=lambda r: manifest_file(r, index), extra={"index": index},
+    )  # fmt: skip
 
 
 def _load_into(state: GaussKState, folder: Path, rank: int, world: int, index: int = 0) -> None:
     """Restore ``state`` from a ``save_state`` folder through the one restore protocol
-    (:func:`lightning_gaussk.checkpoint.shards.restore_state`): this rank's own shard on the same layout,
-    else the documented policy (with a warning); per-rank manifests merged, files of the earlier
-    format read without checksums (:meth:`~lightning_gaussk.checkpoint.shards.SavedState.from_folder`).
-    A collective: a missing or corrupt shard on any rank raises on every rank. A folder without
-    GaussK files on every rank: a warning, residuals start from zero."""
-
-    def open_saved() -> ckpt.SavedState | None:
-        return ckpt.SavedState.from_folder(
-            folder, shard_name=lambda r: state_file(r, index), manifest_name=lambda r: manifest_file(r, index)
-        )
-
-    from lightning_gaussk.checkpoint.fsdp import restore_fsdp_shards
-    from lightning_gaussk.engine.fsdp import GaussKFSDPState
-
-    if isinstance(state, GaussKFSDPState):  # its own policy for a change of layout (rows of each shard)
-        found = restore_fsdp_shards(state, open_saved)
-    else:
-        found = ckpt.restore_state(state, open_saved, rank=rank, world_size=world)
+    (:meth:`~lightning_gaussk.frontends.wiring.HookCheckpoint.restore_files`): this rank's own
+    shard on the same layout, else the documented policy (with a warning); per-rank manifests
+    merged, files of the earlier format read without checksums. A collective: a missing or corrupt
+    shard on any rank raises on every rank. A folder without GaussK files on every rank: a
+    warning, residuals start from zero."""
+    found = HookCheckpoint(state, owner="register_gaussk").restore_files(
+        folder, rank=rank, world_size=world, shard_name=lambda r: state_file(r, index), manifest_name=lambda r: manifest_file(r, index)
+    )
     if not found:
         rank_zero_warn(
             f"{folder} has no {state_file(0, index).replace('rank0', 'rank*')} (not saved with register_gaussk?): "

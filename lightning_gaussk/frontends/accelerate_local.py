@@ -4,15 +4,18 @@ After ``accelerator.prepare(...)``::
 
     local = register_gaussk(accelerator, model, sync_every=16, density=0.02, quantize=2)
 
-- DDP's per-step all-reduce is switched off (:func:`~lightning_gaussk.engine.local_sgd.local_grad_hook`);
-- :class:`~lightning_gaussk.engine.local_sgd.SparseLocalSGD` hooks the prepared optimizer's inner
+- DDP's per-step all-reduce is switched off (:func:`~lightning_gaussk.engine.local.grad_hook.local_grad_hook`);
+- :class:`~lightning_gaussk.engine.local.driver.SparseLocalSGD` hooks the prepared optimizer's inner
   optimizer: Accelerate steps it once per accumulation cycle, so ``sync_every`` counts optimizer
   steps, not micro-batches (a step a GradScaler skips is not counted either);
 - ``save_state`` writes every rank's own ``gaussk_local_rank{r}.pt`` and manifest (error feedback,
   ``theta``, outer momentum, window position, this rank's local model and inner optimizer
-  state); ``load_state`` restores them through :func:`lightning_gaussk.checkpoint.shards.restore_state`
+  state); ``load_state`` restores them through :func:`lightning_gaussk.checkpoint.protocol.restore_state`
   (a missing or corrupt file on any rank raises on every rank). Accelerate loads rank 0's model
-  and optimizer after its pre-hooks, so each rank's own are put back at the model's next forward.
+  and optimizer after its pre-hooks, so each rank's own are put back at the model's next forward;
+- the options are :class:`~lightning_gaussk.config.LocalSGDConfig`'s, from keywords > ``GAUSSK_*``
+  variables (``GAUSSK_SYNC_EVERY``, ``GAUSSK_OUTER_LR``, ...) > defaults, as everywhere
+  (:func:`lightning_gaussk.frontends.wiring.resolve_options`).
 """
 
 from __future__ import annotations
@@ -23,11 +26,12 @@ from typing import Any
 from accelerate import Accelerator
 from torch import nn
 
-from lightning_gaussk.checkpoint import shards as ckpt
 from lightning_gaussk.comm.inflight import destroy_group_at_exit
+from lightning_gaussk.config import LocalSGDConfig
+from lightning_gaussk.engine.local.driver import SparseLocalSGD
+from lightning_gaussk.engine.local.grad_hook import local_grad_hook
+from lightning_gaussk.frontends.wiring import HookCheckpoint
 from lightning_gaussk.utils.log import rank_zero_warn
-from lightning_gaussk.engine.local_sgd import SparseLocalSGD, local_grad_hook
-from lightning_gaussk.comm.layout import Layout
 
 __all__ = ["LOCAL_MANIFEST_FILE", "LOCAL_STATE_FILE", "register_local_sgd"]
 
@@ -38,24 +42,26 @@ LOCAL_MANIFEST_FILE = "gaussk_local_manifest_rank{rank}.json"
 
 
 def register_local_sgd(
-    accelerator: Accelerator, model: nn.Module, mesh: Any = None, *, ddp: Any = None, **options: Any
+    accelerator: Accelerator, model: nn.Module, config: LocalSGDConfig, *, mesh: Any = None, ddp: Any = None,
+    process_group: Any = None,
 ) -> SparseLocalSGD | None:
     """Local SGD on a model prepared by Accelerate (``register_gaussk`` with ``sync_every``).
 
     Args:
         accelerator: the ``accelerate.Accelerator`` that prepared ``model`` and the optimizer.
         model: the prepared model (``DistributedDataParallel``, possibly inside ``torch.compile``).
+        config: the outer loop's options (``register_gaussk`` resolves them from its keywords >
+            ``GAUSSK_*`` variables > defaults, :func:`lightning_gaussk.frontends.wiring.resolve_options`).
         mesh: not supported with local SGD (must be None).
         ddp: the ``DistributedDataParallel`` inside ``model``
             (:func:`lightning_gaussk.frontends.accelerate.find_ddp_module`, which ``register_gaussk`` passes).
-        **options: :class:`~lightning_gaussk.engine.local_sgd.SparseLocalSGD` arguments (``sync_every``,
-            ``density``, ``outer_lr``, ``ef_decay``, ``outer``, ``chunk``, ``quantize``, ...).
+        process_group: the group to average over (None: the world).
 
     Returns:
         This rank's :class:`SparseLocalSGD`, or None on a single process (with a warning).
 
     Raises:
-        TypeError / ValueError: an invalid option (naming it), a ``mesh``, a model that was not
+        ValueError: a ``mesh``, a model that was not
             prepared, no prepared optimizer over the model, or a comm hook already registered.
     """
     if mesh is not None:
@@ -74,7 +80,7 @@ def register_local_sgd(
     owners = [o for o in accelerator._optimizers if any(id(p) in params for g in o.param_groups for p in g["params"])]
     if len(owners) != 1:
         raise ValueError(f"register_gaussk: local SGD needs exactly one prepared optimizer over the model, found {len(owners)}")
-    local = SparseLocalSGD(module, getattr(owners[0], "optimizer", owners[0]), **options)  # validates the options
+    local = SparseLocalSGD(module, getattr(owners[0], "optimizer", owners[0]), process_group=process_group, config=config)
     ddp.register_comm_hook(None, local_grad_hook)
     ddp._gaussk_state = local
     _attach_checkpointing(accelerator, local)
@@ -83,39 +89,18 @@ def register_local_sgd(
     return local
 
 
-class _File:
-    """One rank's file, in the shape :mod:`lightning_gaussk.checkpoint.shards` expects of a state."""
-
-    def __init__(self, local: SparseLocalSGD) -> None:
-        self.local = local
-
-    @property
-    def layout(self) -> Layout:
-        return self.local.layout
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.local.state_dict()
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.local.load_state_dict(state_dict, defer_local=True)
-
-
 def _attach_checkpointing(accelerator: Accelerator, local: SparseLocalSGD) -> None:
     rank, world = accelerator.process_index, accelerator.num_processes
-    shard = lambda r: LOCAL_STATE_FILE.format(rank=r)  # noqa: E731
-    manifest = lambda r: LOCAL_MANIFEST_FILE.format(rank=r)  # noqa: E731
+    files: dict[str, Any] = dict(
+        shard_name=lambda r: LOCAL_STATE_FILE.format(rank=r), manifest_name=lambda r: LOCAL_MANIFEST_FILE.format(rank=r)
+    )
+    checkpoint = HookCheckpoint(local, owner="register_gaussk")  # the whole state in each rank's file
 
     def save(models: list[Any], weights: list[Any], output_dir: str) -> None:
-        ckpt.save_rank_files(_File(local), Path(output_dir), rank=rank, world_size=world, shard_name=shard, manifest_name=manifest)
+        checkpoint.save_files(Path(output_dir), rank=rank, world_size=world, **files)
 
     def load(models: list[Any], input_dir: str) -> None:
-        def open_saved() -> ckpt.SavedState | None:
-            saved = ckpt.SavedState.from_folder(Path(input_dir), shard_name=shard, manifest_name=manifest)
-            if saved is not None and (saved.world_size, saved.layout.ranks_per_node or 1) != (world, local.layout.ranks_per_node or 1):
-                raise ValueError(f"register_gaussk: {input_dir} was saved on {saved.layout.describe()}; local SGD resumes on the same layout only")
-            return saved
-
-        if not ckpt.restore_state(_File(local), open_saved, rank=rank, world_size=world):
+        if not checkpoint.restore_files(Path(input_dir), rank=rank, world_size=world, **files):
             rank_zero_warn(f"{input_dir} has no {LOCAL_STATE_FILE.format(rank='*')}: the outer loop starts afresh.")
 
     accelerator.register_save_state_pre_hook(save)

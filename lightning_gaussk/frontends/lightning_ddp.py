@@ -6,13 +6,12 @@
 - tells the hook the optimizer step (``trainer.global_step``), so warm-up and seeds follow
   optimizer steps, not hook calls or micro-batches;
 - saves every rank's hook state as its own shard next to the Lightning checkpoint
-  (``<ckpt>.gaussk/rank{r}.pt``, a manifest inside the checkpoint) and restores it on resume
-  (:mod:`lightning_gaussk.checkpoint.shards`); removing the checkpoint removes its shards.
+  (``<ckpt>.gaussk/rank{r}.pt``, a manifest inside the checkpoint) and restores it on resume;
+  removing the checkpoint removes its shards.
+
+Options, checkpoints, the deferred restore and the teardown are :mod:`lightning_gaussk.frontends.wiring`'s.
 """
 
-import inspect
-import os
-from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any, Literal
 
@@ -23,24 +22,20 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.strategies.strategy import _StrategyRegistry
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
-from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
-from lightning_gaussk.checkpoint.shards import SavedState, remove_shards, restore_state, save_shards, shard_dir
-from lightning_gaussk.config import GaussKConfig, config_fields, env_options, env_var, warn_unknown_env_vars
-from lightning_gaussk.comm.inflight import destroy_group_at_exit
+from lightning_gaussk.checkpoint.files import shard_dir
+from lightning_gaussk.config import GaussKConfig
 from lightning_gaussk.engine.ddp_hook import gaussk_hook
 from lightning_gaussk.engine.state import GaussKState
+from lightning_gaussk.frontends.wiring import StrategyWiring, ddp_arguments, options_doc, strategy_options
 
 __all__ = ["CHECKPOINT_KEY", "GaussKDDPStrategy"]
 
 CHECKPOINT_KEY = "gaussk"
-_REJECTED = ("ddp_comm_hook", "ddp_comm_state", "ddp_comm_wrapper", "model_averaging_period")
-_START_METHODS = ("popen", "spawn", "fork", "forkserver")
 
 
-class GaussKDDPStrategy(DDPStrategy):
+class GaussKDDPStrategy(StrategyWiring, DDPStrategy):
     """DDP whose gradients are sparsified by TopK-SGD (error feedback, Gaussian-k selection).
 
     Args:
@@ -99,15 +94,9 @@ class GaussKDDPStrategy(DDPStrategy):
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
         **kwargs: Any,
     ) -> None:
-        for name in _REJECTED:
-            if name in kwargs and kwargs[name] is not None:
-                raise ValueError(
-                    f"GaussKDDPStrategy registers its own comm hook; `{name}` would add a second one. "
-                    "Use DDPStrategy for other hooks."
-                )
-        given = locals()
-        self._gaussk_config = _config_with_env({name: given[name] for name in config_fields()}, os.environ)  # validates
-        _validate_ddp_args(
+        self._gaussk_config = strategy_options(type(self), GaussKConfig, locals())  # validates
+        ddp_kwargs = ddp_arguments(
+            type(self).__name__,
             kwargs,
             find_unused_parameters=find_unused_parameters,
             static_graph=static_graph,
@@ -118,7 +107,7 @@ class GaussKDDPStrategy(DDPStrategy):
         if bucket_cap_mb is not None:
             if isinstance(bucket_cap_mb, bool) or not isinstance(bucket_cap_mb, (int, float)) or not bucket_cap_mb > 0:
                 raise ValueError(f"`bucket_cap_mb` must be a number > 0 or None, got {bucket_cap_mb!r}")
-            kwargs["bucket_cap_mb"] = bucket_cap_mb
+            ddp_kwargs["bucket_cap_mb"] = bucket_cap_mb
         super().__init__(
             accelerator=accelerator,
             parallel_devices=parallel_devices,
@@ -131,10 +120,8 @@ class GaussKDDPStrategy(DDPStrategy):
             find_unused_parameters=find_unused_parameters,
             static_graph=static_graph,
             gradient_as_bucket_view=gradient_as_bucket_view,
-            **_ddp_kwargs(kwargs),  # a call, not **kwargs: keeps jsonargparse from listing DDP's internals
+            **ddp_kwargs,  # not **kwargs: keeps jsonargparse from listing DDP's internals
         )
-        self._gaussk_state: GaussKState | None = None
-        self._gaussk_loaded: SavedState | None = None  # from a checkpoint, before the state exists
 
     @property
     def gaussk_state(self) -> GaussKState | None:
@@ -153,11 +140,7 @@ class GaussKDDPStrategy(DDPStrategy):
         # Lightning numbers ranks node by node: node_rank * devices + local_rank
         state.setup_layout(launcher_ranks_per_node=self.num_processes)
         self.model.register_comm_hook(state, gaussk_hook)  # on every device type, CPU included
-        self._gaussk_state = state
-        destroy_group_at_exit()  # gloo groups destroyed while Python runs, not at finalization
-        if self._gaussk_loaded is not None:
-            self._restore(self._gaussk_loaded)
-            self._gaussk_loaded = None
+        self._gaussk_built(state)  # restores a checkpoint loaded before
 
     @override
     def setup_optimizers(self, trainer: Any) -> None:
@@ -179,75 +162,39 @@ class GaussKDDPStrategy(DDPStrategy):
 
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
-        if self._gaussk_state is not None:
-            tell_step_and_scale(self._gaussk_state, self)
+        self._gaussk_tell()  # the optimizer step and the loss scale
         return super().training_step(*args, **kwargs)
 
     @override
     def teardown(self) -> None:
-        if self._gaussk_state is not None:
-            # local, no collective (safe after an error): let torch's communication threads
-            # release the hook's last callbacks before the DDP wrapper and process go away
-            self._gaussk_state.wait_idle()
+        self._gaussk_teardown()
         super().teardown()
 
     # ---------------------------------------------------------------- checkpoints
-    # wiring only: the protocol (formats, layout policy, agreement on failure) is lightning_gaussk.checkpoint.shards
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:
         """Every rank writes its own residual shard ``<filepath>.gaussk/rank{r}.pt`` (atomically);
         the ranks exchange the small manifest entries (a collective: Lightning calls this on every
         rank; a write error on one rank raises on all) and ``checkpoint["gaussk"]`` gets the
         manifest; then rank 0 writes the file as usual. No rank holds another rank's residuals.
-        Not fitting (no state) but loaded from a checkpoint: the loaded save is carried through
-        (rank 0 copies its shards; :meth:`SavedState.carry_to`)."""
-        if self._gaussk_state is not None:
-            checkpoint[CHECKPOINT_KEY] = save_shards(
-                self._gaussk_state, shard_dir(filepath), rank=self.global_rank, world_size=self.world_size
-            )
-        elif self._gaussk_loaded is not None:  # not fitting: carry the loaded state through unchanged
-            checkpoint[CHECKPOINT_KEY] = self._gaussk_loaded.carry_to(shard_dir(filepath), copy=self.is_global_zero)
+        Not fitting (no state) but loaded from a checkpoint: the loaded save is carried through."""
+        self._gaussk_save(checkpoint, shard_dir(filepath))
         super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
 
     @override
     def remove_checkpoint(self, filepath: _PATH) -> None:
-        """Remove the checkpoint and its residual shards ``<filepath>.gaussk`` (rank 0;
-        ``ModelCheckpoint(save_top_k=...)`` removes old checkpoints through this)."""
+        """Remove the checkpoint and its residual shards ``<filepath>.gaussk``."""
         super().remove_checkpoint(filepath)
-        if self.is_global_zero:
-            remove_shards(filepath)
+        self._gaussk_remove(filepath)
 
     @override
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
         """Lightning's load, then the hook state's entry, checked (``ValueError`` saying "malformed"
-        otherwise; :meth:`SavedState.from_checkpoint`) and restored now if the hook state exists,
-        else when ``configure_ddp`` builds it (its layout is known only then)."""
+        otherwise) and restored now if the hook state exists, else when ``configure_ddp`` builds it
+        (its layout is known only then)."""
         checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
-        entry = checkpoint.get(CHECKPOINT_KEY)
-        if entry is None:
-            rank_zero_warn(
-                f"Checkpoint {checkpoint_path} has no `{CHECKPOINT_KEY}` hook state (not saved by GaussKDDPStrategy?): "
-                "residuals start from zero."
-            )
-            return checkpoint
-        saved = SavedState.from_checkpoint(entry, checkpoint_path, key=CHECKPOINT_KEY)
-        if self._gaussk_state is not None:
-            self._restore(saved)
-        else:
-            self._gaussk_loaded = saved
+        self._gaussk_load(checkpoint, checkpoint_path)
         return checkpoint
-
-    def _restore(self, saved: SavedState | Mapping[str, Any]) -> None:
-        """Give this rank its saved state (:func:`~lightning_gaussk.checkpoint.shards.restore_state`: its own
-        shard on the same layout, else the documented policy, with a warning). ``saved`` may also be
-        the earlier embedded ``{"world_size", "per_rank"}``. A collective: if any rank fails (a
-        missing or corrupt shard), every rank raises, naming the failing rank's error."""
-        assert self._gaussk_state is not None
-
-        def open_saved() -> SavedState:
-            return saved if isinstance(saved, SavedState) else SavedState.from_embedded(saved)
-
-        restore_state(self._gaussk_state, open_saved, rank=self.global_rank, world_size=self.world_size)
 
     @classmethod
     @override
@@ -269,81 +216,4 @@ class GaussKDDPStrategy(DDPStrategy):
             )
 
 
-def tell_step_and_scale(state: GaussKState, strategy: Any) -> None:
-    """Before a micro-batch's backward (a strategy's ``training_step``): tell the hook state the
-    optimizer step it serves (``trainer.global_step``) and, under "16-mixed", the GradScaler's
-    scale of the gradients about to arrive (one read per step; GradScaler reads found_inf too)."""
-    state.set_step(strategy.lightning_module.trainer.global_step)
-    scaler = getattr(strategy.precision_plugin, "scaler", None)
-    if scaler is not None and scaler.is_enabled():
-        state.set_loss_scale(scaler.get_scale())
-
-
-def _options_doc() -> str:
-    """The ``Args:`` lines of the hook's options, from the fields' docs (declared once)."""
-    return "\n".join(f"        {name}: {f.metadata['doc']}." for name, f in config_fields().items())
-
-
-GaussKDDPStrategy.__doc__ = (GaussKDDPStrategy.__doc__ or "").replace("{options}", _options_doc())
-
-
-def _config_with_env(values: Mapping[str, Any], environ: Mapping[str, str], owner: type | None = None) -> GaussKConfig:
-    """The strategy's options: keyword > ``GAUSSK_*`` variable > default, the precedence of
-    :func:`lightning_gaussk.frontends.accelerate.resolve_config` (docs/configuration.md).
-
-    Every argument reaches ``__init__`` with a value (LightningCLI passes all it has), so a keyword
-    counts as given when it differs from the strategy's default. A variable for an option left at
-    its default is used, and logged on rank 0; a variable for an option given as a keyword is
-    overridden, with a warning; unknown ``GAUSSK_*`` names are warned about. Nothing is ignored
-    silently.
-    """
-    owner = GaussKDDPStrategy if owner is None else owner
-    defaults = inspect.signature(owner.__init__).parameters
-    given = {n: v for n, v in values.items() if not _same(v, defaults[n].default)}
-    warn_unknown_env_vars(environ)
-    env = env_options(environ)  # ValueError naming the variable for text that does not parse
-    overridden = [n for n in env if n in given and not _same(env[n], given[n])]
-    if overridden:
-        rank_zero_warn(
-            f"{owner.__name__}: "
-            + ", ".join(f"{env_var(n)}={environ[env_var(n)]!r} is overridden by {n}={given[n]!r}" for n in overridden)
-            + " (precedence: keyword argument > GAUSSK_* variable > default)"
-        )
-    config = GaussKConfig.from_env(environ, **given)  # validates; names the variable of a bad value
-    used = [n for n in env if n not in given]
-    if used:
-        rank_zero_info(
-            f"{owner.__name__}: from the environment: "
-            + ", ".join(f"{n}={getattr(config, n)!r} ({env_var(n)})" for n in used)
-        )
-    return config
-
-
-def _same(a: Any, b: Any) -> bool:
-    """``a == b`` for option values (``True == 1`` is not the same option value)."""
-    return type(a) is type(b) and a == b
-
-
-def _validate_ddp_args(kwargs: dict[str, Any], *, timeout: Any, start_method: Any, **flags: Any) -> None:
-    """Fail at construction, not inside the workers, for what DDP or the launcher would reject late
-    (or silently take as a truthy object)."""
-    for name, value in flags.items():
-        if not isinstance(value, bool):
-            raise TypeError(f"`{name}` must be a bool, got {value!r}")
-    if timeout is not None and not isinstance(timeout, timedelta):
-        raise TypeError(f"`timeout` must be a datetime.timedelta or None, got {type(timeout).__name__} {timeout!r}")
-    if start_method not in _START_METHODS:
-        raise ValueError(f"`start_method` must be one of {_START_METHODS}, got {start_method!r}")
-    allowed = set(inspect.signature(DistributedDataParallel.__init__).parameters) - {"self", "module"}
-    for name in kwargs:
-        if name not in allowed:
-            raise TypeError(
-                f"GaussKDDPStrategy got `{name}` = {kwargs[name]!r}, which is not an argument of torch's "
-                f"DistributedDataParallel (this strategy is DDP with a comm hook: FSDP and DeepSpeed settings are not "
-                f"supported); extra arguments allowed: {sorted(allowed)}"
-            )
-
-
-def _ddp_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Further ``DistributedDataParallel`` keywords, without the (None) hook arguments."""
-    return {k: v for k, v in kwargs.items() if k not in _REJECTED}
+GaussKDDPStrategy.__doc__ = (GaussKDDPStrategy.__doc__ or "").replace("{options}", options_doc(GaussKConfig))

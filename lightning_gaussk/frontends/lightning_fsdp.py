@@ -15,14 +15,14 @@ replica reduction (:mod:`lightning_gaussk.engine.fsdp`). Wiring only.
 - tells the hook the optimizer step and the loss scale, as :class:`GaussKDDPStrategy` does;
 - saves each rank's residual shard with the checkpoint: inside the distributed checkpoint folder
   (``<ckpt>/gaussk/rank{r}.pt``), or beside a single-file checkpoint (``<ckpt>.gaussk/``), the
-  manifest in the checkpoint's metadata, and restores it on resume
-  (:func:`~lightning_gaussk.checkpoint.fsdp.restore_fsdp_shards`).
+  manifest in the checkpoint's metadata, and restores it on resume (on another mesh by the row
+  policy, :mod:`lightning_gaussk.checkpoint.reshard`).
+
+Options, checkpoints, the deferred restore and the teardown are :mod:`lightning_gaussk.frontends.wiring`'s.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -31,24 +31,22 @@ from lightning.fabric.plugins.collectives.torch_collective import default_pg_tim
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.strategies.strategy import _StrategyRegistry
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
-from lightning_gaussk.checkpoint.shards import SavedState, remove_shards, shard_dir
-from lightning_gaussk.config import GaussKConfig, config_fields
-from lightning_gaussk.comm.inflight import destroy_group_at_exit
-from lightning_gaussk.checkpoint.fsdp import restore_fsdp_shards, save_fsdp_shards
+from lightning_gaussk.checkpoint.files import shard_dir
+from lightning_gaussk.config import GaussKConfig
 from lightning_gaussk.engine.fsdp import MESH_DIMS, GaussKFSDPState, register_gaussk_fsdp
-from lightning_gaussk.frontends.lightning_ddp import CHECKPOINT_KEY, _config_with_env, _options_doc, tell_step_and_scale
+from lightning_gaussk.frontends.wiring import StrategyWiring, options_doc, strategy_options
 
 __all__ = ["GaussKFSDPStrategy"]
 
-_LAYOUT_OPTIONS = ("hierarchy", "ranks_per_node")  # the layout is the mesh's
+#: options of ``GaussKConfig`` that are not this strategy's: the layout is the mesh's
+LAYOUT_OPTIONS = ("hierarchy", "ranks_per_node")
 #: the residual shards' folder inside a distributed checkpoint folder
 SHARD_SUBDIR = "gaussk"
 
 
-class GaussKFSDPStrategy(ModelParallelStrategy):
+class GaussKFSDPStrategy(StrategyWiring, ModelParallelStrategy):
     """FSDP2 sharded inside each node, replicated across nodes, with TopK-SGD between replicas.
 
     Args:
@@ -83,9 +81,7 @@ class GaussKFSDPStrategy(ModelParallelStrategy):
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
     ) -> None:
-        given = locals()
-        names = [n for n in config_fields() if n not in _LAYOUT_OPTIONS]
-        config = _config_with_env({n: given[n] for n in names}, os.environ, owner=type(self))  # validates
+        config = strategy_options(type(self), GaussKConfig, locals(), left_out=LAYOUT_OPTIONS)  # validates
         if config.hierarchy == "flat" or config.ranks_per_node is not None:
             raise ValueError(
                 f"GaussKFSDPStrategy: hierarchy={config.hierarchy!r} / ranks_per_node={config.ranks_per_node!r} (from the "
@@ -98,8 +94,6 @@ class GaussKFSDPStrategy(ModelParallelStrategy):
         super().__init__(
             save_distributed_checkpoint=save_distributed_checkpoint, process_group_backend=process_group_backend, timeout=timeout
         )
-        self._gaussk_state: GaussKFSDPState | None = None
-        self._gaussk_loaded: SavedState | None = None
 
     @property
     def gaussk_state(self) -> GaussKFSDPState | None:
@@ -135,26 +129,20 @@ class GaussKFSDPStrategy(ModelParallelStrategy):
         super().setup(trainer)
         assert self.model is not None
         state = register_gaussk_fsdp(self.model, self.device_mesh, self._gaussk_config)
-        self._gaussk_state = state
-        destroy_group_at_exit()  # gloo groups destroyed while Python runs, not at finalization
         from lightning_gaussk.frontends.remedies import wrap_optimizer
 
         for optimizer in self.optimizers:
             wrap_optimizer(optimizer, state)
-        if self._gaussk_loaded is not None:
-            restore_fsdp_shards(state, lambda: self._gaussk_loaded)
-            self._gaussk_loaded = None
+        self._gaussk_built(state)  # restores a checkpoint loaded before
 
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
-        if self._gaussk_state is not None:
-            tell_step_and_scale(self._gaussk_state, self)
+        self._gaussk_tell()  # the optimizer step and the loss scale
         return super().training_step(*args, **kwargs)
 
     @override
     def teardown(self) -> None:
-        if self._gaussk_state is not None:
-            self._gaussk_state.wait_idle()
+        self._gaussk_teardown()
         super().teardown()
 
     # ---------------------------------------------------------------- checkpoints
@@ -164,11 +152,7 @@ class GaussKFSDPStrategy(ModelParallelStrategy):
         goes into the checkpoint's metadata), then Lightning saves the model and optimizer (a
         distributed checkpoint folder, or one file)."""
         path = self.broadcast(filepath)
-        folder = self._shard_folder(path)
-        if self._gaussk_state is not None:
-            checkpoint[CHECKPOINT_KEY] = save_fsdp_shards(self._gaussk_state, folder)
-        elif self._gaussk_loaded is not None:
-            checkpoint[CHECKPOINT_KEY] = self._gaussk_loaded.carry_to(folder, copy=self.is_global_zero)
+        self._gaussk_save(checkpoint, self._shard_folder(path))
         super().save_checkpoint(checkpoint, path, storage_options=storage_options)
 
     def _shard_folder(self, path: _PATH) -> Path:
@@ -179,28 +163,16 @@ class GaussKFSDPStrategy(ModelParallelStrategy):
     @override
     def remove_checkpoint(self, filepath: _PATH) -> None:
         super().remove_checkpoint(filepath)
-        if self.is_global_zero:
-            remove_shards(filepath)
+        self._gaussk_remove(filepath)
 
     @override
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
         """Lightning's load, then the hook state's entry: restored now (the state exists after
         setup) or when :meth:`setup` builds it."""
         checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
-        entry = checkpoint.get(CHECKPOINT_KEY)
-        if entry is None:
-            rank_zero_warn(f"Checkpoint {checkpoint_path} has no `{CHECKPOINT_KEY}` hook state: residuals start from zero.")
-            return checkpoint
         path = Path(self.broadcast(checkpoint_path))
-        inside = path / SHARD_SUBDIR
-        if path.is_dir() and inside.is_dir() and isinstance(entry, Mapping):  # a distributed checkpoint folder
-            saved = SavedState.from_manifest(entry, inside)
-        else:
-            saved = SavedState.from_checkpoint(entry, path, key=CHECKPOINT_KEY)
-        if self._gaussk_state is not None:
-            restore_fsdp_shards(self._gaussk_state, lambda: saved)
-        else:
-            self._gaussk_loaded = saved
+        inside = path / SHARD_SUBDIR  # a distributed checkpoint folder holds its shards
+        self._gaussk_load(checkpoint, path, folder=inside if path.is_dir() and inside.is_dir() else None)
         return checkpoint
 
     @classmethod
@@ -211,10 +183,4 @@ class GaussKFSDPStrategy(ModelParallelStrategy):
         )
 
 
-def _doc() -> str:
-    lines = [line for line in _options_doc().splitlines() if line.strip().split(":")[0] not in _LAYOUT_OPTIONS]
-    return "\n".join(lines)
-
-
-GaussKFSDPStrategy.__doc__ = (GaussKFSDPStrategy.__doc__ or "").replace("{options}", _doc())
-
+GaussKFSDPStrategy.__doc__ = (GaussKFSDPStrategy.__doc__ or "").replace("{options}", options_doc(GaussKConfig, left_out=LAYOUT_OPTIONS))

@@ -10,10 +10,10 @@ It measures, on the real backend (NCCL with CUDA, gloo otherwise), in well under
 - the inter-node link: all-gathers and all-reduces among the ranks that share a local rank (the
   groups node mode exchanges in, built as the hook builds them; only local rank 0's group runs, so
   the figure is one node's NIC), at sizes up to the model's largest DDP bucket; ``alpha`` and
-  ``bandwidth`` by :func:`lightning_gaussk.costs.model.fit_link`;
+  ``bandwidth`` by :func:`lightning_gaussk.costs.planning.fit_link`;
 - the intra-node link the same way, inside node 0 (none with one rank per node);
 - the selection cost on this device: :func:`~lightning_gaussk.selection.selectors.accumulate_select` on a
-  bucket-sized tensor at three ``k``, fitted by :func:`~lightning_gaussk.costs.model.fit_host_costs`.
+  bucket-sized tensor at three ``k``, fitted by :func:`~lightning_gaussk.costs.planning.fit_host_costs`.
 
 Rank 0 then prints the predicted communication (and host) time per step of the model's DDP buckets
 (:func:`ddp_bucket_groups`) for dense, flat and node mode with each exchange at densities 0.001,
@@ -43,6 +43,7 @@ import torch
 import torch.distributed as dist
 
 from lightning_gaussk.costs import model as costmodel
+from lightning_gaussk.costs import planning
 from lightning_gaussk.costs.probe import _groups, fit, median_seconds, time_collectives
 
 __all__ = [
@@ -125,7 +126,7 @@ def measure_select(d: int, device: torch.device, selector: str = "gaussk", densi
                    reps: int = 3) -> tuple[costmodel.HostCosts, dict[str, Any]]:  # fmt: skip
     """Selection cost on ``device``: a streaming pass (``pass_s``) and
     :func:`~lightning_gaussk.selection.selectors.accumulate_select` on ``d`` (and ``d/4``) entries at each
-    density's ``k``, fitted by :func:`~lightning_gaussk.costs.model.fit_host_costs` on top of the
+    density's ``k``, fitted by :func:`~lightning_gaussk.costs.planning.fit_host_costs` on top of the
     device's defaults. Returns the costs and the raw timings."""
     from lightning_gaussk.selection.selectors import accumulate_select
 
@@ -145,10 +146,10 @@ def measure_select(d: int, device: torch.device, selector: str = "gaussk", densi
             if k >= dd:
                 continue
             t = timed(lambda: accumulate_select(r, g, out, k, selector))
-            samples.append(costmodel.HostSample(dd, k, 1, t))
+            samples.append(planning.HostSample(dd, k, 1, t))
             raw.append({"d": dd, "k": k, "ms": round(t * 1e3, 4)})
     try:
-        host = costmodel.fit_host_costs(pass_s, samples, base=base) if samples else base
+        host = planning.fit_host_costs(pass_s, samples, base=base) if samples else base
     except ValueError:
         host = base
     return host, {"pass_ns_per_entry": pass_s * 1e9, "select": raw}
@@ -162,9 +163,9 @@ def predict_table(buckets: Sequence[int], nodes: int, ranks_per_node: int, intra
     send the model's ``buckets`` on ``nodes`` x ``ranks_per_node`` ranks, by the cost model:
 
     - ``dense``: ring all-reduce of every bucket among all ranks (:func:`costmodel.dense_bucket_time`);
-    - ``flat`` + exchange: :func:`costmodel.bucket_time` among all ranks (the hook's dense
-      fallback included; ``auto`` = :func:`costmodel.pick_exchange` per bucket);
-    - ``node`` + exchange: :func:`costmodel.hierarchical_bucket_time` (only with several nodes of
+    - ``flat`` + exchange: :func:`planning.bucket_time` among all ranks (the hook's dense
+      fallback included; ``auto`` = :func:`~lightning_gaussk.costs.policy.pick_exchange` per bucket);
+    - ``node`` + exchange: :func:`planning.hierarchical_bucket_time` (only with several nodes of
       several ranks); ``node`` + ``dense`` is its all-dense form (a hierarchical all-reduce).
 
     Flat mode runs on the inter-node link when there are several nodes, on the intra-node one
@@ -179,16 +180,16 @@ def predict_table(buckets: Sequence[int], nodes: int, ranks_per_node: int, intra
     node = nodes > 1 and ranks_per_node > 1 and intra is not None and inter is not None
     if node:  # dense in node mode: reduce-scatter, all-reduce of the shard between nodes, all-gather
         assert intra is not None and inter is not None
-        t = sum(costmodel.hierarchical_bucket_time(d, 1.0, nodes, ranks_per_node, intra, inter, host, "dense") for d in buckets)
+        t = sum(planning.hierarchical_bucket_time(d, 1.0, nodes, ranks_per_node, intra, inter, host, "dense") for d in buckets)
         rows.append({"mode": "node", "exchange": "dense", "density": None, "ms": t * 1e3, "vs_dense": dense / t})
     for rho in densities:
         for ex in EXCHANGE_ROWS:
-            t = sum(costmodel.bucket_time(d, costmodel.bucket_k(rho, d), world, flat_link, host, ex) for d in buckets)
+            t = sum(planning.bucket_time(d, costmodel.bucket_k(rho, d), world, flat_link, host, ex) for d in buckets)
             rows.append({"mode": "flat", "exchange": ex, "density": rho, "ms": t * 1e3, "vs_dense": dense / t})
         if node:
             assert intra is not None and inter is not None
             for ex in EXCHANGE_ROWS:
-                t = sum(costmodel.hierarchical_bucket_time(d, rho, nodes, ranks_per_node, intra, inter, host, ex) for d in buckets)
+                t = sum(planning.hierarchical_bucket_time(d, rho, nodes, ranks_per_node, intra, inter, host, ex) for d in buckets)
                 rows.append({"mode": "node", "exchange": ex, "density": rho, "ms": t * 1e3, "vs_dense": dense / t})
     for r in rows:
         r["ms"] = round(r["ms"], 4)

@@ -1,7 +1,8 @@
 """Per-step telemetry of the GaussK comm hook: ``telemetry_figures`` and the ``GaussKTelemetry`` callback.
 
 The hook keeps cumulative integer counters in ``GaussKState.telemetry`` (saved with the state,
-so they continue across a resume). A step's figures are differences of two readings::
+so they continue across a resume; declared, with local SGD's, in
+:mod:`lightning_gaussk.engine.counters`). A step's figures are differences of two readings::
 
     before = dict(strategy.gaussk_state.telemetry)
     ...  # one optimizer step
@@ -21,6 +22,7 @@ import torch
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning_gaussk.engine.counters import counter_diff
 from lightning_gaussk.engine.timing import fold as fold_device_times
 
 __all__ = ["FIGURES", "LOCAL_FIGURES", "GaussKTelemetry", "local_sgd_figures", "telemetry_figures"]
@@ -72,7 +74,7 @@ def telemetry_figures(before: Mapping[str, int], after: Mapping[str, int], world
     ring all-reduce's ``2 (W - 1) / W * bytes_dense``.
     Empty when the hook did not run in between.
     """
-    diff = {key: int(after.get(key, 0)) - int(before.get(key, 0)) for key in after}
+    diff = counter_diff(before, after)
     calls = diff.get("hook_calls", 0)
     if calls <= 0:
         return {}
@@ -101,7 +103,7 @@ def telemetry_figures(before: Mapping[str, int], after: Mapping[str, int], world
 
 
 def local_sgd_figures(before: Mapping[str, int], after: Mapping[str, int], window_position: int) -> dict[str, float]:
-    """Figures of local SGD (:class:`~lightning_gaussk.engine.local_sgd.SparseLocalSGD` ``.telemetry``)
+    """Figures of local SGD (:class:`~lightning_gaussk.engine.local.driver.SparseLocalSGD` ``.telemetry``)
     between two readings taken around optimizer steps:
 
     - ``outer_steps``, ``skipped_outer_steps``: run so far (skipped: a rank's pseudo-gradient was
@@ -112,7 +114,8 @@ def local_sgd_figures(before: Mapping[str, int], after: Mapping[str, int], windo
     - ``window_position``: optimizer steps into the current window (0 right after an outer step).
 
     Empty when no optimizer step was taken in between."""
-    if int(after.get("inner_steps", 0)) == int(before.get("inner_steps", 0)):
+    diff = counter_diff(before, after)
+    if diff.get("inner_steps", 0) == 0:
         return {}
     inner = int(after.get("inner_steps", 0))
     out = {
@@ -121,8 +124,8 @@ def local_sgd_figures(before: Mapping[str, int], after: Mapping[str, int], windo
         "bytes_per_inner_step": int(after.get("bytes_sent", 0)) / inner if inner else 0.0,
         "window_position": float(window_position),
     }
-    if int(after.get("outer_steps", 0)) > int(before.get("outer_steps", 0)):
-        out["outer_ms"] = (int(after.get("outer_ns", 0)) - int(before.get("outer_ns", 0))) / 1e6
+    if diff.get("outer_steps", 0) > 0:
+        out["outer_ms"] = diff.get("outer_ns", 0) / 1e6
     return out
 
 

@@ -12,7 +12,6 @@ GradScaler does).
 
 from __future__ import annotations
 
-import copy
 import os
 import sys
 from typing import Any

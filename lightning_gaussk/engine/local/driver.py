@@ -1,0 +1,518 @@
+"""Sparse local SGD: ``H`` local optimizer steps, then one outer step through the same engine.
+
+:class:`SparseLocalSGD` hooks a plain (not DDP-wrapped) model's optimizer. Every rank trains on
+its own for ``sync_every = H`` optimizer steps; after every ``H``-th step the ranks agree on a
+new global model ``theta`` and every rank continues from it. The inner optimizer's states stay
+local. Per outer step ``t``, with ``theta_r`` rank ``r``'s parameters and ``P`` the ranks::
+
+    pseudo-gradient   Delta_r = theta - theta_r
+
+    outer="sparse"    (SparseLoCo, Sarfi et al. 2025)
+        e_r <- beta e_r + Delta_r                      error feedback, decayed (ef_decay = beta)
+        s_r  = exactly k entries of e_r                chunk-wise (``chunk``) or whole-tensor
+               (optionally 2- or 8-bit values with a per-chunk scale)
+        theta <- theta - alpha (1/P) sum_r s_r         the project's exchanges (outer_lr = alpha)
+        e_r <- e_r - s_r                               sent + residual == u, bit for bit
+
+    outer="dense"     (DiLoCo)
+        m <- mu m + (1/P) sum_r Delta_r                one all-reduce of the pseudo-gradients
+        theta <- theta - alpha ((1/P) sum_r Delta_r + mu m)     Nesterov (mu = outer_momentum)
+
+With ``H = 1``, ``density = 1``, ``alpha = 1``, ``beta = 0`` and SGD inside, ``Delta_r = lr g_r``
+and ``theta - mean(Delta) = theta - lr mean(g)``: data-parallel SGD (what the tests check).
+
+The driver runs the parts of :mod:`lightning_gaussk.engine.local`: the schedule (when), the
+fragments (what; today one, the whole model), the outer optimizer and the outer exchange (how),
+and the per-step engine's commit and non-finite skip (:mod:`lightning_gaussk.engine.commit`):
+``k`` from :func:`~lightning_gaussk.config.bucket_k`; chunk-wise exact top-k
+(:class:`~lightning_gaussk.selection.chunkwise.ChunkwiseTopK`) or the registered selectors; the
+exchanges of :mod:`lightning_gaussk.comm.exchange` or the quantised all-gather of
+:mod:`lightning_gaussk.comm.quant`; the byte rule of :mod:`lightning_gaussk.costs.model`; node
+mode (the pseudo-gradient summed inside each node, each rank keeping the error feedback of its
+``1/L`` shard, only the outer exchange crossing nodes).
+
+Collectives: the outer step issues the same collectives in the same order on every rank (node
+mode: reduce-scatter, exchange, all-gather); every size is fixed by ``(k, d, P)`` at
+construction. Buffers are allocated once. One scalar pair is read from the device per outer step:
+this rank's flag and the sum of every rank's (each message carries its rank's), the latter the
+same on every rank. Non-finite anywhere skips the outer step on every rank (``theta``, ``e`` and
+the momentum kept, every rank back on ``theta``, the diverged rank's inner optimizer state reset).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from lightning_gaussk.comm.exchange import Delivery, Selection
+from lightning_gaussk.comm.layout import Layout
+from lightning_gaussk.comm.topology import Flat, Topology, build_topology
+from lightning_gaussk.comm.vote import decide_layout
+from lightning_gaussk.config import LocalSGDConfig
+from lightning_gaussk.costs import model as costmodel
+from lightning_gaussk.engine.commit import agreed, commit
+from lightning_gaussk.engine.counters import LOCAL_SGD_COUNTERS
+from lightning_gaussk.engine.local.exchange import OuterExchange
+from lightning_gaussk.engine.local.fragment import Fragment
+from lightning_gaussk.engine.local.outer import OuterNesterov, OuterOptimizer, OuterSGD
+from lightning_gaussk.engine.local.schedule import SyncSchedule
+from lightning_gaussk.utils.log import rank_zero_warn
+
+__all__ = ["LOCAL_SGD_FORMAT", "SparseLocalSGD", "make_outer"]
+
+LOCAL_SGD_FORMAT = "lightning_gaussk.engine.local_sgd/1"
+
+
+def make_outer(config: LocalSGDConfig, numel: int, device: torch.device) -> OuterOptimizer:
+    """The outer optimizer of ``config``: :class:`OuterNesterov` for ``outer="dense"`` (DiLoCo),
+    :class:`OuterSGD` for the sparse step."""
+    if config.outer == "dense":
+        return OuterNesterov(config.outer_lr, config.outer_momentum, numel, device)
+    return OuterSGD(config.outer_lr)
+
+
+class SparseLocalSGD:
+    """Local SGD with a sparse (SparseLoCo) or dense (DiLoCo) outer step, hooked on ``optimizer``.
+
+    The user's loop does not change: the outer step runs from a post-step hook of the optimizer
+    (``optimizer.register_step_post_hook``) after every ``sync_every``-th ``optimizer.step()``.
+    Construction broadcasts rank 0's parameters (every rank starts from the same ``theta``).
+
+    Args:
+        model: the plain module (not wrapped in DDP); its trainable parameters are averaged.
+            Buffers (batch-norm statistics) stay local.
+        optimizer: the inner optimizer over ``model``'s parameters (its state stays local).
+        sync_every: ``H``, optimizer steps between outer steps (>= 1).
+        density: fraction of the entries sent per outer step, ``k = ceil(density * d)`` (per
+            chunk with ``chunk``), in (0, 1]. Ignored by ``outer="dense"``.
+        outer_lr: ``alpha``, the outer learning rate (> 0).
+        ef_decay: ``beta``, the decay of the error-feedback buffer, in [0, 1] (sparse only).
+        outer: ``"sparse"`` (SparseLoCo) or ``"dense"`` (DiLoCo, outer Nesterov momentum).
+        chunk: entries per chunk of a chunk-wise exact top-k (None: one whole-tensor selection
+            by ``selector``); at most 32768 with ``quantize``.
+        quantize: None, 2 or 8: bits per sent value, one fp32 scale per chunk (needs ``chunk``
+            and ``exchange="allgather"``); the rounding error stays in the buffer.
+        selector: the whole-tensor selection method (``chunk=None``): a registered selector.
+        exchange: ``"allgather"``, the bounded ``"allreduce"``, or another registered sparse exchange.
+        dense_fallback: ``"auto"``: the byte rule sends the step dense when sparse cannot move
+            fewer bytes (everything delivered, the buffer emptied); ``"never"``.
+        outer_momentum: ``mu`` of ``outer="dense"`` (Nesterov), in [0, 1).
+        hierarchy, ranks_per_node: node mode, as for :class:`~lightning_gaussk.GaussKState`.
+        seed: seed of randomised selectors.
+        process_group: the group to average over (None: the world; flat mode only).
+        launcher_ranks_per_node: ranks per node as the launcher says (node mode under
+            ``hierarchy="auto"``; None reads torchrun's ``LOCAL_WORLD_SIZE``).
+        config: the options as a :class:`~lightning_gaussk.config.LocalSGDConfig`; option
+            keywords that differ from their defaults are applied on top of it.
+
+    Raises:
+        TypeError / ValueError: for an invalid argument, naming it.
+
+    Example::
+
+        model = Net()
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        local = SparseLocalSGD(model, opt, sync_every=16, density=0.02, ef_decay=0.95, chunk=4096, quantize=2)
+        for x, y in loader:                       # unchanged
+            loss_fn(model(x), y).backward()
+            opt.step()                            # every 16th step also runs the outer step
+            opt.zero_grad()
+        print(local.bytes_per_inner_step)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        sync_every: int = 16,
+        density: float = 0.02,
+        outer_lr: float = 1.0,
+        ef_decay: float = 0.95,
+        outer: Literal["sparse", "dense"] = "sparse",
+        *,
+        chunk: int | None = 4096,
+        quantize: int | None = None,
+        selector: str = "gaussk",
+        exchange: str = "allgather",
+        dense_fallback: Literal["auto", "never"] = "auto",
+        outer_momentum: float = 0.9,
+        hierarchy: Literal["auto", "flat", "node"] = "auto",
+        ranks_per_node: int | None = None,
+        process_group: Any = None,
+        seed: int = 0,
+        launcher_ranks_per_node: int | None = None,
+        config: LocalSGDConfig | None = None,
+    ) -> None:
+        _check_modules(model, optimizer)
+        given = {
+            "sync_every": sync_every, "density": density, "outer_lr": outer_lr, "ef_decay": ef_decay, "outer": outer,
+            "chunk": chunk, "quantize": quantize, "selector": selector, "exchange": exchange,
+            "dense_fallback": dense_fallback, "outer_momentum": outer_momentum, "hierarchy": hierarchy,
+            "ranks_per_node": ranks_per_node, "seed": seed,
+        }  # fmt: skip
+        self.config = cfg = _build_config(config, given)
+        self.model, self.optimizer, self.process_group = model, optimizer, process_group
+        # the layout (flat or node mode) by the engine's one rule, on every rank at the same point
+        self.topology = _layout_topology(cfg, process_group, launcher_ranks_per_node)
+        self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        # the parts: when (schedule), what (fragments, each with its outer optimizer), how (exchange)
+        self.schedule = SyncSchedule(cfg.sync_every)
+        self.fragments = [Fragment(self.named, self.topology, cfg)]
+        for frag in self.fragments:
+            frag.outer = make_outer(cfg, frag.d, frag.theta.device)
+        self.exchanges = [OuterExchange(cfg, self.topology, frag) for frag in self.fragments]
+        self.inner_step = 0  # optimizer steps so far
+        self.telemetry: dict[str, int] = dict.fromkeys(LOCAL_SGD_COUNTERS, 0)
+        self._pending_local: dict[str, Any] | None = None
+        self._broadcast_start()
+        self._handle = optimizer.register_step_post_hook(self._after_step)
+
+    def _broadcast_start(self) -> None:
+        """theta := rank 0's parameters, on every rank (as DDP does at construction)."""
+        for frag in self.fragments:
+            frag.gather_params(frag.theta)
+            if self.world_size > 1:
+                src = 0 if self.process_group is None else dist.get_global_rank(self.process_group, 0)
+                dist.broadcast(frag.theta, src=src, group=self.process_group)
+            frag.scatter_params(frag.theta)
+
+    # ---------------------------------------------------------------- read API
+    @property
+    def sync_every(self) -> int:
+        """``H``, optimizer steps between outer steps."""
+        return self.config.sync_every
+
+    @property
+    def layout(self) -> Layout:
+        """This rank's layout (flat, or nodes of ``L`` ranks)."""
+        return self.topology.layout
+
+    @property
+    def world_size(self) -> int:
+        return self.layout.world_size
+
+    @property
+    def d(self) -> int:
+        """Entries of the model's trainable parameters."""
+        return sum(f.d for f in self.fragments)
+
+    @property
+    def k(self) -> int:
+        """Entries this rank offers per outer step (``d_local`` when dense)."""
+        return sum(f.sizes.k for f in self.fragments)
+
+    @property
+    def sparse(self) -> bool:
+        """Whether the outer exchange is sparse (False: DiLoCo, or the byte rule chose dense)."""
+        return all(x.sparse for x in self.exchanges)
+
+    @property
+    def window_position(self) -> int:
+        """Optimizer steps taken in the current ``H``-step window (0 right after an outer step)."""
+        return self.schedule.position(self.inner_step)
+
+    def global_params(self) -> Tensor:
+        """``theta`` (fp32, the parameters concatenated in model order): a copy."""
+        return torch.cat([f.theta for f in self.fragments])
+
+    def error_feedback(self) -> Tensor:
+        """This rank's error-feedback buffer ``e`` (its local entries: the whole model in flat
+        mode, its shard in node mode): a copy; zeros for ``outer="dense"``."""
+        return torch.cat([torch.zeros(f.d_local) if f.e is None else f.e[: f.d_local].clone() for f in self.fragments])
+
+    def last_sent(self) -> Tensor:
+        """What this rank contributed in the last outer step, as a dense vector of its local
+        entries (``u`` where delivered, dequantised values with ``quantize``): a new tensor."""
+        parts = []
+        for f in self.fragments:
+            out = torch.zeros(f.sizes.m, dtype=torch.float32, device=f.update.device)
+            idx, vals, delivered = f.last
+            if idx is not None and vals is not None:
+                out.index_add_(0, idx, vals if delivered is None else torch.where(delivered, vals, 0.0))
+            parts.append(out[: f.d_local])
+        return torch.cat(parts)
+
+    @property
+    def outer_bytes(self) -> int:
+        """Bytes of this rank's message(s) per outer step (fixed by ``(k, d, P)``)."""
+        return sum(x.message_bytes for x in self.exchanges)
+
+    @property
+    def outer_wire_bytes(self) -> int:
+        """Bytes this rank puts on the wire per outer step (ring algorithms; node mode: between nodes)."""
+        return sum(x.wire_bytes for x in self.exchanges)
+
+    @property
+    def bytes_per_inner_step(self) -> float:
+        """Message bytes per optimizer step on average: :attr:`outer_bytes` ``/ sync_every``."""
+        return self.outer_bytes / self.sync_every
+
+    @property
+    def outer_seconds(self) -> float:
+        """Mean host wall time of an outer step so far (0.0 before the first)."""
+        n = self.telemetry["outer_steps"]
+        return self.telemetry["outer_ns"] * 1e-9 / n if n else 0.0
+
+    def predicted_outer_time(self, link: costmodel.Link) -> float:
+        """Communication seconds of one outer step on ``link`` by the cost model (the exchange
+        among its peers; host work excluded)."""
+        return sum(self._predicted_time(x, link) for x in self.exchanges)
+
+    def _predicted_time(self, x: OuterExchange, link: costmodel.Link) -> float:
+        """The exchange's own time model without host work (``costmodel.COMM_ONLY``)."""
+        if x.route.peers == 1 or x.message_bytes == 0:
+            return 0.0
+        return x.exchange.time(x.sizes.k, x.sizes.m, x.route.peers, costmodel.Pricing.on(link, costmodel.COMM_ONLY))
+
+    # ---------------------------------------------------------------- the hook
+    def _after_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self.inner_step += 1
+        self.telemetry["inner_steps"] += 1
+        due = self.schedule.due(self.inner_step)
+        if due:
+            self._sync_timed(due)
+
+    def remove(self) -> None:
+        """Unhook from the optimizer (the model keeps its current parameters)."""
+        self._handle.remove()
+
+    def outer_step(self) -> None:
+        """One outer step now, of every fragment (the hook runs one after every ``sync_every``
+        optimizer steps; a collective: every rank calls it alike). See :meth:`sync`."""
+        self._sync_timed(range(len(self.fragments)))
+
+    def _sync_timed(self, fragments: Sequence[int]) -> None:
+        t0 = time.perf_counter_ns()
+        for f in fragments:
+            self.sync(f)
+        self.telemetry["outer_steps"] += 1
+        self.telemetry["outer_ns"] += time.perf_counter_ns() - t0
+
+    def sync(self, index: int) -> None:
+        """The outer step of fragment ``index`` (a collective; every rank calls it alike).
+
+        1. prepare: the pseudo-gradient ``Delta = theta - theta_r`` and this rank's flag (0, or
+           NaN if ``Delta`` is non-finite); node mode: summed in the node, this rank's shard;
+           sparse: ``u = beta e + Delta``
+        2. launch: select ``k`` of ``u`` and issue the exchange (dense: the all-reduce of ``Delta``)
+        3. finish: wait and decode the update; node mode: all-gather of the shards' updates and flags
+        4. agree: the flags of every rank, summed, read once on the host with this rank's own
+        5. commit or skip. Finite everywhere: ``e = u - sent`` (0 when the byte rule sent it
+           dense) and the outer optimizer moves ``theta``. Non-finite anywhere: the step is
+           skipped on every rank (``theta``, ``e`` and the outer momentum stay as they were), and
+           a rank whose own ``Delta`` was non-finite resets its inner optimizer's state (counted in
+           ``skipped_outer_steps``, with a warning)
+        6. apply: every rank copies ``theta`` into its model
+        """
+        frag, way, tel = self.fragments[index], self.exchanges[index], self.telemetry
+        # Step 1: prepare
+        local = way.enter(frag, frag.pseudo_gradient())
+        if frag.e is not None:
+            frag.accumulate(local, self.config.ef_decay)
+        # Step 2: launch
+        pending = way.launch(frag, local, step=tel["outer_steps"])
+        # Step 3: finish
+        delivery = way.finish(pending)
+        tel["entries_sent"] += pending.entries
+        tel["bytes_sent"] += way.message_bytes
+        tel["bytes_wire"] += way.wire_bytes
+        tel["bytes_intra"] += way.intra_bytes(frag)
+        # Step 4: agree (the one host read of the step: the sum is the same on every rank)
+        own_ok, ok = agreed(frag.flags).tolist()
+        # Step 5: commit or skip
+        if ok:
+            self._commit(frag, way, pending.selection, delivery)
+        else:
+            self._skip(frag, own_ok)
+        # Step 6: theta into every rank's model
+        frag.scatter_params(frag.theta)
+
+    def _commit(self, frag: Fragment, way: OuterExchange, sel: Selection | None, delivery: Delivery) -> None:
+        """Step 5, every rank finite: the error feedback keeps what was not sent, ``theta`` moves."""
+        if frag.e is not None and frag.u is not None:
+            indices, sent = (None, None) if sel is None else (sel.indices, sel.values)
+            frag.e, frag.u = commit(frag.e, frag.u, indices, delivery.delivered, True, sent=sent, everything=sel is None)
+            frag.e[frag.d_local :].zero_()  # padding stays 0 (a quantised 0 is not 0)
+            frag.last = (indices, sent, delivery.delivered if sel is not None else None)
+        if not way.sparse:
+            self.telemetry["dense_outer_steps"] += 1
+        frag.outer.step(frag.theta, frag.delta)
+
+    def _skip(self, frag: Fragment, own_finite: bool) -> None:
+        """Step 5, a non-finite pseudo-gradient somewhere: nothing of this step is kept."""
+        frag.last = (None, None, None)
+        self.telemetry["skipped_outer_steps"] += 1
+        t = self.telemetry["outer_steps"] + 1
+        if not own_finite:
+            self.optimizer.state.clear()  # its moments may be non-finite: it starts afresh from theta
+            warnings.warn(  # stacklevel: the caller of optimizer.step()
+                f"SparseLocalSGD: rank {self.layout.rank}'s pseudo-gradient is non-finite at outer step {t}: the outer "
+                "step is skipped on every rank (theta, error feedback and outer momentum unchanged), every rank restarts "
+                "from theta, and this rank's inner optimizer state was reset.",
+                RuntimeWarning,
+                stacklevel=6,
+            )
+        else:
+            rank_zero_warn(f"SparseLocalSGD: outer step {t} skipped on every rank: another rank's pseudo-gradient is non-finite.", RuntimeWarning)
+
+    # ---------------------------------------------------------------- checkpoints
+    def _per_name(self, part: str) -> dict[str, Tensor]:
+        """Live views per parameter name of ``part``: ``"residuals"`` (the error feedback, in this
+        rank's layout), ``"global"`` (``theta``), or a key of the outer optimizer's state
+        (``"momentum"``; model order)."""
+        out: dict[str, Tensor] = {}
+        for f in self.fragments:
+            flat = {"residuals": f.e, "global": f.theta}[part] if part in ("residuals", "global") else f.outer.state_dict().get(part)
+            if flat is not None:
+                out.update(f.per_name(flat, local_layout=part == "residuals"))
+        return out
+
+    def _outer_keys(self) -> list[str]:
+        """The outer optimizers' state keys (``["momentum"]`` for DiLoCo, none for the sparse step)."""
+        return sorted({key for f in self.fragments for key in f.outer.state_dict()})
+
+    def state_dict(self, *, shared: bool = True, local: bool = True) -> dict[str, Any]:
+        """What resumes the outer loop exactly (plain values and CPU tensors, ``weights_only``-safe).
+
+        - always: the format, the layout, the configuration, ``inner_step`` (so a resume in the
+          middle of a window continues it), the telemetry and this rank's error-feedback
+          buffer ``"residuals"`` (per parameter name; node mode: this rank's chunk);
+        - ``shared``: ``"global"`` (``theta``) and ``"momentum"`` (DiLoCo), the same on every rank;
+        - ``local``: this rank's ``"local"`` parameters and inner ``"optimizer"`` state (they
+          differ between ranks inside a window).
+
+        Save it on every rank (one file per rank); load it with :meth:`load_state_dict`."""
+        cpu = lambda t: t.detach().to("cpu", copy=True)
+        sd: dict[str, Any] = {
+            "format": LOCAL_SGD_FORMAT,
+            "layout": self.layout.to_dict(),
+            "config": self._saved_config(),
+            "inner_step": self.inner_step,
+            "telemetry": dict(self.telemetry),
+            "residuals": {n: cpu(t) for n, t in self._per_name("residuals").items()},
+        }
+        if shared:
+            sd["global"] = {n: cpu(t) for n, t in self._per_name("global").items()}
+            for key in self._outer_keys():
+                sd[key] = {n: cpu(t) for n, t in self._per_name(key).items()}
+        if local:
+            sd["local"] = {n: cpu(p) for n, p in self.named}
+            sd["optimizer"] = self.optimizer.state_dict()
+        return sd
+
+    def _saved_config(self) -> dict[str, Any]:
+        """The settings a resume must match (``chunk``: the effective chunk of a sparse step)."""
+        cfg, sizes = self.config, self.fragments[0].sizes
+        return {
+            "sync_every": cfg.sync_every, "density": cfg.density, "outer": cfg.outer, "chunk": sizes.chunk,
+            "quantize": cfg.quantize, "exchange": cfg.exchange, "d": self.d,
+        }  # fmt: skip
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], *, defer_local: bool = False) -> None:
+        """Restore :meth:`state_dict` (saved on the same layout, with the same outer settings).
+
+        ``defer_local``: keep the ``"local"`` parameters and ``"optimizer"`` state until
+        :meth:`apply_local` (integrations whose framework loads rank 0's model and optimizer after
+        this call). Raises ``ValueError`` naming what does not fit, before anything changes."""
+        self._validate_state(state_dict)
+        with torch.no_grad():
+            for part in ("residuals", "global"):
+                if part in state_dict:
+                    for name, t in self._per_name(part).items():
+                        t.copy_(state_dict[part][name].reshape(-1))
+            for f in self.fragments:  # the outer optimizers' state, through their own load_state_dict
+                saved = {key: state_dict[key] for key in f.outer.state_dict() if key in state_dict}
+                f.outer.load_state_dict({key: torch.cat([per[n].reshape(-1) for n, _ in f.named]) for key, per in saved.items()})
+        self.inner_step = int(state_dict["inner_step"])
+        self.telemetry.update({k: int(v) for k, v in state_dict.get("telemetry", {}).items() if k in self.telemetry})
+        local = {k: state_dict[k] for k in ("local", "optimizer") if k in state_dict}
+        if not local and "global" in state_dict:  # no local state: start from theta (as after an outer step)
+            for f in self.fragments:
+                f.scatter_params(f.theta)
+        self._pending_local = local or None
+        if not defer_local:
+            self.apply_local()
+
+    def apply_local(self) -> None:
+        """Load the deferred ``"local"`` parameters and inner ``"optimizer"`` state (if any)."""
+        pending, self._pending_local = self._pending_local, None
+        if not pending:
+            return
+        if "local" in pending:
+            with torch.no_grad():
+                for name, p in self.named:
+                    p.copy_(pending["local"][name].view_as(p))
+        if "optimizer" in pending:
+            self.optimizer.load_state_dict(pending["optimizer"])
+
+    def _validate_state(self, sd: Mapping[str, Any]) -> None:
+        if not isinstance(sd, Mapping) or sd.get("format") != LOCAL_SGD_FORMAT:
+            raise ValueError(f"SparseLocalSGD.load_state_dict: `state_dict` is not a {LOCAL_SGD_FORMAT!r} state dict")
+        saved = Layout.from_dict(sd["layout"])
+        if (saved.world_size, saved.ranks_per_node) != (self.world_size, self.layout.ranks_per_node):
+            raise ValueError(
+                f"SparseLocalSGD.load_state_dict: saved on {saved.describe()}, this run is {self.layout.describe()}; "
+                "local SGD state resumes on the same layout only (error feedback and local models are per rank)"
+            )
+        mine = self._saved_config()
+        theirs = sd.get("config", {})
+        differ = [k for k in ("d", "outer", "chunk") if theirs.get(k) != mine[k]]
+        if differ:
+            raise ValueError(f"SparseLocalSGD.load_state_dict: saved with {[(k, theirs.get(k)) for k in differ]}, now {[(k, mine[k]) for k in differ]}")
+        for part in ("residuals", "global", *self._outer_keys()):
+            if part not in sd:
+                continue
+            for name, t in self._per_name(part).items():
+                got = sd[part].get(name)
+                if not isinstance(got, Tensor) or got.numel() != t.numel():
+                    raise ValueError(f"SparseLocalSGD.load_state_dict: {part} {name!r} is missing or has the wrong size")
+        if "local" in sd:
+            for name, p in self.named:
+                got = sd["local"].get(name)
+                if not isinstance(got, Tensor) or got.numel() != p.numel():
+                    raise ValueError(f"SparseLocalSGD.load_state_dict: local parameter {name!r} is missing or has the wrong size")
+
+
+# -------------------------------------------------------------------------------- construction helpers
+def _build_config(config: LocalSGDConfig | None, given: dict[str, Any]) -> LocalSGDConfig:
+    """``config`` (or the defaults) with the keywords that differ from their defaults applied;
+    an invalid option raises naming it."""
+    if config is not None and not isinstance(config, LocalSGDConfig):
+        raise TypeError(f"SparseLocalSGD: `config` must be a LocalSGDConfig or None, got {type(config).__name__}")
+    defaults = {f.name: f.default for f in dataclasses.fields(LocalSGDConfig)}
+    try:
+        if config is None:
+            return LocalSGDConfig(**given)
+        return config.replace(**{k: v for k, v in given.items() if v != defaults[k]})
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"SparseLocalSGD: {err}") from None
+
+
+def _layout_topology(cfg: LocalSGDConfig, process_group: Any, launcher_ranks_per_node: int | None) -> Topology:
+    """Flat or node mode by the engines' one layout rule (:func:`~lightning_gaussk.comm.vote.decide_layout`),
+    on every rank at the same point."""
+    layout, _ = decide_layout(cfg.hierarchy, cfg.ranks_per_node, process_group, launcher_ranks_per_node)
+    if not (dist.is_available() and dist.is_initialized()):
+        return Flat(layout, process_group)
+    return build_topology(layout, process_group)
+
+
+def _check_modules(model: Any, optimizer: Any) -> None:
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        raise TypeError("SparseLocalSGD: `model` must be the plain module, not a DistributedDataParallel wrapper (pass ddp.module)")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"SparseLocalSGD: `model` must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"SparseLocalSGD: `optimizer` must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("SparseLocalSGD: `model` has no trainable parameters")
+    if len({p.device for p in params}) != 1:
+        raise ValueError("SparseLocalSGD: `model`'s parameters must all live on one device")

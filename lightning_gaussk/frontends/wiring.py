@@ -1,0 +1,453 @@
+"""The wiring every front end shares, written once: the Lightning strategies and ``register_gaussk``
+differ only in the lifecycle methods that call it.
+
+- **options**: :func:`resolve_options` builds an options dataclass (``GaussKConfig``,
+  ``LocalSGDConfig``) from keywords > ``GAUSSK_*`` variables > defaults;
+  :func:`strategy_options` does it for a strategy's spelled-out signature (LightningCLI reads
+  it), :func:`options_doc` writes its ``Args:`` lines and :func:`check_signature` checks it
+  against the declaration;
+- **DDP arguments**: :func:`ddp_arguments` refuses a second comm hook and checks what DDP or the
+  launcher would refuse late;
+- **the step and the loss scale** told to the hook: :func:`tell_step_and_scale`,
+  :func:`tell_loss_scale`;
+- **the checkpoint adapter** :class:`HookCheckpoint`: one rank's hook state (DDP, FSDP2 or local
+  SGD) as :mod:`lightning_gaussk.checkpoint` writes and restores it, with the same-layout
+  check of local SGD (:func:`check_same_layout`);
+- :class:`StrategyWiring`, the Lightning strategies' mixin: the deferred restore, the checkpoint
+  hooks and the teardown.
+
+Example::
+
+    class MyStrategy(StrategyWiring, DDPStrategy):
+        @override
+        def configure_ddp(self) -> None:
+            super().configure_ddp()
+            self._gaussk_built(build_state(self.model))  # restores what load_checkpoint kept
+
+        @override
+        def save_checkpoint(self, checkpoint, filepath, storage_options=None) -> None:
+            self._gaussk_save(checkpoint, shard_dir(filepath))
+            super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import os
+import typing
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+from torch.nn.parallel import DistributedDataParallel
+
+from lightning_gaussk.checkpoint.files import remove_shards
+from lightning_gaussk.checkpoint.formats import SavedState
+from lightning_gaussk.checkpoint.protocol import restore_state, save_rank_files, save_shards
+from lightning_gaussk.comm.inflight import destroy_group_at_exit
+from lightning_gaussk.comm.layout import Layout
+from lightning_gaussk.config.declare import ENV_PREFIX, env_values, from_env
+from lightning_gaussk.engine.local.driver import SparseLocalSGD
+from lightning_gaussk.utils.log import rank_zero_info, rank_zero_warn
+
+__all__ = [
+    "COMM_HOOK_ARGUMENTS",
+    "HookCheckpoint",
+    "LoadedState",
+    "StrategyWiring",
+    "check_same_layout",
+    "check_signature",
+    "ddp_arguments",
+    "options_doc",
+    "resolve_options",
+    "strategy_options",
+    "tell_loss_scale",
+    "tell_step_and_scale",
+]
+
+C = TypeVar("C")
+
+#: DDP arguments that would register a second comm hook (the strategies register their own)
+COMM_HOOK_ARGUMENTS = ("ddp_comm_hook", "ddp_comm_state", "ddp_comm_wrapper", "model_averaging_period")
+_START_METHODS = ("popen", "spawn", "fork", "forkserver")
+
+
+# ------------------------------------------------------------------------------- options
+def _variable(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def _same(a: Any, b: Any) -> bool:
+    """``a == b`` for option values (``True == 1`` is not the same option value)."""
+    return type(a) is type(b) and a == b
+
+
+def _fields(config_cls: type, left_out: Iterable[str] = ()) -> dict[str, dataclasses.Field[Any]]:
+    skip = set(left_out)
+    return {f.name: f for f in dataclasses.fields(config_cls) if f.name not in skip}  # type: ignore[arg-type]
+
+
+def resolve_options(
+    config_cls: type[C],
+    given: Mapping[str, Any],
+    *,
+    owner: str,
+    environ: Mapping[str, str] | None = None,
+    also_known: Iterable[str] = (),
+) -> C:
+    """The options ``config_cls`` from keyword > ``GAUSSK_*`` variable > default
+    (docs/configuration.md), validated.
+
+    Args:
+        config_cls: an options dataclass declared with :func:`lightning_gaussk.config.declare.option`
+            (``GaussKConfig``, ``LocalSGDConfig``).
+        given: the options given as keywords (only those given).
+        owner: who asks, for the messages (``"GaussKDDPStrategy"``, ``"register_gaussk"``).
+        environ: the environment (default ``os.environ``).
+        also_known: further ``GAUSSK_*`` names that are not unknown (``GAUSSK_DISABLE``).
+
+    A variable for an option not given is used, and logged on rank 0; one for an option given
+    otherwise is overridden, with a warning; ``GAUSSK_*`` names of no option of ``config_cls``
+    are warned about. Nothing is ignored silently.
+
+    Raises:
+        TypeError / ValueError: an invalid option, naming it (and its variable when it came from
+            the environment); a variable whose text does not parse, naming it.
+    """
+    environ = os.environ if environ is None else environ
+    fields = _fields(config_cls)
+    known = {_variable(n) for n in fields} | set(also_known)
+    unknown = sorted(v for v in environ if v.startswith(ENV_PREFIX) and v not in known)
+    if unknown:
+        rank_zero_warn(f"Unknown GaussK environment variable(s) {unknown} ignored; known: {sorted(known)}", stacklevel=3)
+    env = env_values(config_cls, environ)  # ValueError naming the variable for text that does not parse
+    overridden = [n for n in env if n in given and not _same(env[n], given[n])]
+    if overridden:
+        rank_zero_warn(
+            f"{owner}: "
+            + ", ".join(f"{_variable(n)}={environ[_variable(n)]!r} is overridden by {n}={given[n]!r}" for n in overridden)
+            + " (precedence: keyword argument > GAUSSK_* variable > default)",
+            stacklevel=3,
+        )
+    config = from_env(config_cls, environ, given)  # validates; names the variable of a bad value
+    used = [n for n in env if n not in given]
+    if used:
+        rank_zero_info(
+            f"{owner}: from the environment: " + ", ".join(f"{n}={getattr(config, n)!r} ({_variable(n)})" for n in used)
+        )
+    return config
+
+
+def strategy_options(strategy_cls: type, config_cls: type[C], values: Mapping[str, Any], *, left_out: Iterable[str] = ()) -> C:
+    """A strategy's options from its constructor's arguments ``values`` (its ``locals()``), by
+    :func:`resolve_options`. Every argument reaches ``__init__`` with a value (LightningCLI passes
+    all it has), so a keyword counts as given when it differs from the signature's default."""
+    defaults = inspect.signature(strategy_cls.__init__).parameters
+    names = _fields(config_cls, left_out)
+    given = {n: values[n] for n in names if not _same(values[n], defaults[n].default)}
+    return resolve_options(config_cls, given, owner=strategy_cls.__name__)
+
+
+def options_doc(config_cls: type, *, left_out: Iterable[str] = ()) -> str:
+    """The ``Args:`` lines of ``config_cls``'s options, from their declared docs (for a strategy's
+    docstring, where LightningCLI's ``--help`` shows them)."""
+    return "\n".join(f"        {name}: {f.metadata['doc']}." for name, f in _fields(config_cls, left_out).items())
+
+
+def check_signature(init: Callable[..., Any], config_cls: type, *, left_out: Iterable[str] = (), doc: str | None = None) -> list[str]:
+    """What differs between a strategy's spelled-out options and their declaration (empty: none).
+
+    The parameters of ``init`` after ``self`` must be ``config_cls``'s fields but ``left_out``:
+    the same names in the same order, first, with the same defaults and types; ``doc`` (the
+    class docstring) must give each one's declared doc and no line for a left-out option."""
+    left_out = tuple(left_out)
+    fields = _fields(config_cls, left_out)
+    params = list(inspect.signature(init).parameters.values())[1 : 1 + len(fields)]
+    names = [p.name for p in params]
+    if names != list(fields):
+        return [f"names or order: {names} != {list(fields)}"]
+    problems = []
+    declared, spelled = typing.get_type_hints(config_cls), typing.get_type_hints(init)
+    for p in params:
+        if not _same(p.default, fields[p.name].default):
+            problems.append(f"{p.name}: default {p.default!r} != {fields[p.name].default!r}")
+        if spelled.get(p.name) != declared[p.name]:
+            problems.append(f"{p.name}: type {spelled.get(p.name)} != {declared[p.name]}")
+        if doc is not None and f"{p.name}: {fields[p.name].metadata['doc']}" not in doc:
+            problems.append(f"{p.name}: its declared doc is not in the docstring")
+    if doc is not None:
+        problems += [f"{n}: left out, but documented" for n in left_out if f"        {n}: " in doc]
+    return problems
+
+
+# ------------------------------------------------------------------------------- DDP arguments
+def ddp_arguments(owner: str, kwargs: Mapping[str, Any], *, timeout: Any, start_method: Any, **flags: Any) -> dict[str, Any]:
+    """The further ``DistributedDataParallel`` keywords of a DDP-based strategy, checked at
+    construction (not inside the workers) for what DDP or the launcher would refuse late, or take
+    silently as a truthy object: ``flags`` must be bools, ``timeout`` a ``timedelta`` or None,
+    ``start_method`` a launcher's, ``kwargs`` DDP's arguments and no second comm hook.
+
+    Raises:
+        ValueError / TypeError: naming the argument.
+    """
+    for name in COMM_HOOK_ARGUMENTS:
+        if kwargs.get(name) is not None:
+            raise ValueError(f"{owner} registers its own comm hook; `{name}` would add a second one. Use DDPStrategy for other hooks.")
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"`{name}` must be a bool, got {value!r}")
+    if timeout is not None and not isinstance(timeout, timedelta):
+        raise TypeError(f"`timeout` must be a datetime.timedelta or None, got {type(timeout).__name__} {timeout!r}")
+    if start_method not in _START_METHODS:
+        raise ValueError(f"`start_method` must be one of {_START_METHODS}, got {start_method!r}")
+    allowed = set(inspect.signature(DistributedDataParallel.__init__).parameters) - {"self", "module"}
+    for name in kwargs:
+        if name not in allowed and name not in COMM_HOOK_ARGUMENTS:
+            raise TypeError(
+                f"{owner} got `{name}` = {kwargs[name]!r}, which is not an argument of torch's DistributedDataParallel "
+                f"(this strategy is DDP with a comm hook: FSDP and DeepSpeed settings are not supported); extra arguments "
+                f"allowed: {sorted(allowed)}"
+            )
+    return {k: v for k, v in kwargs.items() if k not in COMM_HOOK_ARGUMENTS}
+
+
+# ------------------------------------------------------------------------------- step and loss scale
+def tell_loss_scale(state: Any, scaler: Any) -> None:
+    """Tell the hook state the GradScaler's scale of the gradients about to arrive (fp16 mixed
+    precision; nothing without an enabled scaler)."""
+    if scaler is not None and scaler.is_enabled():
+        state.set_loss_scale(scaler.get_scale())
+
+
+def tell_step_and_scale(state: Any, strategy: Any) -> None:
+    """Before a micro-batch's backward (a strategy's ``training_step``): tell the hook state the
+    optimizer step it serves (``trainer.global_step``), so warm-up and seeds follow optimizer
+    steps, and under "16-mixed" the loss scale (:func:`tell_loss_scale`)."""
+    state.set_step(strategy.lightning_module.trainer.global_step)
+    tell_loss_scale(state, getattr(strategy.precision_plugin, "scaler", None))
+
+
+# ------------------------------------------------------------------------------- the checkpoint adapter
+def check_same_layout(saved: Layout, mine: Layout, *, owner: str, where: str) -> None:
+    """Local SGD resumes on the layout it was saved on (world size and ranks per node): its error
+    feedback and local models are per rank. ``ValueError`` naming both layouts otherwise."""
+    if (saved.world_size, saved.ranks_per_node or 1) != (mine.world_size, mine.ranks_per_node or 1):
+        raise ValueError(
+            f"{owner}: {where} was saved on {saved.describe()}, this run is {mine.describe()}; "
+            "local SGD resumes on the same layout only"
+        )
+
+
+class HookCheckpoint:
+    """The checkpoint adapter: one rank's hook state (``GaussKState``, ``GaussKFSDPState`` or
+    ``SparseLocalSGD``) in the shape :mod:`lightning_gaussk.checkpoint` reads and writes
+    (``layout``, ``state_dict()``, ``load_state_dict()``), with the save and restore of its kind.
+
+    Args:
+        state: the hook state.
+        owner: who saves it, for the messages.
+        split: local SGD only: the shard holds this rank's part (error feedback, window position,
+            local model, inner optimizer), the checkpoint the shared part (:meth:`shared_state`:
+            theta and the outer momentum); False: the shard holds everything.
+        shared: with ``split``, the shared part loaded from the checkpoint (merged at load).
+    """
+
+    def __init__(self, state: Any, *, owner: str, split: bool = False, shared: Mapping[str, Any] | None = None) -> None:
+        self.state, self.owner, self.split, self.shared = state, owner, split, dict(shared or {})
+        self._local = isinstance(state, SparseLocalSGD)
+
+    @property
+    def layout(self) -> Layout:
+        return self.state.layout
+
+    def state_dict(self) -> dict[str, Any]:
+        if self._local and self.split:
+            return self.state.state_dict(shared=False, local=True)
+        return self.state.state_dict()
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        if self._local:  # the local model and inner optimizer go in after the framework's own load
+            self.state.load_state_dict({**state_dict, **self.shared}, defer_local=True)
+        else:
+            self.state.load_state_dict(state_dict)
+
+    def shared_state(self) -> dict[str, Any]:
+        """Local SGD's part that is the same on every rank (theta, the outer optimizer's state)."""
+        own = self.state.state_dict(shared=False, local=False).keys()
+        return {k: v for k, v in self.state.state_dict(local=False).items() if k not in own}
+
+    # ---------------------------------------------------------------- save and restore
+    def save(self, folder: Path, *, rank: int, world_size: int) -> dict[str, Any]:
+        """Every rank writes its own shard into ``folder``; returns the manifest (a collective)."""
+        return save_shards(self, folder, rank=rank, world_size=world_size)
+
+    def save_files(
+        self, folder: Path, *, rank: int, world_size: int, shard_name: Callable[[int], str], manifest_name: Callable[[int], str],
+        extra: Mapping[str, Any] | None = None,
+    ) -> None:  # fmt: skip
+        """This rank's shard ``shard_name(rank)`` and one-entry manifest ``manifest_name(rank)`` in
+        ``folder``, with no collective (inside Accelerate's ``save_state`` pre-hook)."""
+        save_rank_files(
+            self, folder, rank=rank, world_size=world_size, shard_name=shard_name, manifest_name=manifest_name, extra=extra
+        )
+
+    def restore(self, open_saved: Callable[[], SavedState | None], *, rank: int, world_size: int, where: str) -> bool:
+        """Load this rank's saved state through the one restore protocol (a collective: a failure
+        on one rank raises on all). Local SGD: the same layout only (:func:`check_same_layout`).
+        Returns False when no rank found a save."""
+        if self._local:
+
+            def open_checked() -> SavedState | None:
+                saved = open_saved()
+                if saved is not None:
+                    check_same_layout(saved.layout, self.layout, owner=self.owner, where=where)
+                return saved
+
+            return restore_state(self, open_checked, rank=rank, world_size=world_size)
+        # the saved marker must match this state's kind; it picks the reshard policy
+        return restore_state(self, open_saved, rank=rank, world_size=world_size, sharding=self.state.sharding)
+
+    def restore_files(
+        self, folder: Path, *, rank: int, world_size: int, shard_name: Callable[[int], str], manifest_name: Callable[[int], str]
+    ) -> bool:
+        """:meth:`restore` from a folder written by :meth:`save_files` (by every rank)."""
+
+        def open_saved() -> SavedState | None:
+            return SavedState.from_folder(folder, shard_name=shard_name, manifest_name=manifest_name)
+
+        return self.restore(open_saved, rank=rank, world_size=world_size, where=str(folder))
+
+
+@dataclass(frozen=True)
+class LoadedState:
+    """A hook state read from a Lightning checkpoint: its save, and with local SGD the shared part
+    the checkpoint holds beside the manifest (``{"manifest": ..., "global": ..., "momentum": ...}``;
+    None: the entry is the manifest itself)."""
+
+    saved: SavedState
+    shared: dict[str, Any] | None = None
+
+    @classmethod
+    def from_entry(cls, entry: Any, path: Any, *, key: str, split: bool, folder: Path | None = None) -> LoadedState:
+        """The entry under ``key`` of the checkpoint at ``path``; its shard ``folder`` when known
+        (inside a distributed checkpoint folder), else found from the manifest. Raises
+        ``ValueError`` saying "malformed" for what is not one (no silent reset)."""
+        shared = None
+        if split:
+            if not isinstance(entry, Mapping) or "manifest" not in entry:
+                raise ValueError(f"Checkpoint {path}: `{key}` is malformed (no manifest)")
+            entry, shared = entry["manifest"], {k: v for k, v in entry.items() if k != "manifest"}
+        if folder is not None and isinstance(entry, Mapping):
+            return cls(SavedState.from_manifest(entry, folder), shared)
+        return cls(SavedState.from_checkpoint(entry, path, key=key), shared)
+
+    def carry_to(self, folder: Path, *, copy: bool) -> dict[str, Any]:
+        """The checkpoint entry of a save that passes this one on unchanged (a save while not
+        fitting): its shards copied into ``folder`` by the rank that ``copy``."""
+        return _entry(self.saved.carry_to(folder, copy=copy), self.shared)
+
+
+def _entry(manifest: Mapping[str, Any], shared: Mapping[str, Any] | None) -> dict[str, Any]:
+    return dict(manifest) if shared is None else {"manifest": manifest, **shared}
+
+
+# ------------------------------------------------------------------------------- the Lightning strategies
+class StrategyWiring:
+    """The Lightning strategies' part of the wiring: a mixin before the Lightning strategy class.
+
+    It keeps the hook state (``_gaussk_state``, set by :meth:`_gaussk_built`) and what
+    ``load_checkpoint`` read before it existed (``_gaussk_loaded``: Lightning loads on every rank
+    before ``setup()``; the layout is known only when the state is built). The strategy's short
+    ``@override`` methods call :meth:`_gaussk_save`, :meth:`_gaussk_load`,
+    :meth:`_gaussk_remove`, :meth:`_gaussk_tell` and :meth:`_gaussk_teardown`.
+
+    Every rank's state goes into its own shard (:mod:`lightning_gaussk.checkpoint`: atomic,
+    checksummed; a failure on one rank raises on all), the manifest into the checkpoint under
+    ``_gaussk_key``.
+    """
+
+    #: the checkpoint entry of the hook state
+    _gaussk_key: ClassVar[str] = "gaussk"
+    #: local SGD: the shared part goes into the checkpoint beside the manifest (:class:`HookCheckpoint`)
+    _gaussk_split: ClassVar[bool] = False
+    #: what a checkpoint without the entry means
+    _gaussk_fresh: ClassVar[str] = "residuals start from zero"
+
+    _gaussk_state: Any = None
+    _gaussk_loaded: LoadedState | None = None
+
+    # attributes of the Lightning strategy
+    global_rank: int
+    world_size: int
+    is_global_zero: bool
+
+    def _gaussk_adapter(self, shared: Mapping[str, Any] | None = None) -> HookCheckpoint:
+        return HookCheckpoint(self._gaussk_state, owner=type(self).__name__, split=self._gaussk_split, shared=shared)
+
+    def _gaussk_built(self, state: Any) -> None:
+        """The hook state exists: keep it, destroy the process group at exit (gloo groups while
+        Python runs, not at finalization), and restore what a checkpoint loaded before."""
+        self._gaussk_state = state
+        destroy_group_at_exit()
+        loaded, self._gaussk_loaded = self._gaussk_loaded, None
+        if loaded is not None:
+            self._gaussk_restore(loaded)
+
+    def _gaussk_restore(self, loaded: LoadedState) -> None:
+        """Give this rank its saved state (:meth:`HookCheckpoint.restore`: its own shard on the
+        same layout, else the documented policy, with a warning). A collective."""
+        self._gaussk_adapter(loaded.shared).restore(
+            lambda: loaded.saved, rank=self.global_rank, world_size=self.world_size, where="the checkpoint"
+        )
+
+    def _gaussk_tell(self) -> None:
+        """Before a micro-batch's backward: :func:`tell_step_and_scale`."""
+        if self._gaussk_state is not None:
+            tell_step_and_scale(self._gaussk_state, self)
+
+    def _gaussk_teardown(self) -> None:
+        """Local, no collective (safe after an error): let torch's communication threads release
+        the hook's last callbacks before the wrapper and the process go away; local SGD takes its
+        hook off the optimizer."""
+        state = self._gaussk_state
+        if isinstance(state, SparseLocalSGD):
+            state.remove()
+        elif state is not None:
+            state.wait_idle()
+
+    def _gaussk_save(self, checkpoint: dict[str, Any], folder: Path) -> None:
+        """Every rank writes its shard into ``folder`` (a collective) and ``checkpoint`` gets the
+        entry. Not fitting (no state) but loaded from a checkpoint: the loaded save is carried
+        through (rank 0 copies its shards)."""
+        if self._gaussk_state is not None:
+            adapter = self._gaussk_adapter()
+            manifest = adapter.save(folder, rank=self.global_rank, world_size=self.world_size)
+            checkpoint[self._gaussk_key] = _entry(manifest, adapter.shared_state() if self._gaussk_split else None)
+        elif self._gaussk_loaded is not None:
+            checkpoint[self._gaussk_key] = self._gaussk_loaded.carry_to(folder, copy=self.is_global_zero)
+
+    def _gaussk_load(self, checkpoint: Mapping[str, Any], path: Any, *, folder: Path | None = None) -> None:
+        """The hook state's entry of a loaded checkpoint, checked (``ValueError`` saying
+        "malformed" otherwise), restored now if the state exists, else when it is built. No entry:
+        a warning, and the state starts afresh."""
+        entry = checkpoint.get(self._gaussk_key)
+        if entry is None:
+            rank_zero_warn(
+                f"Checkpoint {path} has no `{self._gaussk_key}` hook state (not saved by {type(self).__name__}?): "
+                f"{self._gaussk_fresh}."
+            )
+            return
+        loaded = LoadedState.from_entry(entry, path, key=self._gaussk_key, split=self._gaussk_split, folder=folder)
+        if self._gaussk_state is not None:
+            self._gaussk_restore(loaded)
+        else:
+            self._gaussk_loaded = loaded
+
+    def _gaussk_remove(self, filepath: Any) -> None:
+        """Remove the shards beside a removed checkpoint (rank 0; ``ModelCheckpoint(save_top_k=...)``
+        removes old checkpoints through ``remove_checkpoint``)."""
+        if self.is_global_zero:
+            remove_shards(filepath)
