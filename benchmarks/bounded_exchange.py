@@ -11,7 +11,7 @@ Three parts, each through an existing harness script (no timing loop or launcher
    throughput.py's worker. Bytes per rank per step: the tx counter of each host's OWN veth
    (``/proc/net/dev`` inside its namespace; TCP/IP headers and ACKs included), median over the
    timed steps, then mean and max over the ranks; beside it the hook's ``bytes_wire`` telemetry
-   and :func:`costmodel.exchange_bytes` over DDP's buckets.
+   and :func:`lightning_gaussk.costs.model.exchange_bytes` over DDP's buckets.
 2. ``--digits``: time_to_accuracy.py ``--local --world 4`` for seeds 0, 1, 2: all-gather and
    all-reduce at density 0.01 (equal density) and the all-reduce at the density whose wire bytes
    per rank (``exchange_bytes`` summed over the MLP's DDP buckets, 4 peers) equal the
@@ -304,7 +304,7 @@ def markdown(images: list[str]) -> str:
             "",
             "Bytes per rank per step: `veth tx` = bytes leaving each host's own interface (`/proc/net/dev` inside its namespace, "
             "TCP/IP headers and ACKs included), median over the timed steps, mean (max) over the W ranks; `wire` = the hook's "
-            "`bytes_wire` telemetry (mean over ranks); `model` = `costmodel.exchange_bytes` summed over DDP's buckets "
+            "`bytes_wire` telemetry (mean over ranks); `model` = `costs.model.exchange_bytes` summed over DDP's buckets "
             "(dense: `2(W-1)/W*4d`).",
             "",
             "| hosts | contender | veth tx mean (max) | wire (telemetry) | model | steps/s | x ddp | allreduce / allgather |",

@@ -103,7 +103,7 @@ def markdown_costmodel(results: list[dict[str, Any]], plot_path: str | None) -> 
             f"The 25M-parameter model (buckets {', '.join(f'{b / 1e6:.1f}M' for b in buckets)}; C = "
             f"{work.compute_s * 1e3:.0f} ms; host costs of this CPU as fitted in the 2-host 1 Gbit/s run; links "
             f"`Link.from_gbit(g)`: 95% of the rate as payload, 50 us per hop). Entries: predicted steps/s of plain DDP / "
-            "gaussk at density 0.001 / `auto` (each bucket sent the way `prefer_dense` says, i.e. `costmodel.dense_wins`: "
+            "gaussk at density 0.001 / `auto` (each bucket sent the way `costs.policy.dense_wins` says: "
             "dense when the all-gather moves no fewer bytes than a ring all-reduce, `W (2k+1) >= 2d`, else the model's "
             "faster choice).",
             "",
@@ -139,7 +139,7 @@ def markdown_costmodel(results: list[dict[str, Any]], plot_path: str | None) -> 
         "link = Link.from_gbit(10.0)            # the slowest link a bucket crosses; or Link(alpha, bandwidth) from fit_link",
         "host = HostCosts.for_device(buf.device.type)   # 'cpu' (fitted here) or 'cuda' (assumed); or fit_host_costs(...)",
         "decision = pick_exchange(d, k, world, link, host, exchange='allgather')   # pure: memoise per (d, k, world)",
-        "if decision.dense:  # (prefer_dense before the policy)",
+        "if decision.dense:",
         "    ...  # all-reduce this bucket dense; telemetry: decision.reason",
         "```",
         "",
@@ -149,13 +149,13 @@ def markdown_costmodel(results: list[dict[str, Any]], plot_path: str | None) -> 
 
 def markdown_break_even(d: int = max(scaleout.MODEL_BUCKETS)) -> str:
     """The break-even table: the largest worker count at which one bucket of ``d`` entries is
-    predicted faster sparse (all-gather) than dense, by ``costmodel.dense_wins`` (the byte rule
+    predicted faster sparse (all-gather) than dense, by ``costs.policy.dense_wins`` (the byte rule
     ``W (2k+1) >= 2d``, then the time model), for the CPU and GPU host presets. The model only."""
     cm = cluster.load_costmodel()
     policy = cluster.load_costmodel("policy")
     lines = [
         f"Break-even (largest worker count at which one {d / 1e6:.1f}M-entry bucket is predicted faster sparse than "
-        "dense; above it `prefer_dense` answers True; `costmodel.dense_wins`: the byte rule `W (2k+1) >= 2d` caps it "
+        "dense; above it `costs.policy.dense_wins` answers True: the byte rule `W (2k+1) >= 2d` caps it "
         "near `2/density`, the host costs can lower it):",
         "",
         "| host costs | density | 1 Gbit/s | 10 Gbit/s | 100 Gbit/s | byte rule alone |",

@@ -24,7 +24,7 @@ Parts:
    memory per rank (``ru_maxrss``) and its growth over the resident memory before the model was
    built; the bytes of the tensors a rank keeps between steps (parameters, gradients, AdamW
    states, GaussK buffers).
-3. the cost model (:func:`lightning_gaussk.costs.model.hsdp_unit_time`) for nodes of 8 GPUs
+3. the cost model (:func:`lightning_gaussk.costs.planning.hsdp_unit_time`) for nodes of 8 GPUs
    (NVLink-class inside, 25 Gbit/s per node), the same model's units.
 
 ``--report`` writes the "fsdp" section of docs/benchmarks.md from benchmarks/out/fsdp_hsdp*.json.
@@ -308,7 +308,7 @@ def markdown() -> str:
             kept = statistics.mean(r["kept"] for r in per)
             lines.append(f"| {m} | {_mb(peak)} | {_mb(grow)} | {_mb(kept)} |")
         lines.append("")
-    lines += ["The cost model's gradient path (`costmodel.hsdp_unit_time`, the same four units; NVLink-class links "
+    lines += ["The cost model's gradient path (`costs.planning.hsdp_unit_time`, the same four units; NVLink-class links "
               "inside a node, the GPU host preset; FSDP's parameter all-gathers, the same for all, not counted):", ""]
     lines += model_rows()
     return "\n".join(lines)

@@ -477,7 +477,7 @@ def markdown(results: list[dict[str, Any]], digits: dict[str, Any] | None) -> st
         f"intra-node links ({NVLINK[1] / 1e9:.0f} GB/s, {NVLINK[0] * 1e6:.0f} us), inter-node `Link.from_gbit(g, latency_us=10)` "
         "per node, the 25M model's 3 buckets. Entries: predicted communication + host ms per step (compute excluded) of "
         "**dense** (flat ring all-reduce over all 8N GPUs; the ring crosses each node's NIC once each way), **flat** "
-        "sparse (one all-gather over all 8N GPUs: each NIC carries 8N-1 messages; dense where `costmodel.dense_wins` "
+        "sparse (one all-gather over all 8N GPUs: each NIC carries 8N-1 messages; dense where `costs.policy.dense_wins` "
         "says so) and **node** mode (`hierarchical_bucket_time`: reduce-scatter in the node, the 8 per-GPU inter-node "
         "all-gathers of N messages sharing the NIC, all-gather in the node; inter-node all-reduce of the shard where "
         "`dense_wins` says so: the byte rule, then the time model); the fastest in bold.",

@@ -1,8 +1,9 @@
 """lightning_gaussk: TopK-SGD / Gaussian-k gradient sparsification for DDP, Lightning and Accelerate.
 
-The algorithm (:mod:`lightning_gaussk.core`, the DDP hook, selection, configuration) needs only
-torch. The Lightning parts (the strategies, the monitor and telemetry callbacks) are imported
-when Lightning is installed, and ``import lightning_gaussk`` then registers ``"gaussk_ddp"`` and
+The algorithm (the layers :mod:`~lightning_gaussk.selection` up to
+:mod:`~lightning_gaussk.checkpoint`: the engine, its three drivers, selection, configuration)
+needs only torch. The Lightning parts (the strategies, the monitor and telemetry callbacks) are
+imported when Lightning is installed, and ``import lightning_gaussk`` then registers ``"gaussk_ddp"`` and
 its siblings (and ``"gaussk_fsdp"``) with Lightning's strategy registry.
 """
 

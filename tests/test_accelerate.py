@@ -241,7 +241,7 @@ def _saved(tmp_path: Path, world: int, value_of_rank) -> None:
     for rank in range(world):
         state = GaussKState(density=0.1)
         state.load_state_dict({**state.state_dict(), "step": 4, "residuals": {"w": torch.full((3,), value_of_rank(rank))}})
-        payload = {"format": "lightning_gaussk.frontends.accelerate/1", "rank": rank, "world_size": world, "state": state.state_dict()}
+        payload = {"format": "lightning_gaussk.accelerate/1", "rank": rank, "world_size": world, "state": state.state_dict()}
         torch.save(payload, tmp_path / STATE_FILE.format(rank=rank))
 
 

@@ -268,8 +268,8 @@ def test_a_malformed_checkpoint_entry_is_refused_naming_the_checkpoint(entry):
 
 def test_earlier_accelerate_files_without_manifests_read_through_the_same_reader(tmp_path):
     states = saved_states(2, None)
-    for r, sd in enumerate(states):  # the "lightning_gaussk.frontends.accelerate/1" files: no layout, no manifest
-        torch.save({"format": "lightning_gaussk.frontends.accelerate/1", "rank": r, "world_size": 2, "state": sd}, tmp_path / f"s{r}.pt")
+    for r, sd in enumerate(states):  # the "lightning_gaussk.accelerate/1" files: no layout, no manifest
+        torch.save({"format": "lightning_gaussk.accelerate/1", "rank": r, "world_size": 2, "state": sd}, tmp_path / f"s{r}.pt")
     names = {"shard_name": lambda r: f"s{r}.pt", "manifest_name": lambda r: f"m{r}.json"}
     saved = SavedState.from_folder(tmp_path, **names)
     assert saved.world_size == 2 and saved.folder == tmp_path
@@ -779,3 +779,17 @@ def test_a_save_of_the_other_kind_or_an_unknown_marker_is_refused_before_anythin
         sd["layout"]["sharding"] = "zero3"
     with pytest.raises(ValueError, match="'zero3', which no reshard policy knows"):
         restore_state(GaussKState(density=0.1), lambda: SavedState.from_embedded({"world_size": 4, "per_rank": unknown}), rank=0, world_size=4)
+
+
+def test_saved_format_names_are_the_ones_existing_checkpoints_carry():
+    """Moving modules must not rename what files say they are: saves made before the layering
+    refactor still load (a renamed format would be refused as "not a ... state dict")."""
+    from lightning_gaussk.checkpoint.files import LEGACY_SHARD_FORMATS, SHARD_FORMAT
+    from lightning_gaussk.engine.local.driver import LOCAL_SGD_FORMAT
+    from lightning_gaussk.engine.state import STATE_FORMAT
+    from lightning_gaussk.observe.monitor import HISTORY_FORMAT, SNAPSHOT_FORMAT
+
+    assert (MANIFEST_FORMAT, SHARD_FORMAT, STATE_FORMAT) == ("lightning_gaussk.shards/1", "lightning_gaussk.shard/1", "lightning_gaussk.state/1")
+    assert LOCAL_SGD_FORMAT == "lightning_gaussk.local_sgd/1"
+    assert "lightning_gaussk.accelerate/1" in LEGACY_SHARD_FORMATS
+    assert (SNAPSHOT_FORMAT, HISTORY_FORMAT) == ("lightning_gaussk.monitor_snapshot/1", "lightning_gaussk.monitor_history/1")

@@ -326,7 +326,7 @@ def test_model_check_and_summaries_on_synthetic_runs():
     assert text.count("| gaussk@0.001 |") == 2 and "4 hosts" in text
     assert "| gaussk@0.001 >= PowerSGD steps/s |" in throughput.targets([res, res4])
     cmd = costmodel_report.markdown_costmodel([res, res4], None)
-    assert "prefer_dense" in cmd and "| mlp25m:4:1gbit | ddp |" in cmd
+    assert "dense_wins" in cmd and "| mlp25m:4:1gbit | ddp |" in cmd
 
 
 def test_time_to_accuracy_table_on_a_synthetic_run():

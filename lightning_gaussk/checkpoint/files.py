@@ -61,7 +61,7 @@ __all__ = [
 MANIFEST_FORMAT = "lightning_gaussk.shards/1"
 SHARD_FORMAT = "lightning_gaussk.shard/1"
 #: earlier per-rank files of the Accelerate integration (no layout, no checksum): still read
-LEGACY_SHARD_FORMATS = ("lightning_gaussk.frontends.accelerate/1",)
+LEGACY_SHARD_FORMATS = ("lightning_gaussk.accelerate/1",)
 SHARD_DIR_SUFFIX = ".gaussk"
 _CHUNK = 1 << 20  # bytes per read when hashing or copying
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")

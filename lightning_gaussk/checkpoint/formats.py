@@ -7,7 +7,7 @@ Formats read
   ``save_state`` folder of shards with per-rank one-entry manifests (merged when read); verified
   by size and sha256;
 - per-rank files of the Accelerate integration from before manifests
-  (``"lightning_gaussk.frontends.accelerate/1"``, flat, read without checksums);
+  (``"lightning_gaussk.accelerate/1"``, flat, read without checksums);
 - the embedded ``{"world_size": W, "per_rank": [state_dict_0, ...]}`` of early Lightning
   checkpoints.
 
@@ -76,7 +76,7 @@ class SavedState:
       :func:`~lightning_gaussk.checkpoint.protocol.save_rank_files`), verified by
       size and sha256 (:meth:`from_manifest`, :meth:`from_checkpoint`, :meth:`from_folder`);
     - per-rank files of the Accelerate integration from before manifests
-      (``"lightning_gaussk.frontends.accelerate/1"``, flat, read without checksums: :meth:`from_folder`);
+      (``"lightning_gaussk.accelerate/1"``, flat, read without checksums: :meth:`from_folder`);
     - the embedded ``{"world_size": W, "per_rank": [state_dict_0, ...]}`` of early Lightning
       checkpoints (:meth:`from_embedded`, :meth:`from_checkpoint`).
 

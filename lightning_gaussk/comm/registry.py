@@ -19,7 +19,7 @@ Not registered: :class:`~lightning_gaussk.comm.quant.QuantAllGather`. Its sizes 
 (entry ``i`` in chunk ``i // per_chunk``), which local SGD's chunk-wise selector produces and the
 per-bucket pipeline does not: under a name, ``exchange="quant_allgather"`` would be accepted by the
 DDP and FSDP2 options and then mis-decode. Local SGD builds it itself, and the policy prices the
-instance (:func:`lightning_gaussk.costs.policy.choose` takes an exchange object as well as a name).
+instance (:func:`lightning_gaussk.costs.policy.pick_exchange` takes an exchange object as well as a name).
 
 Example::
 

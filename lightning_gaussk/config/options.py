@@ -71,7 +71,7 @@ class GaussKConfig:
     )
     link_gbit: float | Literal["measure"] | None = option(
         None, "inter-node link bandwidth in Gbit/s for the cost model of dense_fallback and exchange='auto' (None: byte "
-        "rule only); 'measure': timed once at setup with real collectives (lightning_gaussk.observe.preflight), rank 0's "
+        "rule only); 'measure': timed once at setup with real collectives (lightning_gaussk.preflight), rank 0's "
         "figure used by every rank"
     )
     exchange: str = option(

@@ -196,7 +196,7 @@ class ResidualStore:
     def validate(self, residuals: dict[str, Any], velocity: dict[str, Any] | None = None) -> None:
         """Check loaded residuals and velocities (tensors, sizes that fit this rank, finite) before
         anything changes. A checkpoint of another layout is converted first
-        (:func:`lightning_gaussk.checkpoint.shards.state_for_layout`): a misfit here is a wrong file."""
+        (:func:`lightning_gaussk.checkpoint.reshard.state_for_layout`): a misfit here is a wrong file."""
         for kind, tensors in (("residual", residuals), ("velocity", velocity or {})):
             for name, tensor in tensors.items():
                 if not isinstance(tensor, Tensor):
@@ -205,7 +205,7 @@ class ResidualStore:
                     raise ValueError(
                         f"GaussKState.load_state_dict: {kind} {name!r} has {tensor.numel()} entries, parameter has "
                         f"{self.sizes[name]} on this rank (a checkpoint of another layout? load it through "
-                        "lightning_gaussk.checkpoint.shards, which converts it)"
+                        "lightning_gaussk.checkpoint.reshard, which converts it)"
                     )
                 if not bool(torch.isfinite(tensor).all()):
                     raise ValueError(

@@ -52,7 +52,7 @@ try:
     from accelerate import Accelerator
 except ImportError as err:  # pragma: no cover - exercised only without the extra
     raise ImportError(
-        "lightning_gaussk.frontends.accelerate needs Hugging Face Accelerate: pip install 'lightning-gaussk[accelerate]'"
+        "lightning_gaussk.accelerate needs Hugging Face Accelerate: pip install 'lightning-gaussk[accelerate]'"
     ) from err
 
 __all__ = [

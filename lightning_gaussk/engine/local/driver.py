@@ -67,7 +67,7 @@ from lightning_gaussk.utils.log import rank_zero_warn
 
 __all__ = ["LOCAL_SGD_FORMAT", "SparseLocalSGD", "make_outer"]
 
-LOCAL_SGD_FORMAT = "lightning_gaussk.engine.local_sgd/1"
+LOCAL_SGD_FORMAT = "lightning_gaussk.local_sgd/1"
 
 
 def make_outer(config: LocalSGDConfig, numel: int, device: torch.device) -> OuterOptimizer:
