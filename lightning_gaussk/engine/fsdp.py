@@ -39,8 +39,9 @@ once, on the synchronising micro-batch); a loss scale (:meth:`GaussKState.set_lo
 warm-up; the dense fallback (priced with the ``L`` ranks of a node sharing its link); telemetry
 (``bytes_intra``: FSDP's reduce-scatter and the flag; ``bytes_inter``: the exchange).
 
-Checkpoints (:mod:`lightning_gaussk.checkpoint.fsdp`: ``save_fsdp_shards``, ``restore_fsdp_shards``): every rank writes its own
-shard with a manifest (:mod:`lightning_gaussk.checkpoint.shards`); the same layout resumes exactly. On a
+Checkpoints (:mod:`lightning_gaussk.checkpoint.protocol`: ``save_fsdp_shards``, ``restore_fsdp_shards``):
+every rank writes its own shard with a manifest (:mod:`lightning_gaussk.checkpoint.files`), marked
+``sharding = "fsdp2-dim0"``; the same layout resumes exactly. On a
 different ``(N, L)`` the new ranks carry the same pending averaged update, per parameter
 ``P = (1/N) sum_n r_{n,l}`` over the rows of shard ``l``, and rank ``(n', l')`` starts from
 ``P`` on its rows (so ``(1/N') sum_n' r' = P``), with a warning.
@@ -55,7 +56,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from lightning_gaussk.config import GaussKConfig
-from lightning_gaussk.utils.log import rank_zero_info
+from lightning_gaussk.utils.log import rank_zero_info, rank_zero_warn
 from lightning_gaussk.engine.describe import fsdp_startup_line
 from lightning_gaussk.engine.pipeline import reduce
 from lightning_gaussk.engine.state import GaussKState
@@ -257,6 +258,7 @@ def register_gaussk_fsdp(model: nn.Module, mesh: Any, config: GaussKConfig | Non
     Returns the hook state (telemetry, :meth:`~GaussKState.set_step`,
     :meth:`~GaussKState.set_loss_scale`, checkpoints). Call it on every rank, after sharding and
     before the first backward.
+    It logs its startup line on rank 0, and warns on a mesh of one node (nothing crosses nodes).
 
     Raises ``TypeError`` / ``ValueError`` naming the cause: a model that is not FSDP2; a natively
     2-D-sharded (HSDP) unit; a unit sharded over other ranks than ``mesh["shard"]``; a mesh without
@@ -277,6 +279,13 @@ def register_gaussk_fsdp(model: nn.Module, mesh: Any, config: GaussKConfig | Non
         params = [fp.sharded_param for fp in group.fsdp_params]
         module.set_all_reduce_hook(_make_hook(state, key, name, params, group))
     rank_zero_info(state.startup_line())
+    if state.layout.nodes == 1:
+        rank_zero_warn(
+            f"register_gaussk_fsdp: the mesh has one node ({state.layout.ranks_per_node} ranks, no replica of a shard on "
+            "another node): the sparse replica exchange sends nothing between nodes, and FSDP's reduce-scatter inside the "
+            "node is the whole reduction. The hook pays off with 2 or more nodes: mesh (nodes, ranks per node).",
+            stacklevel=2,
+        )
     return state
 
 

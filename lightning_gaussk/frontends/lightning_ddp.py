@@ -25,14 +25,16 @@ from lightning.pytorch.strategies.strategy import _StrategyRegistry
 from typing_extensions import override
 
 from lightning_gaussk.checkpoint.files import shard_dir
-from lightning_gaussk.config import GaussKConfig
+from lightning_gaussk.config import GaussKConfig, LocalSGDConfig
 from lightning_gaussk.engine.ddp_hook import gaussk_hook
 from lightning_gaussk.engine.state import GaussKState
-from lightning_gaussk.frontends.wiring import StrategyWiring, ddp_arguments, options_doc, strategy_options
+from lightning_gaussk.frontends.wiring import StrategyWiring, ddp_arguments, foreign_options, options_doc, strategy_options
 
 __all__ = ["CHECKPOINT_KEY", "GaussKDDPStrategy"]
 
 CHECKPOINT_KEY = "gaussk"
+#: why a local SGD option is refused here (:func:`~lightning_gaussk.frontends.wiring.check_keywords`)
+_LOCAL_ONLY = foreign_options(GaussKConfig, LocalSGDConfig, why="an option of local SGD: gaussk_local, diloco")
 
 
 class GaussKDDPStrategy(StrategyWiring, DDPStrategy):
@@ -55,6 +57,8 @@ class GaussKDDPStrategy(StrategyWiring, DDPStrategy):
         **kwargs: further ``DistributedDataParallel`` arguments.
 
     Raises:
+        TypeError: for an unknown keyword, naming it and listing what is allowed (its own
+            arguments and ``DistributedDataParallel``'s).
         ValueError / TypeError: for an invalid argument, or one that would register a second
             comm hook (``ddp_comm_hook``, ``ddp_comm_state``, ``ddp_comm_wrapper``,
             ``model_averaging_period``).
@@ -96,8 +100,9 @@ class GaussKDDPStrategy(StrategyWiring, DDPStrategy):
     ) -> None:
         self._gaussk_config = strategy_options(type(self), GaussKConfig, locals())  # validates
         ddp_kwargs = ddp_arguments(
-            type(self).__name__,
+            type(self),
             kwargs,
+            hints=_LOCAL_ONLY,
             find_unused_parameters=find_unused_parameters,
             static_graph=static_graph,
             gradient_as_bucket_view=gradient_as_bucket_view,

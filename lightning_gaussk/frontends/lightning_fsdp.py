@@ -34,9 +34,9 @@ from lightning.pytorch.strategies.strategy import _StrategyRegistry
 from typing_extensions import override
 
 from lightning_gaussk.checkpoint.files import shard_dir
-from lightning_gaussk.config import GaussKConfig
+from lightning_gaussk.config import GaussKConfig, LocalSGDConfig
 from lightning_gaussk.engine.fsdp import MESH_DIMS, GaussKFSDPState, register_gaussk_fsdp
-from lightning_gaussk.frontends.wiring import StrategyWiring, options_doc, strategy_options
+from lightning_gaussk.frontends.wiring import StrategyWiring, check_keywords, foreign_options, options_doc, strategy_options
 
 __all__ = ["GaussKFSDPStrategy"]
 
@@ -44,6 +44,11 @@ __all__ = ["GaussKFSDPStrategy"]
 LAYOUT_OPTIONS = ("hierarchy", "ranks_per_node")
 #: the residual shards' folder inside a distributed checkpoint folder
 SHARD_SUBDIR = "gaussk"
+#: why a keyword of another engine is refused here (:func:`~lightning_gaussk.frontends.wiring.check_keywords`)
+_NOT_HERE = {
+    **foreign_options(GaussKConfig, LocalSGDConfig, why="an option of local SGD: gaussk_local, diloco"),
+    **dict.fromkeys(LAYOUT_OPTIONS, "not an option here: the layout is the mesh (num_nodes, devices)"),
+}
 
 
 class GaussKFSDPStrategy(StrategyWiring, ModelParallelStrategy):
@@ -54,6 +59,8 @@ class GaussKFSDPStrategy(StrategyWiring, ModelParallelStrategy):
         save_distributed_checkpoint: as for ``ModelParallelStrategy`` (True: a folder of shards).
         process_group_backend: as for ``ModelParallelStrategy``.
         timeout: as for ``ModelParallelStrategy``.
+        **kwargs: none is taken (it forwards no further keywords): an unknown keyword raises
+            ``TypeError`` at construction, listing what is allowed.
 
     ``hierarchy`` and ``ranks_per_node`` are not options here: the mesh is
     ``(num_nodes, devices)``. Raises ``ValueError`` / ``TypeError`` for an invalid argument.
@@ -80,7 +87,9 @@ class GaussKFSDPStrategy(StrategyWiring, ModelParallelStrategy):
         save_distributed_checkpoint: bool = True,
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
+        **kwargs: Any,
     ) -> None:
+        check_keywords(type(self), kwargs, hints=_NOT_HERE)  # before anything else: a typo is named, not lost
         config = strategy_options(type(self), GaussKConfig, locals(), left_out=LAYOUT_OPTIONS)  # validates
         if config.hierarchy == "flat" or config.ranks_per_node is not None:
             raise ValueError(

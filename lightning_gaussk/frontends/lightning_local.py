@@ -18,6 +18,8 @@ checkpoints, the deferred restore and the teardown are :mod:`lightning_gaussk.fr
 
 # no `from __future__ import annotations`: Lightning's registry and jsonargparse read the signature
 
+from collections.abc import Generator
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any, Literal, Optional
 
@@ -32,14 +34,31 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
 from lightning_gaussk.checkpoint.files import shard_dir
-from lightning_gaussk.config import LocalSGDConfig
+from lightning_gaussk.config import GaussKConfig, LocalSGDConfig
 from lightning_gaussk.engine.local.driver import SparseLocalSGD
 from lightning_gaussk.engine.local.grad_hook import local_grad_hook
-from lightning_gaussk.frontends.wiring import StrategyWiring, ddp_arguments, options_doc, strategy_options
+from lightning_gaussk.frontends.wiring import (
+    StrategyWiring,
+    ddp_arguments,
+    foreign_options,
+    options_doc,
+    refuse_fsdp2,
+    strategy_options,
+)
 
 __all__ = ["LOCAL_CHECKPOINT_KEY", "GaussKLocalSGDStrategy"]
 
 LOCAL_CHECKPOINT_KEY = "gaussk_local"
+#: why a per-step option is refused here (:func:`~lightning_gaussk.frontends.wiring.check_keywords`)
+_PER_STEP_ONLY = foreign_options(
+    LocalSGDConfig, GaussKConfig, why="an option of the per-step engines gaussk_ddp and gaussk_fsdp, not of local SGD"
+)
+#: what to use instead of local SGD over an FSDP2-sharded model
+_FSDP2_ALTERNATIVES = (
+    "Local SGD needs each rank's whole model: build it without fully_shard for gaussk_local / diloco, or keep the "
+    "FSDP2 configure_model and use strategy='gaussk_fsdp' (GaussKFSDPStrategy: FSDP2 inside each node, TopK-SGD "
+    "between nodes)."
+)
 
 
 class GaussKLocalSGDStrategy(StrategyWiring, DDPStrategy):
@@ -54,8 +73,10 @@ class GaussKLocalSGDStrategy(StrategyWiring, DDPStrategy):
     See :class:`~lightning_gaussk.engine.local.driver.SparseLocalSGD` for the math.
 
     Raises:
+        TypeError: for an unknown keyword, naming it and listing what is allowed (its own
+            arguments and ``DistributedDataParallel``'s).
         ValueError / TypeError: for an invalid argument, naming it; at setup, for more than one
-            optimizer.
+            optimizer, or a ``configure_model`` that shards with FSDP2.
 
     Example::
 
@@ -95,7 +116,7 @@ class GaussKLocalSGDStrategy(StrategyWiring, DDPStrategy):
         **kwargs: Any,
     ) -> None:
         self._local_config = strategy_options(type(self), LocalSGDConfig, locals())  # validates
-        ddp_kwargs = ddp_arguments(type(self).__name__, kwargs, timeout=timeout, start_method=start_method)
+        ddp_kwargs = ddp_arguments(type(self), kwargs, timeout=timeout, start_method=start_method, hints=_PER_STEP_ONLY)
         super().__init__(
             accelerator=accelerator,
             parallel_devices=parallel_devices,
@@ -117,6 +138,15 @@ class GaussKLocalSGDStrategy(StrategyWiring, DDPStrategy):
     def local_config(self) -> LocalSGDConfig:
         """The outer loop's options, as given to the constructor (or by ``GAUSSK_*`` variables)."""
         return self._local_config
+
+    @override
+    @contextmanager
+    def model_sharded_context(self) -> Generator[None, None, None]:
+        """Around ``configure_model``: a module that shards itself with FSDP2 is refused
+        (:func:`~lightning_gaussk.frontends.wiring.refuse_fsdp2`; local SGD runs on DDP)."""
+        with refuse_fsdp2(type(self).__name__, self.lightning_module, alternatives=_FSDP2_ALTERNATIVES):
+            with super().model_sharded_context():
+                yield
 
     @override
     def configure_ddp(self) -> None:

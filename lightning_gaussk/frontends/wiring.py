@@ -6,6 +6,8 @@ differ only in the lifecycle methods that call it.
   :func:`strategy_options` does it for a strategy's spelled-out signature (LightningCLI reads
   it), :func:`options_doc` writes its ``Args:`` lines and :func:`check_signature` checks it
   against the declaration;
+- **keywords**: :func:`check_keywords` refuses, at construction, a keyword that neither the
+  strategy nor what it forwards ``**kwargs`` to takes (naming it and listing what is allowed);
 - **DDP arguments**: :func:`ddp_arguments` refuses a second comm hook and checks what DDP or the
   launcher would refuse late;
 - **the step and the loss scale** told to the hook: :func:`tell_step_and_scale`,
@@ -13,6 +15,8 @@ differ only in the lifecycle methods that call it.
 - **the checkpoint adapter** :class:`HookCheckpoint`: one rank's hook state (DDP, FSDP2 or local
   SGD) as :mod:`lightning_gaussk.checkpoint` writes and restores it, with the same-layout
   check of local SGD (:func:`check_same_layout`);
+- :func:`refuse_fsdp2`: a DDP-based strategy's refusal of a ``configure_model`` that shards with
+  FSDP2;
 - :class:`StrategyWiring`, the Lightning strategies' mixin: the deferred restore, the checkpoint
   hooks and the teardown.
 
@@ -33,10 +37,12 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import inspect
 import os
 import typing
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -59,9 +65,12 @@ __all__ = [
     "LoadedState",
     "StrategyWiring",
     "check_same_layout",
+    "check_keywords",
     "check_signature",
+    "foreign_options",
     "ddp_arguments",
     "options_doc",
+    "refuse_fsdp2",
     "resolve_options",
     "strategy_options",
     "tell_loss_scale",
@@ -183,16 +192,77 @@ def check_signature(init: Callable[..., Any], config_cls: type, *, left_out: Ite
     return problems
 
 
+# ------------------------------------------------------------------------------- keywords
+def _arguments(fn: Callable[..., Any], skip: Iterable[str] = ()) -> list[str]:
+    """The named parameters of ``fn`` (not ``self``, ``*args``, ``**kwargs`` or ``skip``), in order."""
+    leave = {"self", *skip}
+    params = inspect.signature(fn).parameters.values()
+    return [p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name not in leave]
+
+
+def check_keywords(
+    strategy_cls: type,
+    kwargs: Mapping[str, Any],
+    *,
+    forwarded_to: Callable[..., Any] | None = None,
+    forwarded_name: str = "",
+    hints: Mapping[str, str] | None = None,
+    note: str = "",
+) -> None:
+    """Refuse, at construction (not inside every worker after launch), a keyword argument that
+    neither ``strategy_cls.__init__`` nor what it forwards ``**kwargs`` to (``forwarded_to``, e.g.
+    ``DistributedDataParallel.__init__``; None: nothing) takes.
+
+    Args:
+        strategy_cls: the strategy whose ``__init__`` got ``kwargs``.
+        kwargs: its ``**kwargs``.
+        forwarded_to: the callable ``kwargs`` go on to (its ``self`` and ``module`` are not allowed).
+        forwarded_name: how to name it in the message.
+        hints: why a name is not allowed here, by name (an option of another engine).
+        note: a last sentence for the message.
+
+    Raises:
+        TypeError: naming the keyword, with the closest allowed name or the hint, and listing the
+            strategy's own arguments and those of ``forwarded_to``.
+    """
+    own = _arguments(strategy_cls.__init__)
+    further = [] if forwarded_to is None else sorted(set(_arguments(forwarded_to, ("module",))) - set(own))
+    for name in kwargs:
+        if name in own or name in further:
+            continue
+        close = difflib.get_close_matches(name, own + further, n=1)
+        why = (hints or {}).get(name) or (f"did you mean `{close[0]}`?" if close else "")
+        allowed = f"{strategy_cls.__name__}'s own arguments {own}" + (
+            f" and {forwarded_name}'s arguments {further}" if further else " (it forwards no further keywords)"
+        )
+        raise TypeError(
+            f"{strategy_cls.__name__} got an unexpected keyword argument `{name}`" + (f" ({why})" if why else "")
+            + f"; allowed: {allowed}" + (f". {note}" if note else "")
+        )
+
+
+def foreign_options(config_cls: type, *others: type, why: str) -> dict[str, str]:
+    """The options of the options dataclasses ``others`` that ``config_cls`` lacks, each with
+    ``why`` (the ``hints`` of :func:`check_keywords`: an option of another engine)."""
+    mine = set(_fields(config_cls))
+    return {name: why for other in others for name in _fields(other) if name not in mine}
+
+
 # ------------------------------------------------------------------------------- DDP arguments
-def ddp_arguments(owner: str, kwargs: Mapping[str, Any], *, timeout: Any, start_method: Any, **flags: Any) -> dict[str, Any]:
+def ddp_arguments(
+    strategy_cls: type, kwargs: Mapping[str, Any], *, timeout: Any, start_method: Any, hints: Mapping[str, str] | None = None,
+    **flags: Any,
+) -> dict[str, Any]:  # fmt: skip
     """The further ``DistributedDataParallel`` keywords of a DDP-based strategy, checked at
     construction (not inside the workers) for what DDP or the launcher would refuse late, or take
     silently as a truthy object: ``flags`` must be bools, ``timeout`` a ``timedelta`` or None,
-    ``start_method`` a launcher's, ``kwargs`` DDP's arguments and no second comm hook.
+    ``start_method`` a launcher's, ``kwargs`` DDP's arguments (:func:`check_keywords`, with
+    ``hints``) and no second comm hook.
 
     Raises:
         ValueError / TypeError: naming the argument.
     """
+    owner = strategy_cls.__name__
     for name in COMM_HOOK_ARGUMENTS:
         if kwargs.get(name) is not None:
             raise ValueError(f"{owner} registers its own comm hook; `{name}` would add a second one. Use DDPStrategy for other hooks.")
@@ -203,15 +273,45 @@ def ddp_arguments(owner: str, kwargs: Mapping[str, Any], *, timeout: Any, start_
         raise TypeError(f"`timeout` must be a datetime.timedelta or None, got {type(timeout).__name__} {timeout!r}")
     if start_method not in _START_METHODS:
         raise ValueError(f"`start_method` must be one of {_START_METHODS}, got {start_method!r}")
-    allowed = set(inspect.signature(DistributedDataParallel.__init__).parameters) - {"self", "module"}
-    for name in kwargs:
-        if name not in allowed and name not in COMM_HOOK_ARGUMENTS:
-            raise TypeError(
-                f"{owner} got `{name}` = {kwargs[name]!r}, which is not an argument of torch's DistributedDataParallel "
-                f"(this strategy is DDP with a comm hook: FSDP and DeepSpeed settings are not supported); extra arguments "
-                f"allowed: {sorted(allowed)}"
-            )
+    check_keywords(
+        strategy_cls,
+        {k: v for k, v in kwargs.items() if k not in COMM_HOOK_ARGUMENTS},
+        forwarded_to=DistributedDataParallel.__init__,
+        forwarded_name="torch's DistributedDataParallel",
+        hints=hints,
+        note="This strategy is DDP with a comm hook: FSDP and DeepSpeed settings are not supported.",
+    )
     return {k: v for k, v in kwargs.items() if k not in COMM_HOOK_ARGUMENTS}
+
+
+# ------------------------------------------------------------------------------- FSDP2 in a DDP strategy
+def _is_fsdp2(module: Any) -> bool:
+    return any(c.__name__ == "FSDPModule" for c in type(module).__mro__)  # what fully_shard makes a module
+
+
+@contextmanager
+def refuse_fsdp2(owner: str, module: Any, *, alternatives: str) -> Iterator[None]:
+    """Around a LightningModule's ``configure_model`` under a DDP-based strategy (its
+    ``model_sharded_context``): a module that shards itself with FSDP2 is refused, naming the
+    combination and ``alternatives``. DDP-based strategies have no device mesh: the usual
+    ``fully_shard(..., mesh=self.device_mesh["shard"])`` fails on ``None`` (that ``TypeError`` is
+    turned into this refusal, chained); a ``fully_shard`` without a mesh is found afterwards.
+
+    Raises:
+        ValueError: ``configure_model`` shards with FSDP2.
+    """
+    message = (
+        f"{owner} runs on DDP (every rank holds the whole model, no device mesh): a LightningModule whose configure_model "
+        f"shards it with FSDP2 (fully_shard) is not supported. {alternatives}"
+    )
+    try:
+        yield
+    except TypeError as err:
+        if getattr(module, "device_mesh", None) is None and "'NoneType'" in str(err):
+            raise ValueError(f"{message} (configure_model failed on the missing device mesh: {err})") from err
+        raise
+    if module is not None and any(_is_fsdp2(m) for m in module.modules()):
+        raise ValueError(message)
 
 
 # ------------------------------------------------------------------------------- step and loss scale

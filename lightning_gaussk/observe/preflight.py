@@ -18,7 +18,9 @@ It measures, on the real backend (NCCL with CUDA, gloo otherwise), in well under
 Rank 0 then prints the predicted communication (and host) time per step of the model's DDP buckets
 (:func:`ddp_bucket_groups`) for dense, flat and node mode with each exchange at densities 0.001,
 0.01 and 0.05 (:func:`predict_table`, costmodel functions only), and a recommendation
-(:func:`recommend`): ``GaussKConfig`` keyword arguments, or "stay dense" when nothing pays.
+(:func:`recommend`): keyword arguments of the strategy it names (:data:`RECOMMENDED_STRATEGY`,
+the per-step ``gaussk_ddp``: ``GaussKDDPStrategy(**recommended)``, or ``register_gaussk``), or
+"stay dense" when nothing pays.
 ``--json PATH`` writes all of it (see docs/preflight.md).
 
 ``measure_link`` is also what ``GaussKConfig(link_gbit="measure")`` runs at setup.
@@ -48,6 +50,7 @@ from lightning_gaussk.costs.probe import _groups, fit, median_seconds, time_coll
 
 __all__ = [
     "DENSITIES",
+    "RECOMMENDED_STRATEGY",
     "ddp_bucket_groups",
     "main",
     "measure_select",
@@ -62,6 +65,9 @@ DENSITIES = (0.001, 0.01, 0.05)
 EXCHANGE_ROWS = ("allgather", "allreduce", "auto")
 PARAMS_PER_TENSOR = 2**20  # --params N is modelled as tensors of this many entries (layers), and the rest
 MARGIN = 1.1  # sparse must be predicted at least this much faster than dense to be recommended
+#: the registered strategy the recommendation is for: it takes every key of it (per-step options
+#: of ``GaussKConfig``; local SGD and FSDP2 refuse ``link_gbit`` / ``hierarchy``)
+RECOMMENDED_STRATEGY = "gaussk_ddp"
 
 
 # ------------------------------------------------------------------------------------- buckets
@@ -205,7 +211,8 @@ def nominal_gbit(link: costmodel.Link) -> float:
 
 
 def recommend(table: Sequence[dict[str, Any]], link: costmodel.Link | None, margin: float = MARGIN) -> tuple[dict[str, Any] | None, str]:
-    """``(GaussKConfig keyword arguments, why)``, or ``(None, why)`` to stay dense.
+    """``(keyword arguments, why)``, or ``(None, why)`` to stay dense. The keyword arguments are
+    ``GaussKConfig`` options that :data:`RECOMMENDED_STRATEGY` (``gaussk_ddp``) takes, every one.
 
     The densest of the table's densities at which some sparse row is predicted at least
     ``margin`` times faster than the fastest dense row (DDP's all-reduce, or node mode's
@@ -388,6 +395,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "densities": list(DENSITIES),
             "table": table,
             "recommended": rec,
+            "recommended_strategy": RECOMMENDED_STRATEGY if rec else None,
             "verdict": "sparse" if rec else "dense",
             "reason": why,
             "elapsed_s": round(time.perf_counter() - t_start, 2),
@@ -430,7 +438,8 @@ def print_report(r: dict[str, Any]) -> None:
     rec = r["recommended"]
     if rec:
         kw = ", ".join(f"{k}={v!r}" for k, v in rec.items())
-        print(f"Recommendation: {kw}\n  ({r['reason']})")
+        print(f"Recommendation: {kw}\n  (for strategy={r['recommended_strategy']!r}: GaussKDDPStrategy(**recommended); "
+              f"{r['reason']})")  # fmt: skip
     else:
         print(f"Recommendation: stay dense ({r['reason']})")
     print(f"(pre-flight took {r['elapsed_s']:.1f} s)")

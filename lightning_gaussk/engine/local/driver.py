@@ -59,11 +59,12 @@ from lightning_gaussk.config import LocalSGDConfig
 from lightning_gaussk.costs import model as costmodel
 from lightning_gaussk.engine.commit import agreed, commit
 from lightning_gaussk.engine.counters import LOCAL_SGD_COUNTERS
+from lightning_gaussk.engine.describe import local_startup_line
 from lightning_gaussk.engine.local.exchange import OuterExchange
 from lightning_gaussk.engine.local.fragment import Fragment
 from lightning_gaussk.engine.local.outer import OuterNesterov, OuterOptimizer, OuterSGD
 from lightning_gaussk.engine.local.schedule import SyncSchedule
-from lightning_gaussk.utils.log import rank_zero_warn
+from lightning_gaussk.utils.log import rank_zero_info, rank_zero_warn
 
 __all__ = ["LOCAL_SGD_FORMAT", "SparseLocalSGD", "make_outer"]
 
@@ -83,7 +84,10 @@ class SparseLocalSGD:
 
     The user's loop does not change: the outer step runs from a post-step hook of the optimizer
     (``optimizer.register_step_post_hook``) after every ``sync_every``-th ``optimizer.step()``.
-    Construction broadcasts rank 0's parameters (every rank starts from the same ``theta``).
+    Construction broadcasts rank 0's parameters (every rank starts from the same ``theta``) and
+    logs, on rank 0, what the outer step will do and send
+    (:func:`~lightning_gaussk.engine.describe.local_startup_line`); with one rank (no process
+    group, or a group of one) it warns that nothing is exchanged.
 
     Args:
         model: the plain module (not wrapped in DDP); its trainable parameters are averaged.
@@ -173,6 +177,25 @@ class SparseLocalSGD:
         self._pending_local: dict[str, Any] | None = None
         self._broadcast_start()
         self._handle = optimizer.register_step_post_hook(self._after_step)
+        self._announce()
+
+    def _announce(self) -> None:
+        """The startup line on rank 0; with one rank, the warning that nothing is exchanged."""
+        sizes = self.fragments[0].sizes
+        rank_zero_info(
+            local_startup_line(
+                self.config, self.layout, d=self.d, d_local=sum(f.d_local for f in self.fragments), k=self.k,
+                chunk=sizes.chunk if self.config.outer == "sparse" else None, sparse=self.sparse or self.world_size == 1,
+                outer_bytes=self.outer_bytes, dense_bytes=self.dense_bytes_per_step,
+            )
+        )  # fmt: skip
+        if self.world_size == 1:
+            rank_zero_warn(
+                "SparseLocalSGD: one rank (no process group, or a group of one): nothing is exchanged; every outer step "
+                "applies this rank's own pseudo-gradient (bytes_wire stays 0). Run it on several processes to average "
+                "the models.",
+                stacklevel=3,
+            )
 
     def _broadcast_start(self) -> None:
         """theta := rank 0's parameters, on every rank (as DDP does at construction)."""
@@ -248,6 +271,12 @@ class SparseLocalSGD:
     def outer_wire_bytes(self) -> int:
         """Bytes this rank puts on the wire per outer step (ring algorithms; node mode: between nodes)."""
         return sum(x.wire_bytes for x in self.exchanges)
+
+    @property
+    def dense_bytes_per_step(self) -> int:
+        """Bytes of the gradients dense DDP would all-reduce per optimizer step (every trainable
+        parameter, in its dtype): the reference :attr:`bytes_per_inner_step` saves against."""
+        return sum(p.numel() * p.element_size() for _, p in self.named)
 
     @property
     def bytes_per_inner_step(self) -> float:
