@@ -26,6 +26,7 @@ from typing import Any, Literal, TypeVar
 __all__ = [
     "ENV_PREFIX",
     "Check",
+    "boolean",
     "check_fields",
     "env_values",
     "from_dict",
@@ -68,6 +69,16 @@ def integer(low: int | None = None) -> Check:
             raise TypeError(f"`{name}` must be {shown}, got {type(value).__name__} {value!r}")
         if low is not None and value < low:
             raise ValueError(f"`{name}` must be {shown}, got {value!r}")
+
+    return check
+
+
+def boolean() -> Check:
+    """A ``bool`` (``0`` / ``1`` refused: a flag is spelled True or False)."""
+
+    def check(name: str, value: Any) -> None:
+        if not isinstance(value, bool):
+            raise TypeError(f"`{name}` must be a bool (True or False), got {type(value).__name__} {value!r}")
 
     return check
 

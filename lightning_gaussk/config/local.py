@@ -24,6 +24,7 @@ from lightning_gaussk.comm.registry import available_exchanges
 from lightning_gaussk.config import declare
 from lightning_gaussk.config.declare import (
     ENV_PREFIX,
+    boolean,
     in_range,
     integer,
     one_of,
@@ -97,9 +98,28 @@ class LocalSGDConfig:
         None, "ranks per node L for node mode (None: from the launcher); must divide the world size", optional(integer(1))
     )
     seed: int = option(0, "seed of randomised selectors", integer())
+    overlap_steps: int = option(
+        0, "tau, inner steps an outer exchange runs in the background before its update is applied (0: the blocking "
+        "outer step); in [0, sync_every)", integer(0),
+    )  # fmt: skip
+    fragments: int = option(
+        1, "F, parameter groups split at module boundaries (balanced by size), each syncing at its own offset in the "
+        "window (streaming); in [1, sync_every]", integer(1),
+    )  # fmt: skip
+    end_on_theta: bool = option(
+        True, "at the end of a fit (Lightning, Accelerate's end_training), a last outer step over the partial window so "
+        "every rank ends on theta; False: each rank keeps its local model", boolean(),
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         declare.check_fields(self)
+        if self.overlap_steps >= self.sync_every:
+            raise ValueError(
+                f"`overlap_steps` must be < sync_every={self.sync_every} (an exchange lands before its fragment's next "
+                f"outer step), got {self.overlap_steps!r}"
+            )
+        if self.fragments > self.sync_every:
+            raise ValueError(f"`fragments` must be <= sync_every={self.sync_every} (one offset each), got {self.fragments!r}")
         if self.quantize is not None:
             if self.chunk is None or self.chunk > MAX_CHUNK:
                 raise ValueError(f"`quantize` needs `chunk` in [1, {MAX_CHUNK}] (one scale per chunk), got chunk={self.chunk!r}")

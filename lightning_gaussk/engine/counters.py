@@ -40,6 +40,9 @@ COUNTER_DOCS: dict[str, str] = {
     "skipped_outer_steps": "outer steps skipped on every rank: a rank's pseudo-gradient was non-finite",
     "dense_outer_steps": "outer steps sent dense (outer='dense', or the byte rule)",
     "outer_ns": "host wall time in outer steps",
+    "outer_exposed_ns": "host wall time waiting for outer exchanges to complete (their landings)",
+    "outer_hidden_ns": "outer exchanges' time behind inner steps, launch to completion (overlap_steps > 0; "
+    "completion seen at the next optimizer step)",
 }
 
 #: counters of the per-step hook (:attr:`GaussKState.telemetry <lightning_gaussk.engine.state.GaussKState>`)
@@ -73,6 +76,8 @@ LOCAL_SGD_COUNTERS = (
     "bytes_intra",
     "entries_sent",
     "outer_ns",
+    "outer_exposed_ns",
+    "outer_hidden_ns",
 )
 
 

@@ -30,7 +30,7 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.strategies.strategy import _StrategyRegistry
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_gaussk.checkpoint.files import shard_dir
@@ -105,6 +105,9 @@ class GaussKLocalSGDStrategy(StrategyWiring, DDPStrategy):
         hierarchy: Literal["auto", "flat", "node"] = "auto",
         ranks_per_node: Optional[int] = None,
         seed: int = 0,
+        overlap_steps: int = 0,
+        fragments: int = 1,
+        end_on_theta: bool = True,
         accelerator: Any = None,
         parallel_devices: Optional[list[torch.device]] = None,
         cluster_environment: Optional[ClusterEnvironment] = None,
@@ -172,14 +175,24 @@ class GaussKLocalSGDStrategy(StrategyWiring, DDPStrategy):
 
     @override
     def on_train_end(self) -> None:
+        """End on theta (``end_on_theta``, the default): a last outer step over a partial window,
+        on every rank (:meth:`SparseLocalSGD.finish`); otherwise a warning when ranks differ."""
         super().on_train_end()
         local = self._gaussk_state
-        if local is not None and local.window_position != 0:
+        if local is None:
+            return
+        position = local.window_position
+        if local.finish():
+            rank_zero_info(
+                f"GaussKLocalSGDStrategy: the fit ended {position} optimizer steps into a window of sync_every="
+                f"{local.sync_every}; a last outer step ran, so every rank ends on theta (end_on_theta=True)."
+            )
+        elif not local.on_theta:
             rank_zero_warn(
-                f"GaussKLocalSGDStrategy: the fit ended {local.window_position} optimizer steps into a window of "
-                f"sync_every={local.sync_every}: every rank holds its own local model, and the model Lightning returns "
-                "or saves from here is rank 0's. End on theta with max_steps a multiple of sync_every, or call "
-                "trainer.strategy.local_sgd.outer_step() on every rank."
+                f"GaussKLocalSGDStrategy: the fit ended {position} optimizer steps into a window of "
+                f"sync_every={local.sync_every} with end_on_theta=False: every rank holds its own local model, and the "
+                "model Lightning returns or saves from here is rank 0's. Pass end_on_theta=True (GAUSSK_END_ON_THETA=1) "
+                "to end on theta, or make max_steps a multiple of sync_every."
             )
 
     @override

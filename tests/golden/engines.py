@@ -4,7 +4,8 @@
 a change of numbers is intended and said in the CHANGELOG); ``tests/test_golden.py`` runs the same
 cases and asserts that parameters, theta, error feedback and residuals equal the files bit for bit.
 
-Local SGD (``SparseLocalSGD``, ``sync_every=3``, ``STEPS_LOCAL = 10`` AdamW steps, so three outer
+Local SGD (``SparseLocalSGD``, ``sync_every=3``, the other options pinned in ``LOCAL_PINNED``
+(``overlap_steps=0, fragments=1``: the blocking outer step), ``STEPS_LOCAL = 10`` AdamW steps, so three outer
 steps and a run that ends one step into a window): the chunk-wise all-gather, the whole-tensor
 selection by a selector, 2-bit values, DiLoCo's dense step, node mode 2 x 2, and the bounded
 all-reduce. FSDP2 (``register_gaussk_fsdp`` on a 2 x 2 mesh ``("replicate", "shard")``, five SGD
@@ -36,6 +37,12 @@ FSDP_CASES: list[tuple[str, dict[str, Any]]] = [
     ("allgather", {"density": 0.2, "selector": "gaussk"}),
     ("allreduce", {"density": 0.2, "selector": "topk", "exchange": "allreduce"}),
 ]
+#: the options the local SGD files were recorded with, pinned: a change of a default (or a new option:
+#: ``overlap_steps=0, fragments=1`` is the blocking outer step) must not change the golden runs
+LOCAL_PINNED: dict[str, Any] = {
+    "sync_every": 3, "density": 0.02, "outer_lr": 1.0, "ef_decay": 0.95, "chunk": 4096, "quantize": None,
+    "overlap_steps": 0, "fragments": 1,
+}  # fmt: skip
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -63,7 +70,7 @@ def run_local(rank: int, options: dict[str, Any]) -> dict[str, Any]:
     torch.manual_seed(rank)  # different starts: the construction's broadcast must make them one
     net = Net()
     opt = torch.optim.AdamW(net.parameters(), lr=0.01)
-    local = SparseLocalSGD(net, opt, sync_every=3, **options)
+    local = SparseLocalSGD(net, opt, **{**LOCAL_PINNED, **options})
     for step in range(STEPS_LOCAL):
         net(_batch(step, rank)).pow(2).mean().backward()
         opt.step()

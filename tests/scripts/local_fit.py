@@ -4,7 +4,8 @@ popen launcher: run as a subprocess; the launcher re-runs ``sys.argv``).
 Two fits in the same processes: ``ref`` (8 optimizer steps of 2 accumulated micro-batches,
 sync_every=3, 2-bit values, a checkpoint every 4 optimizer steps, ``GaussKTelemetry`` logging) and ``resumed`` (from the
 checkpoint of step 4, in the middle of a window, to step 8). Every rank writes what it saw to
-``--out/<name>/rank{r}.pt``. Batches are a function of (optimizer step, micro-batch, rank).
+``--out/<name>/rank{r}.pt`` (at the module's ``on_train_end``, before the strategy's last outer
+step) and ``--out/<name>/final_rank{r}.pt`` (after ``fit``). Batches are a function of (optimizer step, micro-batch, rank).
 """
 
 import argparse
@@ -86,6 +87,10 @@ def fit(out: str, ckpt_dir: str, resume: str | None) -> L.Trainer:
     )  # fmt: skip
     data = torch.utils.data.DataLoader(torch.zeros(1 << 10, 1), batch_size=1)
     trainer.fit(Net(out), data, ckpt_path=resume)
+    # after fit: the strategy's last outer step (end_on_theta, the default) has run on every rank
+    final = {"params": flat(trainer.lightning_module).clone(), "on_theta": strategy.local_sgd.on_theta,
+             "outer_steps": strategy.local_sgd.telemetry["outer_steps"], "position": strategy.local_sgd.window_position}  # fmt: skip
+    torch.save(final, os.path.join(out, f"final_rank{trainer.global_rank}.pt"))
     return trainer
 
 

@@ -21,8 +21,21 @@ local. Per outer step ``t``, with ``theta_r`` rank ``r``'s parameters and ``P`` 
 With ``H = 1``, ``density = 1``, ``alpha = 1``, ``beta = 0`` and SGD inside, ``Delta_r = lr g_r``
 and ``theta - mean(Delta) = theta - lr mean(g)``: data-parallel SGD (what the tests check).
 
+Streaming and overlap (Streaming DiLoCo, Douillard et al. 2025; eager updates, Kale et al. 2025):
+``fragments = F`` cuts the model at module boundaries into ``F`` fragments balanced by size, and
+fragment ``f`` syncs at its own offset ``(f H) // F`` of the window, so each sync moves about
+``1/F`` of the model; ``theta``, ``e`` and the outer momentum are kept per fragment.
+``overlap_steps = tau`` launches a fragment's exchange at its sync point and lands the update
+``tau`` optimizer steps later, keeping each rank's progress since the launch
+(:mod:`lightning_gaussk.engine.local.landing` has the math)::
+
+    launch (t0)     snapshot_r = x_r(t0);  the sparse step above up to the exchange, issued, not waited
+    land (t0+tau)   wait; commit e_r and theta';  x_r := theta' + (x_r(t0 + tau) - snapshot_r)
+
+``tau = 0, F = 1`` is the blocking outer step, bit for bit.
+
 The driver runs the parts of :mod:`lightning_gaussk.engine.local`: the schedule (when), the
-fragments (what; today one, the whole model), the outer optimizer and the outer exchange (how),
+fragments (what), the outer optimizer and the outer exchange (how), the landing (overlap),
 and the per-step engine's commit and non-finite skip (:mod:`lightning_gaussk.engine.commit`):
 ``k`` from :func:`~lightning_gaussk.config.bucket_k`; chunk-wise exact top-k
 (:class:`~lightning_gaussk.selection.chunkwise.ChunkwiseTopK`) or the registered selectors; the
@@ -33,7 +46,8 @@ mode (the pseudo-gradient summed inside each node, each rank keeping the error f
 
 Collectives: the outer step issues the same collectives in the same order on every rank (node
 mode: reduce-scatter, exchange, all-gather); every size is fixed by ``(k, d, P)`` at
-construction. Buffers are allocated once. One scalar pair is read from the device per outer step:
+construction. Buffers are allocated once. One scalar pair is read from the device per outer step
+(at its landing: the only point where a rank waits on the host for the exchange):
 this rank's flag and the sum of every rank's (each message carries its rank's), the latter the
 same on every rank. Non-finite anywhere skips the outer step on every rank (``theta``, ``e`` and
 the momentum kept, every rank back on ``theta``, the diverged rank's inner optimizer state reset).
@@ -61,7 +75,8 @@ from lightning_gaussk.engine.commit import agreed, commit
 from lightning_gaussk.engine.counters import LOCAL_SGD_COUNTERS
 from lightning_gaussk.engine.describe import local_startup_line
 from lightning_gaussk.engine.local.exchange import OuterExchange
-from lightning_gaussk.engine.local.fragment import Fragment
+from lightning_gaussk.engine.local.fragment import Fragment, split_fragments
+from lightning_gaussk.engine.local.landing import InFlight
 from lightning_gaussk.engine.local.outer import OuterNesterov, OuterOptimizer, OuterSGD
 from lightning_gaussk.engine.local.schedule import SyncSchedule
 from lightning_gaussk.utils.log import rank_zero_info, rank_zero_warn
@@ -113,6 +128,12 @@ class SparseLocalSGD:
         process_group: the group to average over (None: the world; flat mode only).
         launcher_ranks_per_node: ranks per node as the launcher says (node mode under
             ``hierarchy="auto"``; None reads torchrun's ``LOCAL_WORLD_SIZE``).
+        overlap_steps: ``tau``, optimizer steps an exchange runs in the background before its
+            update lands (0: the blocking outer step), in ``[0, sync_every)``.
+        fragments: ``F``, fragments syncing at their own offsets in the window (streaming), cut at
+            module boundaries and balanced by size, in ``[1, sync_every]``.
+        end_on_theta: what :meth:`finish` does at the end of training: a last outer step over the
+            partial window (True), or only land the exchanges in flight (False).
         config: the options as a :class:`~lightning_gaussk.config.LocalSGDConfig`; option
             keywords that differ from their defaults are applied on top of it.
 
@@ -128,6 +149,7 @@ class SparseLocalSGD:
             loss_fn(model(x), y).backward()
             opt.step()                            # every 16th step also runs the outer step
             opt.zero_grad()
+        local.finish()                            # every rank ends on theta
         print(local.bytes_per_inner_step)
     """
 
@@ -152,6 +174,9 @@ class SparseLocalSGD:
         process_group: Any = None,
         seed: int = 0,
         launcher_ranks_per_node: int | None = None,
+        overlap_steps: int = 0,
+        fragments: int = 1,
+        end_on_theta: bool = True,
         config: LocalSGDConfig | None = None,
     ) -> None:
         _check_modules(model, optimizer)
@@ -159,7 +184,8 @@ class SparseLocalSGD:
             "sync_every": sync_every, "density": density, "outer_lr": outer_lr, "ef_decay": ef_decay, "outer": outer,
             "chunk": chunk, "quantize": quantize, "selector": selector, "exchange": exchange,
             "dense_fallback": dense_fallback, "outer_momentum": outer_momentum, "hierarchy": hierarchy,
-            "ranks_per_node": ranks_per_node, "seed": seed,
+            "ranks_per_node": ranks_per_node, "seed": seed, "overlap_steps": overlap_steps, "fragments": fragments,
+            "end_on_theta": end_on_theta,
         }  # fmt: skip
         self.config = cfg = _build_config(config, given)
         self.model, self.optimizer, self.process_group = model, optimizer, process_group
@@ -167,12 +193,16 @@ class SparseLocalSGD:
         self.topology = _layout_topology(cfg, process_group, launcher_ranks_per_node)
         self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         # the parts: when (schedule), what (fragments, each with its outer optimizer), how (exchange)
-        self.schedule = SyncSchedule(cfg.sync_every)
-        self.fragments = [Fragment(self.named, self.topology, cfg)]
+        self.schedule = SyncSchedule(cfg.sync_every, cfg.fragments)
+        parts = split_fragments(self.named, cfg.fragments)
+        self.fragments = [Fragment(named, self.topology, cfg, index=i) for i, named in enumerate(parts)]
         for frag in self.fragments:
             frag.outer = make_outer(cfg, frag.d, frag.theta.device)
         self.exchanges = [OuterExchange(cfg, self.topology, frag) for frag in self.fragments]
         self.inner_step = 0  # optimizer steps so far
+        self.window_start = 0  # the step the schedule counts from (a manual outer step restarts the window)
+        self._on_theta_at = 0  # the last step after which every rank held theta
+        self._inflight: dict[int, InFlight] = {}  # by fragment, in launch order
         self.telemetry: dict[str, int] = dict.fromkeys(LOCAL_SGD_COUNTERS, 0)
         self._pending_local: dict[str, Any] | None = None
         self._broadcast_start()
@@ -237,9 +267,27 @@ class SparseLocalSGD:
         return all(x.sparse for x in self.exchanges)
 
     @property
+    def overlap_steps(self) -> int:
+        """``tau``, optimizer steps between an exchange's launch and its landing (0: blocking)."""
+        return self.config.overlap_steps
+
+    @property
     def window_position(self) -> int:
-        """Optimizer steps taken in the current ``H``-step window (0 right after an outer step)."""
-        return self.schedule.position(self.inner_step)
+        """Optimizer steps taken in the current ``H``-step window (0 right after fragment 0's outer
+        step, or a manual :meth:`outer_step`)."""
+        return self.schedule.position(self.inner_step - self.window_start)
+
+    @property
+    def on_theta(self) -> bool:
+        """Whether every rank holds ``theta`` now: no exchange in flight, and every fragment synced
+        after the last optimizer step (right after construction, a manual :meth:`outer_step`, or,
+        with one fragment and no overlap, its outer step)."""
+        return not self._inflight and self._on_theta_at == self.inner_step
+
+    @property
+    def in_flight(self) -> int:
+        """Fragments whose exchange has been launched and has not landed."""
+        return len(self._inflight)
 
     def global_params(self) -> Tensor:
         """``theta`` (fp32, the parameters concatenated in model order): a copy."""
@@ -304,32 +352,67 @@ class SparseLocalSGD:
     def _after_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         self.inner_step += 1
         self.telemetry["inner_steps"] += 1
-        due = self.schedule.due(self.inner_step)
-        if due:
-            self._sync_timed(due)
+        landing: list[int] = []
+        for x in self._inflight.values():
+            if x.land_at == self.inner_step:
+                landing.append(x.index)
+            else:
+                x.observe()  # telemetry: when the exchange completed, without waiting
+        due = self.schedule.due(self.inner_step - self.window_start)
+        if due or landing:
+            self._step_timed(due, landing)
 
     def remove(self) -> None:
         """Unhook from the optimizer (the model keeps its current parameters)."""
         self._handle.remove()
 
     def outer_step(self) -> None:
-        """One outer step now, of every fragment (the hook runs one after every ``sync_every``
-        optimizer steps; a collective: every rank calls it alike). See :meth:`sync`."""
-        self._sync_timed(range(len(self.fragments)))
-
-    def _sync_timed(self, fragments: Sequence[int]) -> None:
+        """One outer step now, of every fragment, blocking (a collective: every rank calls it alike):
+        the exchanges in flight land first, then every fragment syncs (:meth:`sync`). Afterwards
+        every rank holds ``theta`` and a new window starts (``window_position`` is 0)."""
         t0 = time.perf_counter_ns()
-        for f in fragments:
+        for index in list(self._inflight):
+            self._land(index)
+        for f in range(len(self.fragments)):
             self.sync(f)
         self.telemetry["outer_steps"] += 1
         self.telemetry["outer_ns"] += time.perf_counter_ns() - t0
+        self.window_start = self._on_theta_at = self.inner_step
+
+    def finish(self) -> bool:
+        """End of training (a collective): with ``end_on_theta`` (the default) and a rank off
+        ``theta``, a last :meth:`outer_step` over the partial window, so every rank ends on
+        ``theta``; otherwise only the exchanges in flight land. Returns whether an outer step ran."""
+        if self.config.end_on_theta and not self.on_theta:
+            self.outer_step()
+            return True
+        for index in list(self._inflight):
+            self._land(index)
+        return False
+
+    def _step_timed(self, due: Sequence[int], landing: Sequence[int]) -> None:
+        """After an optimizer step: the updates due land, then the fragments due sync (blocking),
+        or launch (``overlap_steps > 0``)."""
+        t0 = time.perf_counter_ns()
+        for index in landing:
+            self._land(index)
+        for f in due:
+            if self.overlap_steps:
+                self._inflight[f] = self._launch(f, overlapped=True)
+            else:
+                self.sync(f)
+        if due:
+            self.telemetry["outer_steps"] += 1
+            if not self.overlap_steps and len(due) == len(self.fragments):
+                self._on_theta_at = self.inner_step
+        self.telemetry["outer_ns"] += time.perf_counter_ns() - t0
 
     def sync(self, index: int) -> None:
-        """The outer step of fragment ``index`` (a collective; every rank calls it alike).
+        """The outer step of fragment ``index``, blocking (a collective; every rank calls it alike).
 
         1. prepare: the pseudo-gradient ``Delta = theta - theta_r`` and this rank's flag (0, or
            NaN if ``Delta`` is non-finite); node mode: summed in the node, this rank's shard;
-           sparse: ``u = beta e + Delta``
+           sparse: ``u = beta e + Delta``; overlapped: the parameters kept as the snapshot
         2. launch: select ``k`` of ``u`` and issue the exchange (dense: the all-reduce of ``Delta``)
         3. finish: wait and decode the update; node mode: all-gather of the shards' updates and flags
         4. agree: the flags of every rank, summed, read once on the host with this rank's own
@@ -338,15 +421,35 @@ class SparseLocalSGD:
            skipped on every rank (``theta``, ``e`` and the outer momentum stay as they were), and
            a rank whose own ``Delta`` was non-finite resets its inner optimizer's state (counted in
            ``skipped_outer_steps``, with a warning)
-        6. apply: every rank copies ``theta`` into its model
+        6. apply: every rank copies ``theta`` into its model; overlapped (steps 3-6 ``tau``
+           optimizer steps after 1-2): ``theta`` plus this rank's progress since the snapshot
+
+        Steps 1-2 are :meth:`_launch`, 3-5 :meth:`_finish` and 6 :meth:`_apply`.
         """
+        x = self._launch(index, overlapped=False)
+        self._finish(x)
+        self._apply(x, overlapped=False)
+
+    def _launch(self, index: int, overlapped: bool) -> InFlight:
+        """Steps 1-2 of :meth:`sync`."""
         frag, way, tel = self.fragments[index], self.exchanges[index], self.telemetry
         # Step 1: prepare
-        local = way.enter(frag, frag.pseudo_gradient())
+        local = way.enter(frag, frag.pseudo_gradient(snapshot=overlapped))
         if frag.e is not None:
             frag.accumulate(local, self.config.ef_decay)
         # Step 2: launch
         pending = way.launch(frag, local, step=tel["outer_steps"])
+        land_at = self.inner_step + (self.overlap_steps if overlapped else 0)
+        return InFlight(index, land_at, tel["outer_steps"] + 1, pending, overlapped, launched_ns=time.perf_counter_ns())
+
+    def _finish(self, x: InFlight) -> None:
+        """Steps 3-5 of :meth:`sync` (the landing's effects on the model and the inner optimizer
+        wait for :meth:`_apply`); nothing if already finished (early, by a checkpoint)."""
+        if x.pending is None:
+            return
+        frag, way, tel, pending = self.fragments[x.index], self.exchanges[x.index], self.telemetry, x.pending
+        t0 = time.perf_counter_ns()
+        x.observe()
         # Step 3: finish
         delivery = way.finish(pending)
         tel["entries_sent"] += pending.entries
@@ -359,9 +462,28 @@ class SparseLocalSGD:
         if ok:
             self._commit(frag, way, pending.selection, delivery)
         else:
-            self._skip(frag, own_ok)
-        # Step 6: theta into every rank's model
-        frag.scatter_params(frag.theta)
+            frag.last = (None, None, None)
+        x.own_ok, x.ok, x.pending = bool(own_ok), bool(ok), None
+        now = time.perf_counter_ns()
+        tel["outer_exposed_ns"] += now - t0
+        if x.overlapped:  # the exchange's time before the wait was hidden behind inner steps
+            tel["outer_hidden_ns"] += x.hidden_ns(t0)
+
+    def _apply(self, x: InFlight, overlapped: bool) -> None:
+        """Step 6 of :meth:`sync`, and the skip's effects on this rank."""
+        frag = self.fragments[x.index]
+        if not x.ok:
+            self._skip(x)
+        if overlapped and x.own_ok:
+            frag.keep_progress()
+        else:
+            frag.scatter_params(frag.theta)
+
+    def _land(self, index: int) -> None:
+        """Fragment ``index``'s overlapped update lands now (steps 3-6)."""
+        x = self._inflight.pop(index)
+        self._finish(x)
+        self._apply(x, overlapped=True)
 
     def _commit(self, frag: Fragment, way: OuterExchange, sel: Selection | None, delivery: Delivery) -> None:
         """Step 5, every rank finite: the error feedback keeps what was not sent, ``theta`` moves."""
@@ -374,19 +496,18 @@ class SparseLocalSGD:
             self.telemetry["dense_outer_steps"] += 1
         frag.outer.step(frag.theta, frag.delta)
 
-    def _skip(self, frag: Fragment, own_finite: bool) -> None:
+    def _skip(self, x: InFlight) -> None:
         """Step 5, a non-finite pseudo-gradient somewhere: nothing of this step is kept."""
-        frag.last = (None, None, None)
         self.telemetry["skipped_outer_steps"] += 1
-        t = self.telemetry["outer_steps"] + 1
-        if not own_finite:
+        t = x.number
+        if not x.own_ok:
             self.optimizer.state.clear()  # its moments may be non-finite: it starts afresh from theta
             warnings.warn(  # stacklevel: the caller of optimizer.step()
                 f"SparseLocalSGD: rank {self.layout.rank}'s pseudo-gradient is non-finite at outer step {t}: the outer "
-                "step is skipped on every rank (theta, error feedback and outer momentum unchanged), every rank restarts "
-                "from theta, and this rank's inner optimizer state was reset.",
+                "step is skipped on every rank (theta, error feedback and outer momentum unchanged), this rank restarts "
+                "from theta, and its inner optimizer state was reset.",
                 RuntimeWarning,
-                stacklevel=6,
+                stacklevel=7,
             )
         else:
             rank_zero_warn(f"SparseLocalSGD: outer step {t} skipped on every rank: another rank's pseudo-gradient is non-finite.", RuntimeWarning)
@@ -410,22 +531,31 @@ class SparseLocalSGD:
     def state_dict(self, *, shared: bool = True, local: bool = True) -> dict[str, Any]:
         """What resumes the outer loop exactly (plain values and CPU tensors, ``weights_only``-safe).
 
-        - always: the format, the layout, the configuration, ``inner_step`` (so a resume in the
-          middle of a window continues it), the telemetry and this rank's error-feedback
-          buffer ``"residuals"`` (per parameter name; node mode: this rank's chunk);
+        - always: the format, the layout, the configuration, ``inner_step`` and ``window_start``
+          (so a resume in the middle of a window continues it), the telemetry, this rank's
+          error-feedback buffer ``"residuals"`` (per parameter name; node mode: this rank's
+          chunk) and the landings still owed (``"in_flight"``: each with this rank's snapshot);
         - ``shared``: ``"global"`` (``theta``) and ``"momentum"`` (DiLoCo), the same on every rank;
         - ``local``: this rank's ``"local"`` parameters and inner ``"optimizer"`` state (they
           differ between ranks inside a window).
 
-        Save it on every rank (one file per rank); load it with :meth:`load_state_dict`."""
+        With exchanges in flight it is a collective: it waits for them (their ``theta`` and ``e``
+        committed) and records their landings, which a resume applies at the same step as the
+        uninterrupted run. Save it on every rank (one file per rank); load it with
+        :meth:`load_state_dict`."""
         cpu = lambda t: t.detach().to("cpu", copy=True)
+        for x in self._inflight.values():
+            self._finish(x)
         sd: dict[str, Any] = {
             "format": LOCAL_SGD_FORMAT,
             "layout": self.layout.to_dict(),
             "config": self._saved_config(),
             "inner_step": self.inner_step,
+            "window_start": self.window_start,
+            "on_theta_at": self._on_theta_at,
             "telemetry": dict(self.telemetry),
             "residuals": {n: cpu(t) for n, t in self._per_name("residuals").items()},
+            "in_flight": [self._saved_landing(x) for x in self._inflight.values()],
         }
         if shared:
             sd["global"] = {n: cpu(t) for n, t in self._per_name("global").items()}
@@ -436,12 +566,19 @@ class SparseLocalSGD:
             sd["optimizer"] = self.optimizer.state_dict()
         return sd
 
+    def _saved_landing(self, x: InFlight) -> dict[str, Any]:
+        frag = self.fragments[x.index]
+        assert frag.snapshot is not None
+        snapshot = {n: t.detach().to("cpu", copy=True) for n, t in frag.per_name(frag.snapshot, local_layout=False).items()}
+        return {**x.to_state(), "snapshot": snapshot}
+
     def _saved_config(self) -> dict[str, Any]:
         """The settings a resume must match (``chunk``: the effective chunk of a sparse step)."""
         cfg, sizes = self.config, self.fragments[0].sizes
         return {
             "sync_every": cfg.sync_every, "density": cfg.density, "outer": cfg.outer, "chunk": sizes.chunk,
-            "quantize": cfg.quantize, "exchange": cfg.exchange, "d": self.d,
+            "quantize": cfg.quantize, "exchange": cfg.exchange, "d": self.d, "fragments": cfg.fragments,
+            "overlap_steps": cfg.overlap_steps,
         }  # fmt: skip
 
     def load_state_dict(self, state_dict: Mapping[str, Any], *, defer_local: bool = False) -> None:
@@ -460,11 +597,23 @@ class SparseLocalSGD:
                 saved = {key: state_dict[key] for key in f.outer.state_dict() if key in state_dict}
                 f.outer.load_state_dict({key: torch.cat([per[n].reshape(-1) for n, _ in f.named]) for key, per in saved.items()})
         self.inner_step = int(state_dict["inner_step"])
+        self.window_start = int(state_dict.get("window_start", 0))
+        self._on_theta_at = int(state_dict.get("on_theta_at", self.inner_step if self.window_position == 0 else -1))
+        self._inflight = {}
+        for saved in state_dict.get("in_flight", []):
+            x = InFlight.from_state(saved)
+            frag = self.fragments[x.index]
+            assert frag.snapshot is not None
+            with torch.no_grad():
+                for name, t in frag.per_name(frag.snapshot, local_layout=False).items():
+                    t.copy_(saved["snapshot"][name].reshape(-1))
+            self._inflight[x.index] = x
         self.telemetry.update({k: int(v) for k, v in state_dict.get("telemetry", {}).items() if k in self.telemetry})
         local = {k: state_dict[k] for k in ("local", "optimizer") if k in state_dict}
         if not local and "global" in state_dict:  # no local state: start from theta (as after an outer step)
             for f in self.fragments:
                 f.scatter_params(f.theta)
+            self._inflight, self._on_theta_at = {}, self.inner_step  # no local progress to keep
         self._pending_local = local or None
         if not defer_local:
             self.apply_local()
@@ -491,8 +640,10 @@ class SparseLocalSGD:
                 "local SGD state resumes on the same layout only (error feedback and local models are per rank)"
             )
         mine = self._saved_config()
-        theirs = sd.get("config", {})
-        differ = [k for k in ("d", "outer", "chunk") if theirs.get(k) != mine[k]]
+        theirs = {"fragments": 1, "overlap_steps": 0, **sd.get("config", {})}  # saves from before streaming
+        differ = [k for k in ("d", "outer", "chunk", "fragments") if theirs.get(k) != mine[k]]
+        if sd.get("in_flight") and theirs["overlap_steps"] != mine["overlap_steps"]:
+            differ.append("overlap_steps")  # a landing still owed needs the same overlap
         if differ:
             raise ValueError(f"SparseLocalSGD.load_state_dict: saved with {[(k, theirs.get(k)) for k in differ]}, now {[(k, mine[k]) for k in differ]}")
         for part in ("residuals", "global", *self._outer_keys()):
@@ -502,6 +653,10 @@ class SparseLocalSGD:
                 got = sd[part].get(name)
                 if not isinstance(got, Tensor) or got.numel() != t.numel():
                     raise ValueError(f"SparseLocalSGD.load_state_dict: {part} {name!r} is missing or has the wrong size")
+        for saved in sd.get("in_flight", []):
+            f = int(saved.get("fragment", -1))
+            if not 0 <= f < len(self.fragments) or set(saved.get("snapshot", {})) != {n for n, _ in self.fragments[f].named}:
+                raise ValueError(f"SparseLocalSGD.load_state_dict: a landing in flight of fragment {f} does not fit this model")
         if "local" in sd:
             for name, p in self.named:
                 got = sd["local"].get(name)

@@ -10,10 +10,13 @@ A fragment of ``d`` entries (its parameters concatenated in model order) holds, 
 - sparse outer step: the error feedback ``e`` and its next value ``u = beta e + Delta``, padded
   to ``m`` entries (whole chunks; the padding stays 0); the ``update`` the exchange decodes into;
 - ``flags``: ``[this rank's flag, every rank's]``, 0 or NaN;
+- ``snapshot`` (an overlapped outer step, ``overlap_steps > 0``): this rank's parameters when its
+  exchange was launched (fp32, ``d``), the base of the progress kept when the update lands;
 - ``outer``: its outer optimizer (:mod:`~lightning_gaussk.engine.local.outer`);
 - ``last``: what it contributed in its last outer step.
 
 :meth:`Fragment.per_name` cuts any of these flat buffers per parameter name (the checkpoint form).
+:func:`split_fragments` cuts a model into ``F`` fragments at module boundaries, balanced by size.
 """
 
 from __future__ import annotations
@@ -27,7 +30,58 @@ from torch import Tensor, nn
 from lightning_gaussk.comm.topology import Node, NodeSlot, Topology
 from lightning_gaussk.config import LocalSGDConfig, bucket_k
 
-__all__ = ["Fragment", "Sizes"]
+__all__ = ["Fragment", "Sizes", "split_fragments"]
+
+
+def split_fragments(named: list[tuple[str, nn.Parameter]], fragments: int) -> list[list[tuple[str, nn.Parameter]]]:
+    """``named`` (model order) cut into ``fragments`` contiguous groups at module boundaries,
+    balanced by size.
+
+    The parameters of one module (the same name up to its last dot) stay together. Among the cuts
+    into exactly ``F`` non-empty runs of modules, it takes one whose largest run is smallest: the
+    smallest cap ``c`` for which a greedy pass fits every run in ``c`` (binary search on ``c``),
+    then a greedy pass that closes a run before it would pass ``c``, or when each later module
+    must start a run of its own. With ``F = 1``: one fragment, the whole model.
+
+    Raises:
+        ValueError: ``fragments`` is not in ``[1, number of modules]``, naming it.
+    """
+    groups: list[list[tuple[str, nn.Parameter]]] = []
+    owner = None
+    for name, p in named:
+        module = name.rsplit(".", 1)[0] if "." in name else ""
+        if not groups or module != owner:
+            groups.append([])
+            owner = module
+        groups[-1].append((name, p))
+    if isinstance(fragments, bool) or not isinstance(fragments, int) or not 1 <= fragments <= len(groups):
+        raise ValueError(
+            f"`fragments` must be an int in [1, {len(groups)}] (the modules with trainable parameters), got {fragments!r}"
+        )
+    sizes = [sum(p.numel() for _, p in g) for g in groups]
+
+    def runs(cap: int) -> int:  # greedy: runs needed when none may pass cap
+        n, load = 1, 0
+        for s in sizes:
+            if load and load + s > cap:
+                n, load = n + 1, 0
+            load += s
+        return n
+
+    lo, hi = max(sizes), sum(sizes)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if runs(mid) <= fragments else (mid + 1, hi)
+    out: list[list[tuple[str, nn.Parameter]]] = [[]]
+    load = 0
+    for i, (g, s) in enumerate(zip(groups, sizes)):
+        left_runs = fragments - len(out)  # runs still to open after the current one
+        if out[-1] and (load + s > lo or len(groups) - i == left_runs):
+            out.append([])
+            load = 0
+        out[-1].extend(g)
+        load += s
+    return out
 
 
 @dataclass(frozen=True)
@@ -94,6 +148,7 @@ class Fragment:
         self.update = torch.zeros(sizes.m, dtype=torch.float32, device=dev)
         self.u: Tensor | None = torch.zeros(sizes.m, dtype=torch.float32, device=dev) if sparse else None
         self.flags = torch.zeros(2, dtype=torch.float32, device=dev)  # [this rank's, every rank's]: 0 or NaN
+        self.snapshot: Tensor | None = torch.empty(d, dtype=torch.float32, device=dev) if config.overlap_steps else None
         self.outer: Any = None  # its OuterOptimizer, set by the driver
         self.last: tuple[Tensor | None, Tensor | None, Tensor | None] = (None, None, None)  # indices, sent, delivered
 
@@ -103,12 +158,18 @@ class Fragment:
         return self.sizes.d_local
 
     # ---------------------------------------------------------------- the steps of a sync
-    def pseudo_gradient(self) -> Tensor:
+    def pseudo_gradient(self, snapshot: bool = False) -> Tensor:
         """``delta := theta - theta_r`` and this rank's flag ``flags[0]`` (0, or NaN when ``delta``
-        is non-finite); returns ``delta``."""
+        is non-finite); returns ``delta``. ``snapshot``: the parameters are read into
+        :attr:`snapshot` on the way (the same one pass; ``delta`` is the same bit for bit)."""
         delta = self.delta
-        self.gather_params(delta)
-        torch.sub(self.theta, delta, out=delta)
+        if snapshot:
+            assert self.snapshot is not None
+            self.gather_params(self.snapshot)
+            torch.sub(self.theta, self.snapshot, out=delta)
+        else:
+            self.gather_params(delta)
+            torch.sub(self.theta, delta, out=delta)
         torch.mul(delta.sum(), 0.0, out=self.flags[0])
         return delta
 
@@ -119,6 +180,16 @@ class Fragment:
         dl = self.d_local
         torch.mul(self.e[:dl], decay, out=self.u[:dl]).add_(local)
         return self.u
+
+    def keep_progress(self) -> None:
+        """An overlapped update lands: ``the parameters := theta + (theta_r - snapshot)``, the new
+        ``theta`` plus this rank's own progress since the launch (``delta`` is the scratch: the
+        update in it has been applied)."""
+        assert self.snapshot is not None
+        buf = self.delta
+        self.gather_params(buf)
+        buf.sub_(self.snapshot).add_(self.theta)
+        self.scatter_params(buf)
 
     # ---------------------------------------------------------------- parameters <-> flat
     def gather_params(self, out: Tensor) -> None:
