@@ -34,7 +34,7 @@ from lightning_gaussk.checkpoint.files import (
     shard_name,
 )
 from lightning_gaussk.checkpoint.layouts import describe_layout, layout_of, residual_layout
-from lightning_gaussk.checkpoint.reshard import policy_for, sharding_of
+from lightning_gaussk.checkpoint.reshard import ReshardPolicy, policy_for, sharding_of
 from lightning_gaussk.comm.layout import Layout
 
 __all__ = ["SavedState", "state_from_legacy", "state_from_shards"]
@@ -211,12 +211,13 @@ class SavedState:
         self._kept = (rank, state_dict)
         return sharding_of(state_dict)
 
-    def state_for(self, target: Layout) -> dict[str, Any]:
+    def state_for(self, target: Layout, policy: ReshardPolicy | None = None) -> dict[str, Any]:
         """The state dict of rank ``target.rank`` of ``target``, by the policy of this save's marker
-        (:func:`~lightning_gaussk.checkpoint.reshard.policy_for` of :meth:`sharding`): its own saved
-        state on the same layout, else the pending averaged update of the saved ranks (residuals and
+        (:func:`~lightning_gaussk.checkpoint.reshard.policy_for` of :meth:`sharding`), or ``policy``
+        (a state whose saves carry no marker of their own: local SGD): its own saved state on the
+        same layout, else the pending averaged update of the saved ranks (residuals and
         velocities), with a warning on rank 0."""
-        policy = policy_for(self.sharding(target))
+        policy = policy or policy_for(self.sharding(target))
         return policy.state_for(self.read, self.layout, target)
 
     def carry_to(self, folder: str | os.PathLike[str], *, copy: bool) -> dict[str, Any]:

@@ -35,14 +35,23 @@ import torch.distributed as dist
 from lightning_gaussk.checkpoint.files import make_manifest, rank_pattern, shard_name, write_json_atomic, write_shard
 from lightning_gaussk.checkpoint.formats import SavedState
 from lightning_gaussk.checkpoint.layouts import target_layout
-from lightning_gaussk.checkpoint.reshard import policy_for
+from lightning_gaussk.checkpoint.reshard import LOCAL_SGD_POLICY, ReshardPolicy, policy_for
 from lightning_gaussk.comm.layout import Layout
 from lightning_gaussk.engine.fsdp import GaussKFSDPState
+from lightning_gaussk.engine.local.driver import SparseLocalSGD
+
+#: a rank's file, and its manifest, in a :func:`save_local_sgd` folder
+LOCAL_SGD_FILE = "local_sgd_rank{rank}.pt"
+LOCAL_SGD_MANIFEST = "local_sgd_manifest_rank{rank}.json"
 
 __all__ = [
+    "LOCAL_SGD_FILE",
+    "LOCAL_SGD_MANIFEST",
     "agree_on_failure",
     "restore_fsdp_shards",
+    "restore_local_sgd",
     "restore_state",
+    "save_local_sgd",
     "save_fsdp_shards",
     "save_rank_files",
     "save_shards",
@@ -105,6 +114,7 @@ def restore_state(
     world_size: int,
     group: Any = None,
     sharding: str | None = None,
+    policy: ReshardPolicy | None = None,
 ) -> bool:
     """The one restore protocol of every integration; a collective (call it on every rank).
 
@@ -113,8 +123,9 @@ def restore_state(
        rank needs) must be ``sharding``, the marker ``state`` saves (None: a DDP hook state;
        :data:`~lightning_gaussk.engine.fsdp.SHARDING`: an FSDP2 one), else ``ValueError``;
     3. it is converted for this rank's layout (:func:`~lightning_gaussk.checkpoint.layouts.target_layout`
-       of ``state``) by the policy of that marker: its own shard on the same layout, else the
-       pending averaged update of the saved ranks (residuals and velocities);
+       of ``state``) by the policy of that marker (or ``policy``, for states whose saves carry
+       none of their own: local SGD's :data:`~lightning_gaussk.checkpoint.reshard.LOCAL_SGD_POLICY`):
+       its own shard on the same layout, else the pending averaged update of the saved ranks;
     4. ``state.load_state_dict(...)``;
     5. every rank's outcome is exchanged (:func:`agree_on_failure`).
 
@@ -131,7 +142,7 @@ def restore_state(
             found = True
             target = target_layout(state, world_size, rank)
             _check_sharding(saved, target, sharding)
-            state.load_state_dict(saved.state_for(target))
+            state.load_state_dict(saved.state_for(target, policy))
     except Exception as err:  # noqa: BLE001 - every failure is agreed on, then raised again
         error = err
     outcomes = _gather((found, None if error is None else _describe_error(error)), group)
@@ -227,6 +238,40 @@ def save_rank_files(
                 if m and int(m.group(1)) >= world_size:
                     (folder / name).unlink(missing_ok=True)
     return manifest
+
+
+# ----------------------------------------------------------------------------- local SGD, on its group
+def _local_file(rank: int) -> str:
+    return LOCAL_SGD_FILE.format(rank=rank)
+
+
+def _local_manifest(rank: int) -> str:
+    return LOCAL_SGD_MANIFEST.format(rank=rank)
+
+
+def save_local_sgd(local: SparseLocalSGD, folder: str | os.PathLike[str]) -> dict[str, Any]:
+    """Every rank writes its whole :class:`~lightning_gaussk.local_sgd.SparseLocalSGD` state
+    (theta, outer momentum, error feedback, window, local model, inner optimizer, landings in
+    flight) to ``folder/local_sgd_rank{r}.pt`` with a one-entry manifest (:func:`save_rank_files`).
+    Call it on every rank at the same step (with exchanges in flight it waits for them)."""
+    layout = local.layout
+    return save_rank_files(local, folder, rank=layout.rank, world_size=layout.world_size, shard_name=_local_file,
+                           manifest_name=_local_manifest)  # fmt: skip
+
+
+def restore_local_sgd(local: SparseLocalSGD, folder: str | os.PathLike[str]) -> bool:
+    """Restore :func:`save_local_sgd`'s save into ``local`` (a collective), on any layout: its own
+    file on the same ``(W, L)``, else :data:`~lightning_gaussk.checkpoint.reshard.LOCAL_SGD_POLICY`
+    (the error feedback keeps the owed update ``(1/W) sum_r e_r``; every rank restarts from theta;
+    a partial window is lost, with a warning). Returns False when ``folder`` holds no save."""
+    layout = local.layout
+
+    def open_saved() -> SavedState | None:
+        return SavedState.from_folder(folder, shard_name=_local_file, manifest_name=_local_manifest)
+
+    return restore_state(
+        local, open_saved, rank=layout.rank, world_size=layout.world_size, group=local.process_group, policy=LOCAL_SGD_POLICY
+    )
 
 
 # ----------------------------------------------------------------------------- FSDP2, on the default group

@@ -38,6 +38,20 @@ the rank's velocity of the whole parameter; node mode: chunk ``l`` of the node's
 so they follow the same rule: the new layout carries the same averaged velocity
 ``V = (1/W) sum_r v_r`` (``v' = V``, node ``V' = L' V[chunk l']``). No velocity is dropped.
 
+Local SGD: the error feedback's owed update
+--------------------------------------------
+A local SGD save (:class:`~lightning_gaussk.engine.local.driver.SparseLocalSGD`) keeps per rank
+its error feedback ``e_r`` in the residuals' layout (flat: the whole parameter; node mode: chunk
+``l`` of the node's summed buffer), and what the ranks still owe ``theta`` is its mean
+``(1/W) sum_r e_r``: the DDP rule above carries it to the new layout unchanged (``e' = P``, node
+``E' = L' P[chunk l']``). ``theta`` and the outer momentum are global (rank 0's, or the
+checkpoint's shared part). Each rank's own parts do not survive another layout: its local model
+and inner optimizer state (every rank restarts from ``theta``; the framework, or the user's
+optimizer, keeps its own inner state) and its landings in flight (their ``theta`` and ``e`` were
+committed when saved; the progress they would have kept is lost). So a mid-window save resumed on
+another layout loses the partial window: the state says so (``"resharded_from"``) and the driver
+warns and starts a new window (:func:`local_sgd_state_for_layout`).
+
 FSDP2: the row policy
 ---------------------
 An FSDP2 save on ``N`` nodes of ``L`` ranks holds, on rank ``(n, l)``, node ``n``'s residual (a node
@@ -68,9 +82,11 @@ from lightning_gaussk.engine.fsdp import SHARDING
 from lightning_gaussk.utils.log import rank_zero_warn
 
 __all__ = [
+    "LOCAL_SGD_POLICY",
     "ReshardPolicy",
     "average_states",
     "fsdp_state_for_layout",
+    "local_sgd_state_for_layout",
     "pending_update",
     "policy_for",
     "reshard_state",
@@ -194,6 +210,28 @@ def warn_layout_change(saved: str, now: str) -> None:
     )
 
 
+# ----------------------------------------------------------------------------- local SGD
+#: a local SGD rank's own parts, which do not survive a change of layout
+_PER_RANK_ONLY = ("local", "optimizer", "in_flight")
+
+
+def local_sgd_state_for_layout(read_rank: ReadRank, saved: Layout, target: Layout) -> dict[str, Any]:
+    """The local SGD state dict for ``target`` (the policy of the module docstring).
+
+    Same ``(W, L)``: rank ``target.rank``'s own state, exactly. Otherwise the error feedback carries
+    the owed update ``P = (1/W) sum_r e_r`` (the DDP rule), ``theta``, the outer momentum, the step,
+    window and counters come from saved rank 0, the per-rank parts (``local``, ``optimizer``,
+    ``in_flight``) are dropped, and ``"resharded_from"`` holds the saved layout (the driver warns)."""
+    if residual_layout(saved) == residual_layout(target):
+        return {**read_rank(target.rank), "layout": target.to_dict()}
+    first, buffers = _pending_buffers(read_rank, saved)
+    out = {k: v for k, v in first.items() if k not in _PER_RANK_ONLY}
+    out["layout"] = target.to_dict()
+    out["residuals"] = residuals_for_layout(buffers.get("residuals", {}), target)
+    out["resharded_from"] = {**saved.to_dict(), "in_flight": len(first.get("in_flight") or ())}
+    return out
+
+
 # ----------------------------------------------------------------------------- FSDP2: by rows
 def fsdp_state_for_layout(read_rank: ReadRank, saved: Layout, target: Layout) -> dict[str, Any]:
     """The state dict for ``target`` from an FSDP2 save (the row policy of the module docstring).
@@ -261,6 +299,9 @@ _POLICIES: dict[str | None, ReshardPolicy] = {
         ReshardPolicy(SHARDING, "an FSDP2 hook state (GaussKFSDPState: dim-0 row shards)", fsdp_state_for_layout),
     )
 }
+
+
+LOCAL_SGD_POLICY = ReshardPolicy(None, "a local SGD state (SparseLocalSGD: error feedback per rank)", local_sgd_state_for_layout)
 
 
 def sharding_of(state_dict: Mapping[str, Any]) -> str | None:

@@ -5,7 +5,8 @@
 
 Trains 8 optimizer steps of 2 accumulated micro-batches (sync_every=3), save_state after step 4
 (mid-window), load_state after step 8 and trains steps 5-8 again: the result must be the same.
-Every rank writes what it saw to ``DIR/rank{r}.pt``.
+Every rank writes what it saw to ``DIR/rank{r}.pt``. ``--overlap``: with ``overlap_steps=1,
+fragments=2`` (at the save, fragment 1's exchange is in flight).
 """
 
 import argparse
@@ -33,6 +34,7 @@ def flat(model: nn.Module) -> torch.Tensor:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
+    p.add_argument("--overlap", action="store_true")
     a = p.parse_args()
     record_group_at_exit(a.out)  # register_gaussk destroys the group at exit (no end_training here)
     acc = Accelerator(gradient_accumulation_steps=2)
@@ -40,7 +42,8 @@ def main() -> None:
     model = nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 1))
     opt = torch.optim.AdamW(model.parameters(), lr=0.02)
     model, opt = acc.prepare(model, opt)
-    local = register_gaussk(acc, model, sync_every=3, density=0.1, chunk=64, quantize=8, hierarchy="flat")
+    extra = {"overlap_steps": 1, "fragments": 2} if a.overlap else {}
+    local = register_gaussk(acc, model, sync_every=3, density=0.1, chunk=64, quantize=8, hierarchy="flat", **extra)
     rank = acc.process_index
     rec: dict = {"losses": [], "grads_local": True, "synced_equal": None}
 
@@ -60,12 +63,13 @@ def main() -> None:
                     opt.step()
                     opt.zero_grad()
             if step + 1 == 6 and rec["synced_equal"] is None:  # right after the second outer step
-                mine = flat(model)
+                mine = local.global_params() if a.overlap else flat(model)  # overlap: theta, the models differ
                 got = [torch.empty_like(mine) for _ in range(2)]
                 dist.all_gather(got, mine)
                 rec["synced_equal"] = torch.equal(got[0], got[1])
 
     train(0, 4)
+    rec["in_flight_at_save"] = local.in_flight
     acc.save_state(os.path.join(a.out, "state"))
     train(4, 8)
     first = flat(model).clone()

@@ -582,7 +582,11 @@ class SparseLocalSGD:
         }  # fmt: skip
 
     def load_state_dict(self, state_dict: Mapping[str, Any], *, defer_local: bool = False) -> None:
-        """Restore :meth:`state_dict` (saved on the same layout, with the same outer settings).
+        """Restore :meth:`state_dict` (saved on the same layout, with the same outer settings), or a
+        state resharded for this rank from a save on another layout
+        (:func:`~lightning_gaussk.checkpoint.reshard.local_sgd_state_for_layout`: it has
+        ``"resharded_from"`` and no local parts; every rank starts from ``theta`` and a new window,
+        and a partial window saved is lost, with a warning).
 
         ``defer_local``: keep the ``"local"`` parameters and ``"optimizer"`` state until
         :meth:`apply_local` (integrations whose framework loads rank 0's model and optimizer after
@@ -615,8 +619,25 @@ class SparseLocalSGD:
                 f.scatter_params(f.theta)
             self._inflight, self._on_theta_at = {}, self.inner_step  # no local progress to keep
         self._pending_local = local or None
+        if "resharded_from" in state_dict:
+            origin = state_dict["resharded_from"]
+            self._resharded(Layout.from_dict(origin), had_flight=bool(origin.get("in_flight")))
         if not defer_local:
             self.apply_local()
+
+    def _resharded(self, saved: Layout, had_flight: bool) -> None:
+        """A save of another layout was loaded: a new window from ``theta`` (said on rank 0)."""
+        lost = self.window_position
+        self.window_start = self._on_theta_at = self.inner_step
+        what = (
+            f"the partial window of {lost} optimizer steps since the last outer step is lost (each rank's local model "
+            "does not carry over)" if lost or had_flight else "the save was on theta: nothing is lost"
+        )  # fmt: skip
+        rank_zero_warn(
+            f"SparseLocalSGD: resuming a save of {saved.describe()} on {self.layout.describe()}: theta and the outer "
+            "momentum as saved, the error feedback resharded so that the owed update (1/P) sum_r e_r is kept, every rank "
+            f"restarts from theta at optimizer step {self.inner_step}; {what}."
+        )
 
     def apply_local(self) -> None:
         """Load the deferred ``"local"`` parameters and inner ``"optimizer"`` state (if any)."""
@@ -637,7 +658,9 @@ class SparseLocalSGD:
         if (saved.world_size, saved.ranks_per_node) != (self.world_size, self.layout.ranks_per_node):
             raise ValueError(
                 f"SparseLocalSGD.load_state_dict: saved on {saved.describe()}, this run is {self.layout.describe()}; "
-                "local SGD state resumes on the same layout only (error feedback and local models are per rank)"
+                "one rank's state loads on the same layout only (error feedback and local models are per rank); to resume "
+                "on another layout, save with lightning_gaussk.local_sgd.save_local_sgd and load with restore_local_sgd "
+                "(or a Lightning / Accelerate checkpoint), which reshard it"
             )
         mine = self._saved_config()
         theirs = {"fragments": 1, "overlap_steps": 0, **sd.get("config", {})}  # saves from before streaming
