@@ -8,9 +8,9 @@ For each rate it checks (issue 19, "Done when"):
 - the inter-node figure is within ``--tolerance`` (25%) of the shaped rate;
 - on the slowest rate the recommendation is sparse;
 - on every rate the recommendation is what the cost model gives for the figures pre-flight
-  measured (:func:`lightning_gaussk.observe.preflight.predict_table` and ``recommend`` recomputed here
-  from the JSON's links and host costs: the same table, and at the recommended density no row
-  faster than the recommended one).
+  measured (:func:`lightning_gaussk.observe.preflight.predict_spread` and ``recommend`` recomputed
+  here from the JSON's link measurements and host costs: the same table, and at the recommended
+  density no paying row faster than the recommended one).
 
 Writes ``benchmarks/out/preflight_check.json`` (``--out``); exits 1 when a check fails, 2 without
 root. Namespaces are always deleted (:class:`cluster.EmulatedCluster`).
@@ -32,14 +32,16 @@ import _common  # noqa: E402
 import cluster  # noqa: E402
 
 
-def run_rate(rate: str, params: str, timeout: float) -> dict[str, Any]:
-    """Pre-flight's JSON on 2 hosts x 2 ranks at ``rate``, with the wall time of the run."""
+def run_rate(rate: str, params: str, timeout: float, step_ms: float | None = None) -> dict[str, Any]:
+    """Pre-flight's JSON on 2 hosts x 2 ranks at ``rate``, with the wall time of the run
+    (``step_ms``: passed as ``--step-ms``, for the local SGD advice)."""
     spec = cluster.ClusterSpec(world=2, link=cluster.LinkSpec(rate=rate), ranks_per_host=2)
     with cluster.EmulatedCluster(spec) as c:
         assert c.log_dir is not None
         path = os.path.join(c.log_dir, "preflight.json")
         t0 = time.perf_counter()
-        c.run(["-m", "lightning_gaussk.observe.preflight", "--params", params, "--json", path], timeout=timeout)
+        extra = [] if step_ms is None else ["--step-ms", str(step_ms)]
+        c.run(["-m", "lightning_gaussk.observe.preflight", "--params", params, "--json", path, *extra], timeout=timeout)
         wall = time.perf_counter() - t0
         with open(path) as f:
             report = json.load(f)
@@ -65,14 +67,15 @@ def check(rate: str, report: dict[str, Any], tolerance: float, slowest: bool) ->
     if slowest and report["verdict"] != "sparse":
         bad.append(f"{rate}: the slow link's recommendation is {report['verdict']}, not sparse ({report['reason']})")
 
-    def link(key: str) -> costmodel.Link:
-        fit = report["links"][key]
-        return costmodel.Link(alpha=fit["alpha_s"], bandwidth=fit["bandwidth_bytes_s"])
+    def link(fit: Any) -> Any:
+        return None if fit is None else costmodel.Link(alpha=fit["alpha_s"], bandwidth=fit["bandwidth_bytes_s"])
 
     host = costmodel.HostCosts(**report["host_costs"])
-    table = preflight.predict_table(report["buckets"], report["nodes"], report["ranks_per_node"], link("intra"),
-                                    link("inter"), host)  # fmt: skip
-    rec, _ = preflight.recommend(table, link("inter"))
+    reps = report["link_repeats"]
+    pairs = [(link(a), link(b)) for a, b in zip(reps["intra"], reps["inter"])]
+    table = preflight.predict_spread(report["buckets"], report["nodes"], report["ranks_per_node"], pairs, host)
+    inter = [b for _, b in pairs if b is not None]
+    rec, _ = preflight.recommend(table, link(report["links"]["inter"]), report["margin"], inter)
     ms = {(r["mode"], r["exchange"], r["density"]): r["ms"] for r in table}
     for r in report["table"]:  # rounding of the JSON's figures: a relative 1e-3
         key = (r["mode"], r["exchange"], r["density"])
@@ -82,7 +85,7 @@ def check(rate: str, report: dict[str, Any], tolerance: float, slowest: bool) ->
     if {k: v for k, v in want.items() if k != "link_gbit"} != {k: v for k, v in got_rec.items() if k != "link_gbit"}:
         bad.append(f"{rate}: recommended {got_rec} but the cost model gives {want}")
     if got_rec:
-        rows = [r for r in report["table"] if r["density"] == got_rec["density"]]
+        rows = [r for r in report["table"] if r["density"] == got_rec["density"] and r["vs_dense_min"] >= report["margin"]]
         best = min(r["ms"] for r in rows)
         chosen = next(r["ms"] for r in rows if (r["mode"], r["exchange"]) == (got_rec["hierarchy"], got_rec["exchange"]))
         if chosen > best:
@@ -96,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--params", default="25e6", help="the model pre-flight prices (default 25e6 parameters)")
     p.add_argument("--tolerance", type=float, default=0.25, help="allowed relative error of the inter-node figure")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per pre-flight run")
+    p.add_argument("--step-ms", type=float, default=None, help="passed to pre-flight as --step-ms (local SGD advice)")
     p.add_argument("--out", default=os.path.join(_common.OUT, "preflight_check.json"))
     args = p.parse_args(argv)
     cluster.require_root()
@@ -103,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     rates.sort(key=cluster.parse_rate)
     results, problems = [], []
     for i, rate in enumerate(rates):
-        report = run_rate(rate, args.params, args.timeout)
+        report = run_rate(rate, args.params, args.timeout, args.step_ms)
         bad = check(rate, report, args.tolerance, slowest=i == 0)
         problems += bad
         shaped = cluster.parse_rate(rate) / 1e9

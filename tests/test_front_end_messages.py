@@ -266,3 +266,12 @@ def test_fsdp2_line_counts_the_replicas_without_the_rank_itself(two_ranks):
     assert "2 nodes x 1 ranks" in line and "exchanges them with its 1 replica on the other node;" in line
     assert not [w for w in two_ranks["fsdp(2, 1)_warnings"] if "one node" in w]
 
+
+
+def test_gaussk_ddp_refuses_an_fsdp2_configure_model_pointing_to_gaussk_fsdp_instead_of_a_bare_type_error():
+    with _in_process_fit(), pytest.raises(ValueError) as err:
+        _fit("gaussk_ddp", _ShardedTiny())
+    msg = str(err.value)
+    assert "GaussKDDPStrategy runs on DDP" in msg and "FSDP2 (fully_shard) is not supported" in msg
+    assert "strategy='gaussk_fsdp'" in msg and "without fully_shard" in msg
+    assert isinstance(err.value.__cause__, TypeError)  # Lightning's bare "'NoneType' object is not subscriptable", chained

@@ -295,3 +295,19 @@ def test_a_manual_outer_step_and_finish_end_on_theta_and_restart_the_window():
     assert local.window_position == 2 and not local.on_theta
     assert local.finish() and local.on_theta and torch.equal(flat(model), local.global_params())
     assert not local.finish()  # already on theta: nothing to do
+
+
+def test_the_startup_line_says_how_the_outer_steps_stream_and_overlap(caplog):
+    import logging
+
+    model = net()
+    with caplog.at_level(logging.INFO):
+        SparseLocalSGD(model, torch.optim.SGD(model.parameters(), lr=0.1), sync_every=6, fragments=3, overlap_steps=2)
+    line = next(r.getMessage() for r in caplog.records if "GaussK local SGD" in r.getMessage())
+    assert "streaming: 3 fragments" in line and "runs behind 2 inner steps" in line, line
+    model = net()
+    with caplog.at_level(logging.INFO):
+        caplog.clear()
+        SparseLocalSGD(model, torch.optim.SGD(model.parameters(), lr=0.1), sync_every=6)
+    line = next(r.getMessage() for r in caplog.records if "GaussK local SGD" in r.getMessage())
+    assert "streaming" not in line and "overlapped" not in line

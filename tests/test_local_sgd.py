@@ -462,8 +462,8 @@ def _run(cmd: list[str], cwd: Path, env_extra: dict | None = None) -> str:
 
 def test_lightning_fit_trains_counts_optimizer_steps_and_resumes_mid_window(tmp_path):
     output = _run([sys.executable, str(HERE / "scripts" / "local_fit.py"), "--out", str(tmp_path)], tmp_path)
-    # the fits end at optimizer step 8, 2 steps into a window of 3: rank 0 says so
-    assert "the fit ended 2 optimizer steps into a window of sync_every=3" in output, output[-3000:]
+    # the fits end at optimizer step 8, 2 steps into a window of 3: a last outer step, and rank 0 says so
+    assert "the fit ended 2 optimizer steps into a window of sync_every=3; a last outer step ran" in output, output[-3000:]
     assert groups_at_exit(str(tmp_path)) == ["False", "False"]  # gloo group destroyed at exit while Python ran
     ref = [torch.load(tmp_path / "ref" / f"rank{r}.pt", weights_only=False) for r in range(2)]
     res = [torch.load(tmp_path / "resumed" / f"rank{r}.pt", weights_only=False) for r in range(2)]
@@ -473,22 +473,47 @@ def test_lightning_fit_trains_counts_optimizer_steps_and_resumes_mid_window(tmp_
         assert ref[r]["synced_equal"]  # identical models after the outer step at optimizer step 6
         # GaussKTelemetry logs the outer loop after each optimizer step: the last one is step 8
         last = ref[r]["telemetry_last"]
+        dense = 8 * 4 * (16 * 64 + 64 + 64 + 1)  # what DDP would have all-reduced in 8 optimizer steps
         assert last == {"outer_steps": 2.0, "skipped_outer_steps": 0.0, "window_position": 2.0,
-                        "bytes_per_inner_step": pytest.approx(2 * ref[r]["outer_bytes"] / 8)}  # fmt: skip
+                        "bytes_per_inner_step": pytest.approx(2 * ref[r]["outer_bytes"] / 8), "bytes_dense": dense,
+                        "compression": pytest.approx(dense / (2 * ref[r]["outer_bytes"]))}  # fmt: skip
         assert ref[r]["metrics"]["gaussk/outer_ms"] > 0  # logged at the outer step of optimizer step 6
         assert torch.equal(ref[r]["params"], res[r]["params"]), "resume from optimizer step 4 (mid-window) differs"
         assert res[r]["resumed_position"] == 1
     assert not torch.equal(ref[0]["params"], ref[1]["params"])  # step 8 is mid-window: local models differ
+    # end_on_theta: after fit every rank holds theta (the same model), the resumed run's too, bit for bit
+    final = {name: [torch.load(tmp_path / name / f"final_rank{r}.pt", weights_only=False) for r in range(2)] for name in ("ref", "resumed")}
+    for name, (f0, f1) in final.items():
+        assert torch.equal(f0["params"], f1["params"]), name
+        assert f0["on_theta"] and f0["position"] == 0 and f0["outer_steps"] == 3, f0
+    assert torch.equal(final["ref"][0]["params"], final["resumed"][0]["params"])
+    assert not torch.equal(final["ref"][0]["params"], ref[0]["params"])  # the last outer step moved the model
+    # overlap_steps=1, fragments=2 through Lightning: saved at step 4 with fragment 1's exchange in
+    # flight, the resume ends bit for bit like the uninterrupted fit, and every rank ends on theta
+    ref_o = [torch.load(tmp_path / "ref-overlap" / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    res_o = [torch.load(tmp_path / "resumed-overlap" / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    fin_o = {name: [torch.load(tmp_path / name / f"final_rank{r}.pt", weights_only=False) for r in range(2)]
+             for name in ("ref-overlap", "resumed-overlap")}  # fmt: skip
+    for r in range(2):
+        assert ref_o[r]["in_flight_at_save"][0] == 1, ref_o[r]["in_flight_at_save"]
+        assert torch.equal(ref_o[r]["params"], res_o[r]["params"])
+        assert torch.equal(fin_o["ref-overlap"][r]["params"], fin_o["resumed-overlap"][r]["params"])
+        assert fin_o["ref-overlap"][r]["on_theta"]
+    assert torch.equal(fin_o["ref-overlap"][0]["params"], fin_o["ref-overlap"][1]["params"])
+    assert not torch.equal(fin_o["ref-overlap"][0]["params"], final["ref"][0]["params"])  # the options took effect
 
 
-def test_accelerate_register_gaussk_local_path_trains_and_restores(tmp_path):
+@pytest.mark.parametrize("overlap", [False, True], ids=["blocking", "overlap+fragments"])
+def test_accelerate_register_gaussk_local_path_trains_and_restores(tmp_path, overlap):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(HERE / "scripts" / "local_accelerate.py"), "--out", str(tmp_path)]  # fmt: skip
+           str(HERE / "scripts" / "local_accelerate.py"), "--out", str(tmp_path)] + ["--overlap"] * overlap  # fmt: skip
     _run(cmd, tmp_path, {"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"})
     assert groups_at_exit(str(tmp_path)) == ["False", "False"]  # destroyed at exit without end_training()
     for r in range(2):
         rec = torch.load(tmp_path / f"rank{r}.pt", weights_only=False)
-        assert rec["inner_steps"] == 8 and rec["outer_steps"] == 2  # gradient accumulation 2: optimizer steps
+        # gradient accumulation 2: optimizer steps; fragments 0 / 1 sync after steps 3, 6 / 1, 4, 7
+        assert rec["inner_steps"] == 8 and rec["outer_steps"] == (5 if overlap else 2)
+        assert rec["in_flight_at_save"] == (1 if overlap else 0)
         assert rec["grads_local"]  # the comm hook left each rank's own gradient
         assert rec["synced_equal"]
         assert rec["loss_last"] < rec["loss_first"]

@@ -14,18 +14,26 @@ need none of it.
       T_step = C + sum_b H_b + max(0, sum_b T_b - overlap)
 
 - :func:`least_squares`, :class:`Sample` / :func:`fit_link` (alpha and beta from timed
-  collectives), :class:`HostSample` / :func:`fit_host_costs` (the host costs from timed calls).
+  collectives), :class:`HostSample` / :func:`fit_host_costs` (the host costs from timed calls);
+- :func:`spread`: ``(min, median, max)`` of repeated measurements (the pre-flight's links);
+- :func:`local_outer_cost`, :func:`plan_local_sgd`: sparse local SGD's outer exchange priced on
+  measured links, and the ``gaussk_local`` settings that keep it hidden behind inner steps.
 """
 
 import math
+import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
+from lightning_gaussk.comm.quant import QuantAllGather
 from lightning_gaussk.costs.model import (
     BYTES_PER_ENTRY,
+    COMM_ONLY,
     CPU_DEFAULT,
     HostCosts,
     Link,
+    Pricing,
     _check_world,
     allgather_time,
     allreduce_time,
@@ -38,7 +46,11 @@ from lightning_gaussk.costs.model import (
 from lightning_gaussk.costs.policy import dense_wins, pick_exchange
 
 __all__ = [
+    "LOCAL_CHUNK",
+    "LOCAL_LADDER",
     "HostSample",
+    "LocalPlan",
+    "OuterCost",
     "Sample",
     "Workload",
     "bucket_time",
@@ -47,6 +59,9 @@ __all__ = [
     "hierarchical_bucket_time",
     "hsdp_unit_time",
     "least_squares",
+    "local_outer_cost",
+    "plan_local_sgd",
+    "spread",
     "step_time",
 ]
 
@@ -280,3 +295,190 @@ def fit_host_costs(pass_s: float, select_samples: Iterable[HostSample], rest_sam
         h, c = least_squares(rows, ys)
     return HostCosts(pass_s=pass_s, hook_passes=h, select_passes=s, select_per_k_s=q, scatter_s=base.scatter_s,
                      call_s=c, dense_passes=base.dense_passes)  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------- spread
+def spread(values: Iterable[float]) -> tuple[float, float, float]:
+    """``(min, median, max)`` of repeated measurements (at least one)."""
+    vals = sorted(values)
+    if not vals:
+        raise ValueError("spread needs at least one value")
+    return vals[0], statistics.median(vals), vals[-1]
+
+
+# --------------------------------------------------------------------------------------- local SGD
+#: entries per chunk of the outer step's chunk-wise top-k (``LocalSGDConfig.chunk``'s default); the
+#: planner prices the engine's own sizes with it
+LOCAL_CHUNK = 4096
+
+#: ``(sync_every H, density, quantize bits)`` in order of preference: the settings measured best in
+#: docs/local-sgd.md (density 0.02, 2-bit values; ``H = 16`` had the best loss, ``H = 32`` half the
+#: bytes per inner step and twice the inner steps to hide the exchange behind). ``H = 8`` is not on
+#: it: it measured worse than ``H = 16`` at twice the bytes; pass a ladder of your own to price it.
+LOCAL_LADDER: tuple[tuple[int, float, int | None], ...] = ((16, 0.02, 2), (32, 0.02, 2))
+
+
+@dataclass(frozen=True)
+class OuterCost:
+    """One outer step of sparse local SGD on one measurement of the links (the sizes are the
+    engine's: :class:`~lightning_gaussk.engine.local.fragment.Sizes`).
+
+    Attributes:
+        exchange: the exchange the engine would use (``"quant_allgather"``, ``"allgather"``, or
+            ``"dense"`` where the byte rule sends the step dense).
+        k, m, peers: entries sent per outer step, entries of this rank's padded buffer, peers.
+        message_bytes: bytes of this rank's message per outer step
+            (``SparseLocalSGD.outer_bytes``).
+        background_s: seconds of the exchange between the peers (it can run while inner steps
+            go on, ``overlap_steps``).
+        blocking_s: node mode's intra-node reduce-scatter and all-gather around it, which the
+            outer step waits on (0 in flat mode).
+    """
+
+    exchange: str
+    k: int
+    m: int
+    peers: int
+    message_bytes: int
+    background_s: float
+    blocking_s: float
+
+
+def local_outer_cost(numels: Sequence[int], density: float, quantize: int | None, peers: int, link: Link, *,
+                     gpus_per_node: int = 1, intra: Link | None = None, chunk: int = LOCAL_CHUNK) -> OuterCost:  # fmt: skip
+    """Sparse local SGD's outer exchange (``outer="sparse"``, chunk-wise top-k) for a model of
+    parameters ``numels``, priced as the engine sends it, communication only (the selection's host
+    work is not counted, as in ``SparseLocalSGD.predicted_outer_time``).
+
+    Flat (``gpus_per_node = 1``): this rank holds ``d_loc = d = sum(numels)`` entries and exchanges
+    among ``peers = W`` ranks on ``link``. Node mode (``G = gpus_per_node > 1``): it holds its
+    chunk of every parameter, ``d_loc = s = sum_p ceil(n_p / G)``, exchanges among ``peers = N``
+    nodes on ``link`` shared by the ``G`` ranks of its node, and the node's reduce-scatter and
+    all-gather run on ``intra``. Sizes (``C = min(chunk, d_loc)``)::
+
+        n = ceil(d_loc / C),  kc = bucket_k(density, C),  k = n kc,  m = n C
+        exchange = QuantAllGather(quantize, C, kc) (quantize given) or "allgather",
+                   dense where the byte rule says so (pick_exchange, dense_fallback="auto")
+        T  = exchange.time(k, m, P) on Pricing.on(link, COMM_ONLY, share=G)
+           = (P-1) alpha + (P-1) * message_bytes * G beta         (an all-gather)
+        B  = 2 (G-1) alpha + (G-1) 4 (2 s + 1) beta_intra           (node mode; 0 flat)
+
+    In flat mode ``T`` is exactly ``SparseLocalSGD.predicted_outer_time(link)``."""
+    _check_world(peers)
+    _check_world(gpus_per_node)
+    if not numels or any(n < 0 for n in numels) or sum(numels) < 1:
+        raise ValueError(f"local_outer_cost: numels must hold at least one entry, got {list(numels)[:4]}...")
+    if not 0 < density <= 1:
+        raise ValueError(f"local_outer_cost: density must be in (0, 1], got {density!r}")
+    g = gpus_per_node
+    if g > 1 and intra is None:
+        raise ValueError("local_outer_cost: node mode (gpus_per_node > 1) needs the intra-node link")
+    d_loc = sum(math.ceil(n / g) for n in numels) if g > 1 else sum(numels)
+    c = min(chunk, d_loc)
+    n_chunks = -(-d_loc // c)
+    kc = bucket_k(density, c)
+    k, m = n_chunks * kc, n_chunks * c
+    sparse: Any = QuantAllGather(quantize, c, kc) if quantize is not None else "allgather"
+    ex = pick_exchange(m, k, peers, exchange=sparse, dense_fallback="never" if peers == 1 else "auto").exchange
+    message = ex.message_bytes(k, m, peers)
+    background = 0.0 if peers == 1 or message == 0 else ex.time(k, m, peers, Pricing.on(link, COMM_ONLY, share=g))
+    blocking = 0.0
+    if g > 1:
+        assert intra is not None
+        blocking = _half_ring(g * d_loc, g, intra) + _half_ring(g * (d_loc + 1), g, intra)
+    return OuterCost(ex.name, k, m, peers, message, background, blocking)
+
+
+@dataclass(frozen=True)
+class LocalPlan:
+    """One setting of sparse local SGD priced on the measured links (:func:`plan_local_sgd`).
+
+    ``background_s``: ``(min, median, max)`` of the exchange's time over the link measurements;
+    ``blocking_s``: the largest of node mode's blocking intra-node time; ``overlap_steps``,
+    ``exposed_s`` and ``hidden`` are None without a step time."""
+
+    sync_every: int
+    density: float
+    quantize: int | None
+    exchange: str
+    message_bytes: int
+    dense_bytes_per_step: int
+    background_s: tuple[float, float, float]
+    blocking_s: float
+    overlap_steps: int | None
+    exposed_s: float | None
+    hidden: bool | None
+
+    @property
+    def bytes_per_inner_step(self) -> float:
+        """Message bytes per optimizer step on average: ``message_bytes / H``."""
+        return self.message_bytes / self.sync_every
+
+    @property
+    def fewer_bytes(self) -> float:
+        """How many times fewer bytes per step than DDP's dense all-reduce (``4 d`` per step)."""
+        return self.dense_bytes_per_step / self.bytes_per_inner_step if self.message_bytes else math.inf
+
+    def kwargs(self) -> dict[str, Any]:
+        """``gaussk_local`` keyword arguments (``GaussKLocalSGDStrategy(**plan.kwargs())``);
+        ``overlap_steps`` only with a step time."""
+        out: dict[str, Any] = {"sync_every": self.sync_every, "density": self.density, "quantize": self.quantize}
+        if self.overlap_steps is not None:
+            out["overlap_steps"] = self.overlap_steps
+        return out
+
+
+def plan_local_sgd(numels: Sequence[int], peers: int, links: Sequence[Link], step_s: float | None, *,
+                   gpus_per_node: int = 1, intras: Sequence[Link | None] | None = None,
+                   ladder: Sequence[tuple[int, float, int | None]] = LOCAL_LADDER,
+                   chunk: int = LOCAL_CHUNK) -> tuple[LocalPlan | None, list[LocalPlan]]:  # fmt: skip
+    """The ``gaussk_local`` settings that keep the outer exchange hidden behind inner steps.
+
+    ``links``: the exchange's link as measured, once per repeat (``intras``: node mode's
+    intra-node link of the same repeats); ``step_s``: the job's time per optimizer step ``t``
+    (forward, backward, optimizer, no communication). For each rung ``(H, density, bits)`` of
+    ``ladder``, with :func:`local_outer_cost` on every measurement ``i``::
+
+        T   = max_i T_i          the exchange's time at the pessimistic end of the spread
+        B   = max_i B_i          node mode's blocking intra-node stages (0 flat)
+        tau = ceil(T / t)        inner steps the exchange runs behind (0 when T = 0)
+        hidden   <=>  tau <= H - 1            (overlap_steps must stay below H)
+        exposed per window   E = B + max(0, T - min(tau, H - 1) t)
+        bytes per inner step     message_bytes / H     against DDP's 4 d per step
+
+    The choice: the first hidden rung of ``ladder`` (its order is the preference: the least
+    compression that still hides the exchange), with ``overlap_steps = tau``; when none is hidden,
+    the rung with the least ``E`` (ties: the later rung, fewer bytes) with ``overlap_steps = H - 1``.
+    Without ``step_s`` nothing is chosen (the rungs carry ``T`` and the bytes). Returns
+    ``(choice or None, every rung priced)``."""
+    if not links:
+        raise ValueError("plan_local_sgd needs at least one measured link")
+    if step_s is not None and not (step_s > 0 and math.isfinite(step_s)):
+        raise ValueError(f"plan_local_sgd: step_s must be a number > 0 (seconds), got {step_s!r}")
+    if intras is not None and len(intras) != len(links):
+        raise ValueError("plan_local_sgd: intras must pair with links, one per measurement")
+    dense_bytes = BYTES_PER_ENTRY * sum(numels)
+    plans: list[LocalPlan] = []
+    for h, rho, bits in ladder:
+        if isinstance(h, bool) or not isinstance(h, int) or h < 1:
+            raise ValueError(f"plan_local_sgd: sync_every must be an int >= 1, got {h!r}")
+        costs = [local_outer_cost(numels, rho, bits, peers, link, gpus_per_node=gpus_per_node,
+                                  intra=None if intras is None else intras[i], chunk=chunk)
+                 for i, link in enumerate(links)]  # fmt: skip
+        t_bg = spread(c.background_s for c in costs)
+        blocking = max(c.blocking_s for c in costs)
+        tau = exposed = hidden = None
+        if step_s is not None:
+            need = math.ceil(t_bg[2] / step_s - 1e-9) if t_bg[2] > 0 else 0
+            hidden = need <= h - 1
+            tau = min(need, h - 1)
+            exposed = blocking + max(0.0, t_bg[2] - tau * step_s)
+        plans.append(LocalPlan(h, rho, bits, costs[0].exchange, costs[0].message_bytes, dense_bytes, t_bg, blocking, tau,
+                               exposed, hidden))  # fmt: skip
+    if step_s is None:
+        return None, plans
+    hidden_plans = [p for p in plans if p.hidden]
+    if hidden_plans:
+        return hidden_plans[0], plans
+    best = min(range(len(plans)), key=lambda i: (plans[i].exposed_s, -i))
+    return plans[best], plans

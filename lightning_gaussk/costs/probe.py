@@ -3,6 +3,8 @@ the pre-flight command (:mod:`lightning_gaussk.observe.preflight`) reports.
 
 A link is fitted to timed all-gathers and all-reduces by the cost model's
 :func:`~lightning_gaussk.costs.planning.fit_link` (alpha-beta: ``t = hops alpha + bytes beta``).
+:func:`probe_repeats` measures it several times over, so that a caller can see the run-to-run
+spread of the fit (the pre-flight decides at the pessimistic end of it).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from lightning_gaussk.costs import model as costmodel
 from lightning_gaussk.costs.planning import Sample, fit_link
 from lightning_gaussk.comm.exchange import all_gather
 
-__all__ = ["fit", "measure_link", "median_seconds", "time_collectives"]
+__all__ = ["fit", "measure_link", "median_seconds", "probe_repeats", "time_collectives"]
 
 
 def _sync(device: torch.device) -> None:
@@ -106,6 +108,21 @@ def fit(samples: Sequence[Sample], small_bytes: int = 16384) -> costmodel.Link |
         if rest:
             link = costmodel.Link(alpha=statistics.median(rest), bandwidth=link.bandwidth)
     return link
+
+
+def probe_repeats(group: Any, device: torch.device, max_bytes: int, repeats: int = 3, *, op_limit_s: float = 0.25,
+                  reps: int = 3) -> list[tuple[list[Sample], costmodel.Link | None]]:  # fmt: skip
+    """``repeats`` independent measurements of the link behind ``group`` (every member calls it,
+    nobody else): each a whole :func:`time_collectives` sweep and its :func:`fit`. The fits of a
+    busy or shared link differ from sweep to sweep; their spread is the uncertainty of the figure.
+    Every member returns the same samples and fits."""
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"probe_repeats: repeats must be an int >= 1, got {repeats!r}")
+    out = []
+    for _ in range(repeats):
+        samples = time_collectives(group, device, max_bytes, op_limit_s=op_limit_s, reps=reps)
+        out.append((samples, fit(samples)))
+    return out
 
 
 def _groups(topology: Any) -> tuple[Any, bool, Any, bool]:

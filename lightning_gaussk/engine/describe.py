@@ -1,13 +1,24 @@
-"""The line each engine logs once at setup: the mode and why, the density, the exchange, and what
-a rank or a node sends. Functions of the configuration, the layout and (local SGD) the sizes the
-driver computed: no state, no I/O."""
+"""The line each engine logs once at setup (the mode and why, the density, the exchange, and what
+a rank or a node sends) and the one it logs at the end of a fit (what this rank sent against what
+dense data parallelism would have sent, the steps, and the time in communication where it was
+measured). Functions of the configuration, the layout, the sizes the driver computed and
+differences of telemetry counters (:mod:`lightning_gaussk.engine.counters`): no state, no I/O."""
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 from lightning_gaussk.comm.layout import Layout
 from lightning_gaussk.config import GaussKConfig, LocalSGDConfig
 
-__all__ = ["fsdp_startup_line", "local_startup_line", "startup_line"]
+__all__ = [
+    "fit_summary_line",
+    "format_bytes",
+    "fsdp_startup_line",
+    "local_fit_summary_line",
+    "local_startup_line",
+    "startup_line",
+]
 
 _EXCHANGES = {
     "allgather": "all-gather (each selection to every peer: bytes per rank grow with the peers)",
@@ -81,7 +92,8 @@ def local_startup_line(
 
     ``d``: entries of the model; ``d_local``: this rank's (its shard in node mode); ``k``: entries
     it sends per outer step; ``chunk``: the effective chunk (None: whole-tensor selection);
-    ``sparse``: whether the exchange is sparse (False: DiLoCo, or the byte rule chose dense)."""
+    ``sparse``: whether the exchange is sparse (False: DiLoCo, or the byte rule chose dense). With
+    ``fragments`` or ``overlap_steps`` it says how the outer steps stream and overlap."""
     H = config.sync_every
     head = f"GaussK local SGD: {layout.describe()}; H = sync_every = {H} optimizer steps without communication, then an outer step"
     if config.outer == "dense":
@@ -102,6 +114,16 @@ def local_startup_line(
             f"sparse (SparseLoCo): {k:,} {where} {d_local:,} entries per outer step (density {config.density}, {how}), "
             f"{bits}, exchange: {config.exchange}; outer lr {config.outer_lr}, error feedback decay ef_decay {config.ef_decay}"
         )
+    timing = []
+    if config.fragments > 1:
+        timing.append(f"streaming: {config.fragments} fragments, each syncing at its own offset of the window")
+    if config.overlap_steps:
+        timing.append(
+            f"overlapped: each exchange runs behind {config.overlap_steps} inner steps and lands as theta plus the "
+            "rank's own progress"
+        )
+    if timing:
+        outer += "; " + "; ".join(timing)
     per_step = outer_bytes / H
     if layout.world_size == 1:
         sends = "one rank: nothing is exchanged"
@@ -112,3 +134,114 @@ def local_startup_line(
             f"{dense_bytes:,} per step{ratio}"
         )
     return f"{head}: {outer}; {sends}"
+
+
+# ------------------------------------------------------------------------------- end of fit
+def format_bytes(n: float) -> str:
+    """``n`` bytes in decimal units: ``"512 B"``, ``"12.35 kB"``, ``"1.20 MB"``, ``"3.00 GB"``."""
+    if abs(n) < 1000:
+        return f"{n:,.0f} B"
+    for unit in ("kB", "MB", "GB", "TB"):
+        n /= 1000
+        if abs(n) < 999.995 or unit == "TB":
+            return f"{n:,.2f} {unit}"
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _seconds(ns: float) -> str:
+    return f"{ns / 1e6:.1f} ms" if ns < 1e9 else f"{ns / 1e9:.2f} s"
+
+
+def _fewer(dense: float, sent: float) -> str:
+    if sent <= 0:
+        return "nothing sent"
+    return f"{dense / sent:.1f}x fewer" if dense >= sent else f"{sent / dense:.2f}x more"
+
+
+def fit_summary_line(diff: Mapping[str, int], *, steps: int, layout: Layout, fsdp: bool = False) -> str:
+    """The per-step hook's end-of-fit line (DDP flat or node mode, FSDP2 across nodes), from the
+    difference ``diff`` of this rank's ``GaussKState.telemetry`` over the fit (rank 0 logs its own,
+    labelled as such: no collective at the end of a fit) and the fit's ``steps`` optimizer steps.
+
+    It gives the bytes this rank sent (``bytes_sent``) against what dense data parallelism would
+    have sent for the same buckets (``bytes_dense``: dense DDP's all-reduce; under FSDP2, native
+    HSDP's all-reduce of the shards between the replicas), how many times fewer; node mode, the
+    bytes inside the node (``bytes_intra``, when any); buckets sent dense or skipped; and, where measured
+    (``hook_ns`` > 0: CPU buckets, or CUDA events already complete), the time in communication
+    (``comm_ns``: issue of the last collective to its completion, waiting for the slowest rank
+    included; node mode and FSDP2: ``intra_ns`` + ``inter_ns``) and in the hook."""
+    mode = f"FSDP2 across nodes, {layout.nodes} nodes x {layout.ranks_per_node} ranks" if fsdp else layout.describe()
+    unit = "shards" if fsdp else "buckets"
+    head = (
+        f"GaussK fit summary, rank {layout.rank}'s own counters (not summed over ranks; {mode}): {steps} optimizer steps, "
+        f"{diff.get('hook_calls', 0):,} {unit} compressed"
+    )
+    sent, dense = diff.get("bytes_sent", 0), diff.get("bytes_dense", 0)
+    reference = "native HSDP's all-reduce of the same shards between the replicas" if fsdp else "dense DDP's all-reduce of the same buckets"
+    if diff.get("hook_calls", 0) == 0:
+        what = "the hook did not run: nothing was exchanged"
+    elif layout.world_size == 1:
+        what = "one rank: nothing was exchanged"
+    elif fsdp and layout.nodes == 1:
+        what = "one node: nothing was exchanged between nodes (FSDP's reduce-scatter inside the node is the whole reduction)"
+    else:
+        what = f"sent {format_bytes(sent)} against {format_bytes(dense)} for {reference} ({_fewer(dense, sent)})"
+        if diff.get("bytes_intra", 0) > 0:  # node mode or FSDP2 with more than one rank per node
+            inside = "FSDP's reduce-scatter" if fsdp else "reduce-scatter and all-gather"
+            what += f"; inside the node {format_bytes(diff['bytes_intra'])} ({inside})"
+    extra = []
+    if diff.get("dense_buckets", 0):
+        extra.append(f"{diff['dense_buckets']:,} {unit} sent dense (dense_fallback)")
+    if diff.get("skipped_buckets", 0):
+        extra.append(f"{diff['skipped_buckets']:,} {unit} skipped (non-finite)")
+    if extra:
+        what += "; " + ", ".join(extra)
+    if diff.get("hook_ns", 0) > 0:
+        if layout.mode == "node" or fsdp:
+            intra, inter = diff.get("intra_ns", 0), diff.get("inter_ns", 0)
+            comm = f"communication {_seconds(intra + inter)} (inside the node {_seconds(intra)}, between nodes {_seconds(inter)})"
+        else:
+            comm = (
+                f"communication {_seconds(diff.get('comm_ns', 0))} (issue of the last collective to its completion, "
+                "waiting for the slowest rank included)"
+            )
+        what += f"; {comm}; hook {_seconds(diff['hook_ns'])}, selection {_seconds(diff.get('select_ns', 0))}"
+    return f"{head}; {what}"
+
+
+def local_fit_summary_line(diff: Mapping[str, int], *, dense_bytes_per_step: int, sync_every: int, layout: Layout) -> str:
+    """Local SGD's end-of-fit line (``gaussk_local``, ``diloco``), from the difference ``diff`` of
+    this rank's ``SparseLocalSGD.telemetry`` over the fit (rank 0 logs its own): the optimizer and
+    outer steps, the bytes this rank sent in the outer steps (``bytes_sent``) against what dense
+    DDP would have all-reduced over the same optimizer steps (``dense_bytes_per_step`` times
+    ``inner_steps``), how many times fewer, node mode the bytes inside the node, and the host wall
+    time of the outer steps (``outer_ns``: the exchange and the outer update; with exchanges in
+    flight behind inner steps, ``outer_hidden_ns`` and ``outer_exposed_ns`` when counted)."""
+    inner, outer = diff.get("inner_steps", 0), diff.get("outer_steps", 0)
+    notes = [f"H = sync_every = {sync_every}"]
+    if diff.get("skipped_outer_steps", 0):
+        notes.append(f"{diff['skipped_outer_steps']} skipped (non-finite)")
+    if diff.get("dense_outer_steps", 0):
+        notes.append(f"{diff['dense_outer_steps']} sent dense")
+    head = (
+        f"GaussK local SGD fit summary, rank {layout.rank}'s own counters (not summed over ranks; {layout.describe()}): "
+        f"{inner} optimizer steps, "
+        f"{outer} outer steps ({'; '.join(notes)})"
+    )
+    sent, dense = diff.get("bytes_sent", 0), dense_bytes_per_step * inner
+    if layout.world_size == 1:
+        what = "one rank: nothing was exchanged"
+    else:
+        what = (
+            f"sent {format_bytes(sent)} in the outer steps against {format_bytes(dense)} for dense DDP's all-reduce over "
+            f"the same {inner} optimizer steps ({_fewer(dense, sent)})"
+        )
+        if diff.get("bytes_intra", 0) > 0:  # node mode with more than one rank per node
+            what += f"; inside the node {format_bytes(diff['bytes_intra'])}"
+    if outer:
+        ns = diff.get("outer_ns", 0)
+        what += f"; outer steps {_seconds(ns)} of host wall time ({ns / outer / 1e6:.2f} ms each: exchange and update)"
+        exposed, hidden = diff.get("outer_exposed_ns", 0), diff.get("outer_hidden_ns", 0)
+        if hidden:  # overlapped exchanges (overlap_steps > 0)
+            what += f"; exchanges in flight {_seconds(hidden)} behind inner steps, {_seconds(exposed)} waited for"
+    return f"{head}; {what}"

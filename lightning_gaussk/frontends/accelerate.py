@@ -23,7 +23,11 @@ have no keys for one. So, after ``accelerator.prepare(...)``::
   strategy (:mod:`lightning_gaussk.checkpoint`: checks, layout policy, and a missing or corrupt
   shard on any rank raising on every rank);
 - reads its settings from keyword arguments, then ``GAUSSK_*`` environment variables, then the
-  defaults (see :data:`ENV_VARS`).
+  defaults (see :data:`ENV_VARS`);
+- at ``accelerator.end_training()``, logs on rank 0 what it sent against dense DDP since
+  registration (or since the last ``load_state``), the optimizer steps and the time in
+  communication where measured (:class:`~lightning_gaussk.frontends.wiring.FitSummary`; rank 0's
+  own counters, no collective).
 
 Optimizer steps: the hook counts synchronising backward passes. Under
 ``accelerator.accumulate(model)`` non-final micro-batches run in ``no_sync``, so this equals the
@@ -45,7 +49,7 @@ from lightning_gaussk.comm.inflight import destroy_group_at_exit
 from lightning_gaussk.config import GaussKConfig, LocalSGDConfig, config_fields, env_options, env_var, parse_env, warn_unknown_env_vars
 from lightning_gaussk.engine.ddp_hook import gaussk_hook
 from lightning_gaussk.engine.state import GaussKState
-from lightning_gaussk.frontends.wiring import HookCheckpoint, resolve_options, tell_loss_scale
+from lightning_gaussk.frontends.wiring import FitSummary, HookCheckpoint, resolve_options, summary_at_end_training, tell_loss_scale
 from lightning_gaussk.utils.log import rank_zero_warn
 
 try:
@@ -212,7 +216,9 @@ def register_gaussk(accelerator: Accelerator, model: nn.Module, mesh: Any = None
     Returns:
         This rank's :class:`GaussKState` (``state.telemetry`` counts hook calls and bytes), or
         ``None`` when nothing was registered: a single process (with a warning) or
-        ``GAUSSK_DISABLE=1`` (plain DDP allreduce, with a warning).
+        ``GAUSSK_DISABLE=1`` (plain DDP allreduce, with a warning). ``accelerator.end_training()``
+        then logs, on rank 0, what it sent against dense DDP
+        (:func:`~lightning_gaussk.frontends.wiring.summary_at_end_training`).
 
     Raises:
         TypeError / ValueError: invalid settings (naming the argument or environment variable);
@@ -286,7 +292,8 @@ def register_gaussk(accelerator: Accelerator, model: nn.Module, mesh: Any = None
     state.setup_layout()  # node mode from LOCAL_WORLD_SIZE (torchrun, accelerate launch) under "auto"
     ddp.register_comm_hook(state, gaussk_hook)
     ddp._gaussk_state = state  # marks the module; found again by a second call
-    _attach_checkpointing(accelerator, state)
+    summary = summary_at_end_training(accelerator, state)
+    _attach_checkpointing(accelerator, state, summary)
     _attach_step_counter(accelerator, ddp, state)
     _attach_loss_scale(accelerator, model, state)
     _adapt_optimizers(accelerator, ddp, state)
@@ -308,7 +315,7 @@ def _register_fsdp(accelerator: Accelerator, model: nn.Module, mesh: Any, resolv
         raise ValueError("register_gaussk: this FSDP2 model already has the GaussK hook; call register_gaussk once per model")
     state = register_gaussk_fsdp(target, mesh, GaussKConfig(**resolved))
     target._gaussk_state = state
-    _attach_checkpointing(accelerator, state)
+    _attach_checkpointing(accelerator, state, summary_at_end_training(accelerator, state))
     _attach_loss_scale(accelerator, model, state)
     _adapt_optimizers(accelerator, target, state)
     return state
@@ -377,7 +384,7 @@ def manifest_file(rank: int, index: int = 0) -> str:
     return MANIFEST_FILE.format(rank=rank) if index == 0 else f"gaussk_manifest_{index}_rank{rank}.json"
 
 
-def _attach_checkpointing(accelerator: Accelerator, state: GaussKState) -> None:
+def _attach_checkpointing(accelerator: Accelerator, state: GaussKState, summary: FitSummary | None = None) -> None:
     rank, world = accelerator.process_index, accelerator.num_processes
     index = getattr(accelerator, "_gaussk_registrations", 0)  # several models: one file set each
     accelerator._gaussk_registrations = index + 1
@@ -387,6 +394,8 @@ def _attach_checkpointing(accelerator: Accelerator, state: GaussKState) -> None:
 
     def load(models: list[Any], input_dir: str) -> None:
         _load_into(state, Path(input_dir), rank, world, index)
+        if summary is not None:  # the summary counts from the restored counters on
+            summary.restart(state.step)
 
     accelerator.register_save_state_pre_hook(save)
     accelerator.register_load_state_pre_hook(load)

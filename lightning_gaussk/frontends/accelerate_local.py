@@ -15,7 +15,10 @@ After ``accelerator.prepare(...)``::
   and optimizer after its pre-hooks, so each rank's own are put back at the model's next forward;
 - the options are :class:`~lightning_gaussk.config.LocalSGDConfig`'s, from keywords > ``GAUSSK_*``
   variables (``GAUSSK_SYNC_EVERY``, ``GAUSSK_OUTER_LR``, ...) > defaults, as everywhere
-  (:func:`lightning_gaussk.frontends.wiring.resolve_options`).
+  (:func:`lightning_gaussk.frontends.wiring.resolve_options`);
+- at ``accelerator.end_training()``, rank 0 logs the optimizer and outer steps, the bytes sent
+  against dense DDP over the same optimizer steps and the outer steps' time
+  (:func:`lightning_gaussk.frontends.wiring.summary_at_end_training`).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from lightning_gaussk.comm.inflight import destroy_group_at_exit
 from lightning_gaussk.config import LocalSGDConfig
 from lightning_gaussk.engine.local.driver import SparseLocalSGD
 from lightning_gaussk.engine.local.grad_hook import local_grad_hook
-from lightning_gaussk.frontends.wiring import HookCheckpoint
+from lightning_gaussk.frontends.wiring import FitSummary, HookCheckpoint, summary_at_end_training
 from lightning_gaussk.utils.log import rank_zero_warn
 
 __all__ = ["LOCAL_MANIFEST_FILE", "LOCAL_STATE_FILE", "register_local_sgd"]
@@ -83,13 +86,13 @@ def register_local_sgd(
     local = SparseLocalSGD(module, getattr(owners[0], "optimizer", owners[0]), process_group=process_group, config=config)
     ddp.register_comm_hook(None, local_grad_hook)
     ddp._gaussk_state = local
-    _attach_checkpointing(accelerator, local)
+    _attach_checkpointing(accelerator, local, summary_at_end_training(accelerator, local))
     model.register_forward_pre_hook(lambda m, args: local.apply_local())  # after load_state: this rank's own
     destroy_group_at_exit()  # also without accelerator.end_training(): gloo groups destroyed while Python runs
     return local
 
 
-def _attach_checkpointing(accelerator: Accelerator, local: SparseLocalSGD) -> None:
+def _attach_checkpointing(accelerator: Accelerator, local: SparseLocalSGD, summary: FitSummary) -> None:
     rank, world = accelerator.process_index, accelerator.num_processes
     files: dict[str, Any] = dict(
         shard_name=lambda r: LOCAL_STATE_FILE.format(rank=r), manifest_name=lambda r: LOCAL_MANIFEST_FILE.format(rank=r)
@@ -102,6 +105,7 @@ def _attach_checkpointing(accelerator: Accelerator, local: SparseLocalSGD) -> No
     def load(models: list[Any], input_dir: str) -> None:
         if not checkpoint.restore_files(Path(input_dir), rank=rank, world_size=world, **files):
             rank_zero_warn(f"{input_dir} has no {LOCAL_STATE_FILE.format(rank='*')}: the outer loop starts afresh.")
+        summary.restart()  # the summary counts from the restored counters on
 
     accelerator.register_save_state_pre_hook(save)
     accelerator.register_load_state_pre_hook(load)

@@ -7,11 +7,17 @@
   optimizer steps, not hook calls or micro-batches;
 - saves every rank's hook state as its own shard next to the Lightning checkpoint
   (``<ckpt>.gaussk/rank{r}.pt``, a manifest inside the checkpoint) and restores it on resume;
-  removing the checkpoint removes its shards.
+  removing the checkpoint removes its shards;
+- refuses a ``configure_model`` that shards with FSDP2 (DDP has no device mesh), pointing to
+  ``strategy="gaussk_fsdp"``;
+- logs, on rank 0 at the end of a fit, what it sent against dense DDP, the steps and the time in
+  communication (:class:`~lightning_gaussk.frontends.wiring.FitSummary`).
 
 Options, checkpoints, the deferred restore and the teardown are :mod:`lightning_gaussk.frontends.wiring`'s.
 """
 
+from collections.abc import Generator
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any, Literal
 
@@ -28,13 +34,26 @@ from lightning_gaussk.checkpoint.files import shard_dir
 from lightning_gaussk.config import GaussKConfig, LocalSGDConfig
 from lightning_gaussk.engine.ddp_hook import gaussk_hook
 from lightning_gaussk.engine.state import GaussKState
-from lightning_gaussk.frontends.wiring import StrategyWiring, ddp_arguments, foreign_options, options_doc, strategy_options
+from lightning_gaussk.frontends.wiring import (
+    StrategyWiring,
+    ddp_arguments,
+    foreign_options,
+    options_doc,
+    refuse_fsdp2,
+    strategy_options,
+)
 
 __all__ = ["CHECKPOINT_KEY", "GaussKDDPStrategy"]
 
 CHECKPOINT_KEY = "gaussk"
 #: why a local SGD option is refused here (:func:`~lightning_gaussk.frontends.wiring.check_keywords`)
 _LOCAL_ONLY = foreign_options(GaussKConfig, LocalSGDConfig, why="an option of local SGD: gaussk_local, diloco")
+#: what to use instead of gaussk_ddp over an FSDP2-sharded model
+_FSDP2_ALTERNATIVES = (
+    "For an FSDP2 configure_model use strategy='gaussk_fsdp' (GaussKFSDPStrategy: FSDP2 inside each node, TopK-SGD "
+    "between nodes; its device mesh is what configure_model shards with), or build the model without fully_shard "
+    "for gaussk_ddp."
+)
 
 
 class GaussKDDPStrategy(StrategyWiring, DDPStrategy):
@@ -61,7 +80,12 @@ class GaussKDDPStrategy(StrategyWiring, DDPStrategy):
             arguments and ``DistributedDataParallel``'s).
         ValueError / TypeError: for an invalid argument, or one that would register a second
             comm hook (``ddp_comm_hook``, ``ddp_comm_state``, ``ddp_comm_wrapper``,
-            ``model_averaging_period``).
+            ``model_averaging_period``); at setup, for a ``configure_model`` that shards with
+            FSDP2 (use ``strategy="gaussk_fsdp"``).
+
+    At the end of a fit rank 0 logs one line: the optimizer steps, the bytes it sent against
+    what dense DDP would have all-reduced (how many times fewer) and, where measured, the time
+    in communication (:func:`~lightning_gaussk.engine.describe.fit_summary_line`).
     """
 
     strategy_name = "gaussk_ddp"
@@ -139,6 +163,15 @@ class GaussKDDPStrategy(StrategyWiring, DDPStrategy):
         return self._gaussk_config
 
     @override
+    @contextmanager
+    def model_sharded_context(self) -> Generator[None, None, None]:
+        """Around ``configure_model``: a module that shards itself with FSDP2 is refused
+        (:func:`~lightning_gaussk.frontends.wiring.refuse_fsdp2`; this strategy runs on DDP)."""
+        with refuse_fsdp2(type(self).__name__, self.lightning_module, alternatives=_FSDP2_ALTERNATIVES):
+            with super().model_sharded_context():
+                yield
+
+    @override
     def configure_ddp(self) -> None:
         super().configure_ddp()  # wraps the model; registers no hook (we pass none)
         state = GaussKState(self._gaussk_config).bind(self.lightning_module)
@@ -172,7 +205,7 @@ class GaussKDDPStrategy(StrategyWiring, DDPStrategy):
 
     @override
     def teardown(self) -> None:
-        self._gaussk_teardown()
+        self._gaussk_teardown()  # and, at the end of a fit, the summary line on rank 0
         super().teardown()
 
     # ---------------------------------------------------------------- checkpoints

@@ -16,7 +16,10 @@ replica reduction (:mod:`lightning_gaussk.engine.fsdp`). Wiring only.
 - saves each rank's residual shard with the checkpoint: inside the distributed checkpoint folder
   (``<ckpt>/gaussk/rank{r}.pt``), or beside a single-file checkpoint (``<ckpt>.gaussk/``), the
   manifest in the checkpoint's metadata, and restores it on resume (on another mesh by the row
-  policy, :mod:`lightning_gaussk.checkpoint.reshard`).
+  policy, :mod:`lightning_gaussk.checkpoint.reshard`);
+- logs, on rank 0 at the end of a fit, what it sent between nodes against native HSDP's
+  all-reduce, the steps and the time in communication
+  (:class:`~lightning_gaussk.frontends.wiring.FitSummary`).
 
 Options, checkpoints, the deferred restore and the teardown are :mod:`lightning_gaussk.frontends.wiring`'s.
 """
@@ -64,6 +67,11 @@ class GaussKFSDPStrategy(StrategyWiring, ModelParallelStrategy):
 
     ``hierarchy`` and ``ranks_per_node`` are not options here: the mesh is
     ``(num_nodes, devices)``. Raises ``ValueError`` / ``TypeError`` for an invalid argument.
+
+    At the end of a fit rank 0 logs one line: the optimizer steps, the bytes it sent between
+    nodes against what native HSDP's all-reduce of the shards would have sent (how many times
+    fewer), FSDP's bytes inside the node and, where measured, the time in communication
+    (:func:`~lightning_gaussk.engine.describe.fit_summary_line`).
     """
 
     strategy_name = "gaussk_fsdp"
@@ -151,7 +159,7 @@ class GaussKFSDPStrategy(StrategyWiring, ModelParallelStrategy):
 
     @override
     def teardown(self) -> None:
-        self._gaussk_teardown()
+        self._gaussk_teardown()  # and, at the end of a fit, the summary line on rank 0
         super().teardown()
 
     # ---------------------------------------------------------------- checkpoints

@@ -13,12 +13,17 @@ differ only in the lifecycle methods that call it.
 - **the step and the loss scale** told to the hook: :func:`tell_step_and_scale`,
   :func:`tell_loss_scale`;
 - **the checkpoint adapter** :class:`HookCheckpoint`: one rank's hook state (DDP, FSDP2 or local
-  SGD) as :mod:`lightning_gaussk.checkpoint` writes and restores it, with the same-layout
-  check of local SGD (:func:`check_same_layout`);
+  SGD) as :mod:`lightning_gaussk.checkpoint` writes and restores it, on any layout (local SGD by
+  :data:`~lightning_gaussk.checkpoint.reshard.LOCAL_SGD_POLICY`);
 - :func:`refuse_fsdp2`: a DDP-based strategy's refusal of a ``configure_model`` that shards with
   FSDP2;
+- **the end-of-fit summary**: :class:`FitSummary` reads a hook state's counters when a fit starts
+  and logs, on rank 0, what it sent against dense data parallelism, the steps and the time in
+  communication when it ends (:func:`~lightning_gaussk.engine.describe.fit_summary_line`,
+  :func:`~lightning_gaussk.engine.describe.local_fit_summary_line`); Accelerate logs it at
+  ``accelerator.end_training()`` (:func:`summary_at_end_training`);
 - :class:`StrategyWiring`, the Lightning strategies' mixin: the deferred restore, the checkpoint
-  hooks and the teardown.
+  hooks, the teardown and the end-of-fit summary.
 
 Example::
 
@@ -53,18 +58,23 @@ from torch.nn.parallel import DistributedDataParallel
 from lightning_gaussk.checkpoint.files import remove_shards
 from lightning_gaussk.checkpoint.formats import SavedState
 from lightning_gaussk.checkpoint.protocol import restore_state, save_rank_files, save_shards
+from lightning_gaussk.checkpoint.reshard import LOCAL_SGD_POLICY
 from lightning_gaussk.comm.inflight import destroy_group_at_exit
 from lightning_gaussk.comm.layout import Layout
 from lightning_gaussk.config.declare import ENV_PREFIX, env_values, from_env
+from lightning_gaussk.engine.counters import counter_diff
+from lightning_gaussk.engine.describe import fit_summary_line, local_fit_summary_line
+from lightning_gaussk.engine.fsdp import GaussKFSDPState
 from lightning_gaussk.engine.local.driver import SparseLocalSGD
+from lightning_gaussk.engine.timing import fold as fold_device_times
 from lightning_gaussk.utils.log import rank_zero_info, rank_zero_warn
 
 __all__ = [
     "COMM_HOOK_ARGUMENTS",
+    "FitSummary",
     "HookCheckpoint",
     "LoadedState",
     "StrategyWiring",
-    "check_same_layout",
     "check_keywords",
     "check_signature",
     "foreign_options",
@@ -73,6 +83,7 @@ __all__ = [
     "refuse_fsdp2",
     "resolve_options",
     "strategy_options",
+    "summary_at_end_training",
     "tell_loss_scale",
     "tell_step_and_scale",
 ]
@@ -331,16 +342,6 @@ def tell_step_and_scale(state: Any, strategy: Any) -> None:
 
 
 # ------------------------------------------------------------------------------- the checkpoint adapter
-def check_same_layout(saved: Layout, mine: Layout, *, owner: str, where: str) -> None:
-    """Local SGD resumes on the layout it was saved on (world size and ranks per node): its error
-    feedback and local models are per rank. ``ValueError`` naming both layouts otherwise."""
-    if (saved.world_size, saved.ranks_per_node or 1) != (mine.world_size, mine.ranks_per_node or 1):
-        raise ValueError(
-            f"{owner}: {where} was saved on {saved.describe()}, this run is {mine.describe()}; "
-            "local SGD resumes on the same layout only"
-        )
-
-
 class HookCheckpoint:
     """The checkpoint adapter: one rank's hook state (``GaussKState``, ``GaussKFSDPState`` or
     ``SparseLocalSGD``) in the shape :mod:`lightning_gaussk.checkpoint` reads and writes
@@ -396,17 +397,11 @@ class HookCheckpoint:
 
     def restore(self, open_saved: Callable[[], SavedState | None], *, rank: int, world_size: int, where: str) -> bool:
         """Load this rank's saved state through the one restore protocol (a collective: a failure
-        on one rank raises on all). Local SGD: the same layout only (:func:`check_same_layout`).
+        on one rank raises on all). Local SGD: on any layout, by
+        :data:`~lightning_gaussk.checkpoint.reshard.LOCAL_SGD_POLICY` (its saves carry no marker).
         Returns False when no rank found a save."""
         if self._local:
-
-            def open_checked() -> SavedState | None:
-                saved = open_saved()
-                if saved is not None:
-                    check_same_layout(saved.layout, self.layout, owner=self.owner, where=where)
-                return saved
-
-            return restore_state(self, open_checked, rank=rank, world_size=world_size)
+            return restore_state(self, open_saved, rank=rank, world_size=world_size, policy=LOCAL_SGD_POLICY)
         # the saved marker must match this state's kind; it picks the reshard policy
         return restore_state(self, open_saved, rank=rank, world_size=world_size, sharding=self.state.sharding)
 
@@ -454,6 +449,72 @@ def _entry(manifest: Mapping[str, Any], shared: Mapping[str, Any] | None) -> dic
     return dict(manifest) if shared is None else {"manifest": manifest, **shared}
 
 
+# ------------------------------------------------------------------------------- the end-of-fit summary
+class FitSummary:
+    """A hook state's counters when a fit started, and the line that sums the fit up when it ends.
+
+    Args:
+        state: the hook state (``GaussKState``, ``GaussKFSDPState`` or ``SparseLocalSGD``).
+        step: the optimizer step the fit starts at (per-step engines; local SGD counts its own
+            optimizer steps, ``inner_steps``).
+
+    :meth:`line` is this rank's (no collective: safe at the end of a fit, after an error too);
+    :meth:`log` logs it on rank 0, whose own counters it labels as such. After a restore of the
+    state's counters, :meth:`restart` (a resumed fit sums up its own steps, not the saved ones).
+    """
+
+    def __init__(self, state: Any, step: int = 0) -> None:
+        self.state = state
+        self.restart(step)
+
+    def restart(self, step: int = 0) -> None:
+        """Read the counters (and the optimizer step) now, as the fit's start."""
+        self.counters, self.step = dict(self.state.telemetry), int(step)
+
+    def line(self, step: int | None = None) -> str:
+        """The line from the start to now; ``step``: the optimizer step now (per-step engines;
+        None: the steps are not known and read 0)."""
+        state = self.state
+        if isinstance(state, SparseLocalSGD):
+            return local_fit_summary_line(
+                counter_diff(self.counters, state.telemetry), dense_bytes_per_step=state.dense_bytes_per_step,
+                sync_every=state.sync_every, layout=state.layout,
+            )  # fmt: skip
+        fold_device_times(state)  # GPU stage times whose CUDA events are complete (no sync)
+        steps = 0 if step is None else int(step) - self.step
+        return fit_summary_line(
+            counter_diff(self.counters, state.telemetry), steps=steps, layout=state.layout, fsdp=isinstance(state, GaussKFSDPState)
+        )
+
+    def log(self, step: int | None = None) -> None:
+        """:meth:`line` at INFO on rank 0 (the ``lightning_gaussk`` logger)."""
+        rank_zero_info(self.line(step))
+
+
+def summary_at_end_training(accelerator: Any, state: Any) -> FitSummary:
+    """Accelerate's front ends: the end-of-training line of ``state`` (:class:`FitSummary`, counted
+    from now), logged on rank 0 when ``accelerator.end_training()`` is called, before
+    Accelerate ends its trackers and destroys the process group. Accelerate has no hook there:
+    ``end_training`` is wrapped on this accelerator object (once; each registered state logs its
+    own line). No line without ``end_training()``."""
+    summary = FitSummary(state, getattr(state, "step", 0))
+    summaries: list[FitSummary] | None = accelerator.__dict__.get("_gaussk_summaries")
+    if summaries is None:
+        summaries = accelerator.__dict__["_gaussk_summaries"] = []
+        end_training = accelerator.end_training
+
+        def end_training_with_summary(*args: Any, **kwargs: Any) -> Any:
+            for done in summaries:
+                done.log(getattr(done.state, "step", None))
+            summaries.clear()
+            return end_training(*args, **kwargs)
+
+        end_training_with_summary.__doc__ = end_training.__doc__
+        accelerator.end_training = end_training_with_summary  # type: ignore[method-assign]
+    summaries.append(summary)
+    return summary
+
+
 # ------------------------------------------------------------------------------- the Lightning strategies
 class StrategyWiring:
     """The Lightning strategies' part of the wiring: a mixin before the Lightning strategy class.
@@ -463,6 +524,11 @@ class StrategyWiring:
     before ``setup()``; the layout is known only when the state is built). The strategy's short
     ``@override`` methods call :meth:`_gaussk_save`, :meth:`_gaussk_load`,
     :meth:`_gaussk_remove`, :meth:`_gaussk_tell` and :meth:`_gaussk_teardown`.
+
+    The end-of-fit summary: its ``on_train_start`` (cooperative: it calls the strategy's next in
+    line) reads the state's counters and the optimizer step (:class:`FitSummary`), and
+    :meth:`_gaussk_teardown` logs the line on rank 0 at the end of a fit that was not interrupted
+    by an error (rank 0's own counters: no collective).
 
     Every rank's state goes into its own shard (:mod:`lightning_gaussk.checkpoint`: atomic,
     checksummed; a failure on one rank raises on all), the manifest into the checkpoint under
@@ -478,6 +544,7 @@ class StrategyWiring:
 
     _gaussk_state: Any = None
     _gaussk_loaded: LoadedState | None = None
+    _gaussk_fit: FitSummary | None = None
 
     # attributes of the Lightning strategy
     global_rank: int
@@ -508,15 +575,37 @@ class StrategyWiring:
         if self._gaussk_state is not None:
             tell_step_and_scale(self._gaussk_state, self)
 
+    def on_train_start(self) -> None:
+        """The next strategy's ``on_train_start``, then the counters and the optimizer step the fit
+        starts from (the state is built and restored by now), for the end-of-fit summary."""
+        super().on_train_start()  # type: ignore[misc]
+        state = self._gaussk_state
+        if state is not None:
+            self._gaussk_fit = FitSummary(state, self._gaussk_global_step())
+
+    def _gaussk_global_step(self) -> int:
+        trainer = getattr(getattr(self, "lightning_module", None), "_trainer", None)
+        return int(getattr(trainer, "global_step", 0))
+
+    def _gaussk_interrupted(self) -> bool:
+        trainer = getattr(getattr(self, "lightning_module", None), "_trainer", None)
+        status = getattr(getattr(trainer, "state", None), "status", None)
+        return getattr(status, "value", status) == "interrupted"
+
     def _gaussk_teardown(self) -> None:
         """Local, no collective (safe after an error): let torch's communication threads release
         the hook's last callbacks before the wrapper and the process go away; local SGD takes its
-        hook off the optimizer."""
+        hook off the optimizer. At the end of a fit that was not interrupted by an error, the
+        summary line on rank 0 (:class:`FitSummary`: this fit's steps and bytes against dense
+        data parallelism, and the time in communication where measured)."""
         state = self._gaussk_state
         if isinstance(state, SparseLocalSGD):
             state.remove()
         elif state is not None:
             state.wait_idle()
+        fit, self._gaussk_fit = self._gaussk_fit, None
+        if fit is not None and fit.state is state and not self._gaussk_interrupted():
+            fit.log(self._gaussk_global_step())
 
     def _gaussk_save(self, checkpoint: dict[str, Any], folder: Path) -> None:
         """Every rank writes its shard into ``folder`` (a collective) and ``checkpoint`` gets the

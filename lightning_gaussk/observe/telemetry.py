@@ -25,7 +25,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning_gaussk.engine.counters import counter_diff
 from lightning_gaussk.engine.timing import fold as fold_device_times
 
-__all__ = ["FIGURES", "LOCAL_FIGURES", "GaussKTelemetry", "local_sgd_figures", "telemetry_figures"]
+__all__ = ["EVENT_FIGURES", "FIGURES", "LOCAL_FIGURES", "GaussKTelemetry", "local_sgd_figures", "telemetry_figures"]
 
 FIGURES = (
     "bytes_sent",
@@ -46,7 +46,19 @@ FIGURES = (
     "decode_ms",
 )
 #: figures of local SGD (``"gaussk_local"``), see :func:`local_sgd_figures`
-LOCAL_FIGURES = ("outer_steps", "skipped_outer_steps", "bytes_per_inner_step", "outer_ms", "window_position")
+LOCAL_FIGURES = (
+    "outer_steps",
+    "skipped_outer_steps",
+    "bytes_per_inner_step",
+    "bytes_dense",
+    "compression",
+    "outer_ms",
+    "exposed_ms",
+    "hidden_ms",
+    "window_position",
+)
+#: figures present only on some steps: logged straight to the loggers at those steps (see :class:`GaussKTelemetry`)
+EVENT_FIGURES = ("outer_ms", "exposed_ms", "hidden_ms", "residual_ratio")
 _DEFAULT_PROG_BAR = ("density", "compression", "select_ms", "bytes_per_inner_step")
 
 
@@ -102,7 +114,9 @@ def telemetry_figures(before: Mapping[str, int], after: Mapping[str, int], world
     return out
 
 
-def local_sgd_figures(before: Mapping[str, int], after: Mapping[str, int], window_position: int) -> dict[str, float]:
+def local_sgd_figures(
+    before: Mapping[str, int], after: Mapping[str, int], window_position: int, dense_bytes_per_step: int | None = None
+) -> dict[str, float]:
     """Figures of local SGD (:class:`~lightning_gaussk.engine.local.driver.SparseLocalSGD` ``.telemetry``)
     between two readings taken around optimizer steps:
 
@@ -110,7 +124,16 @@ def local_sgd_figures(before: Mapping[str, int], after: Mapping[str, int], windo
       non-finite, nothing of the step kept);
     - ``bytes_per_inner_step``: this rank's outer-step message bytes so far over its optimizer
       steps so far (what per-step data parallelism would compare against);
-    - ``outer_ms``: host time of the outer step(s) in between, present only when one ran;
+    - ``bytes_dense`` (with ``dense_bytes_per_step``, ``SparseLocalSGD.dense_bytes_per_step``):
+      what dense DDP would have all-reduced over the same optimizer steps so far,
+      ``dense_bytes_per_step * inner_steps``;
+    - ``compression`` (with ``dense_bytes_per_step``, once an outer step has sent bytes):
+      ``bytes_dense`` over this rank's outer-step bytes so far (``bytes_sent``), the factor fewer;
+    - ``outer_ms``: host time of the outer step(s) in between (launches, landings), present only
+      when one ran;
+    - ``exposed_ms`` / ``hidden_ms`` (present only when an exchange finished in between): the host's
+      wait for outer exchanges, and their time behind inner steps (``overlap_steps > 0``; launch
+      to completion, seen at the next optimizer step);
     - ``window_position``: optimizer steps into the current window (0 right after an outer step).
 
     Empty when no optimizer step was taken in between."""
@@ -124,8 +147,16 @@ def local_sgd_figures(before: Mapping[str, int], after: Mapping[str, int], windo
         "bytes_per_inner_step": int(after.get("bytes_sent", 0)) / inner if inner else 0.0,
         "window_position": float(window_position),
     }
-    if diff.get("outer_steps", 0) > 0:
+    if dense_bytes_per_step is not None:
+        out["bytes_dense"] = float(dense_bytes_per_step * inner)
+        sent = int(after.get("bytes_sent", 0))
+        if sent > 0:
+            out["compression"] = out["bytes_dense"] / sent
+    if diff.get("outer_steps", 0) > 0 or diff.get("outer_ns", 0) > 0:  # a launch, or only a landing
         out["outer_ms"] = diff.get("outer_ns", 0) / 1e6
+    if diff.get("outer_exposed_ns", 0) > 0:
+        out["exposed_ms"] = diff["outer_exposed_ns"] / 1e6
+        out["hidden_ms"] = diff.get("outer_hidden_ns", 0) / 1e6
     return out
 
 
@@ -143,7 +174,14 @@ class GaussKTelemetry(Callback):
         prefix: first part of the logged names (``<prefix>/<figure>``).
 
     Figures are this rank's (rank 0's reach the logger); they follow ``log_every_n_steps`` like any
-    ``self.log`` value. The latest ones are in ``last`` on every rank. Under a strategy without
+    ``self.log`` value. The figures of :data:`EVENT_FIGURES`, present only on some steps
+    (``outer_ms`` on the steps that ran an outer step, ``residual_ratio`` on the steps it was
+    measured), go straight to ``trainer.loggers`` at those steps instead (whatever
+    ``log_every_n_steps``; rank 0; the step Lightning's own rows of that step carry): ``self.log``
+    would send a value logged on one step again on every later logging step of the epoch
+    (Lightning keeps each key's last value until the epoch ends). They also go to
+    ``trainer.callback_metrics`` and the progress bar (``self.log(..., logger=False)``), where the
+    latest value stays. The latest figures are in ``last`` on every rank. Under a strategy without
     GaussK hook state (e.g. plain ``"ddp"``) it warns once and logs nothing.
     """
 
@@ -202,7 +240,7 @@ class GaussKTelemetry(Callback):
         if self._before is None or local is None:
             return
         now = dict(local.telemetry)
-        figures = local_sgd_figures(self._before, now, local.window_position)
+        figures = local_sgd_figures(self._before, now, local.window_position, dense_bytes_per_step=local.dense_bytes_per_step)
         if figures:  # an optimizer step (and maybe the outer step) ran in this batch
             self._before = now
             self._log(pl_module, figures)
@@ -232,6 +270,26 @@ class GaussKTelemetry(Callback):
 
     def _log(self, pl_module: "pl.LightningModule", figures: dict[str, float]) -> None:
         self.last = figures
+        events: dict[str, float] = {}
         for name, value in figures.items():
-            if math.isfinite(value):
-                pl_module.log(f"{self.prefix}/{name}", value, on_step=True, on_epoch=False, prog_bar=name in self.prog_bar)
+            if not math.isfinite(value):
+                continue
+            event = name in EVENT_FIGURES
+            if event:
+                events[f"{self.prefix}/{name}"] = value
+            pl_module.log(
+                f"{self.prefix}/{name}", value, on_step=True, on_epoch=False, prog_bar=name in self.prog_bar, logger=not event
+            )
+        if events:
+            _log_now(pl_module.trainer, events)
+
+
+def _log_now(trainer: "pl.Trainer", metrics: dict[str, float]) -> None:
+    """``metrics`` to every logger now, on rank 0, at the step Lightning's rows of this optimizer
+    step carry (its ``_batches_that_stepped``, as Lightning's ``LearningRateMonitor`` logs);
+    nothing when logging is off (``log_every_n_steps=0``, no logger)."""
+    if not trainer.is_global_zero or not trainer.loggers or trainer.log_every_n_steps == 0:
+        return
+    step = getattr(getattr(trainer.fit_loop, "epoch_loop", None), "_batches_that_stepped", trainer.global_step)
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=step)

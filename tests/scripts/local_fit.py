@@ -3,7 +3,8 @@ popen launcher: run as a subprocess; the launcher re-runs ``sys.argv``).
 
 Two fits in the same processes: ``ref`` (8 optimizer steps of 2 accumulated micro-batches,
 sync_every=3, 2-bit values, a checkpoint every 4 optimizer steps, ``GaussKTelemetry`` logging) and ``resumed`` (from the
-checkpoint of step 4, in the middle of a window, to step 8). Every rank writes what it saw to
+checkpoint of step 4, in the middle of a window, to step 8); then the same two with ``overlap_steps=1,
+fragments=2`` (``ref-overlap``, ``resumed-overlap``: at step 4 fragment 1's exchange is in flight). Every rank writes what it saw to
 ``--out/<name>/rank{r}.pt`` (at the module's ``on_train_end``, before the strategy's last outer
 step) and ``--out/<name>/final_rank{r}.pt`` (after ``fit``). Batches are a function of (optimizer step, micro-batch, rank).
 """
@@ -42,6 +43,7 @@ class Net(L.LightningModule):
         self.losses: list[float] = []
         self.synced_equal: bool | None = None
         self.position: int | None = None
+        self.in_flight_at_save: list[int] = []
 
     def training_step(self, batch, batch_idx):
         x, y = make_batch(self.global_step, batch_idx % self.trainer.accumulate_grad_batches, self.global_rank)
@@ -59,6 +61,9 @@ class Net(L.LightningModule):
             dist.all_gather(got, mine)
             self.synced_equal = all(torch.equal(got[0], g) for g in got)
 
+    def on_save_checkpoint(self, checkpoint) -> None:  # before the strategy writes the shards
+        self.in_flight_at_save.append(self.trainer.strategy.local_sgd.in_flight)
+
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=0.02)
 
@@ -70,16 +75,16 @@ class Net(L.LightningModule):
             "params": flat(self).clone(), "inner_steps": tel["inner_steps"], "outer_steps": tel["outer_steps"],
             "loss_first": sum(self.losses[:4]) / 4, "loss_last": sum(self.losses[-4:]) / 4,
             "synced_equal": self.synced_equal, "resumed_position": self.position, "outer_bytes": local.outer_bytes,
-            "telemetry_last": dict(logged.last),
+            "telemetry_last": dict(logged.last), "in_flight_at_save": self.in_flight_at_save,
             "metrics": {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("gaussk/")},
         }  # fmt: skip
         os.makedirs(self.out, exist_ok=True)
         torch.save(rec, os.path.join(self.out, f"rank{self.global_rank}.pt"))
 
 
-def fit(out: str, ckpt_dir: str, resume: str | None) -> L.Trainer:
+def fit(out: str, ckpt_dir: str, resume: str | None, **options) -> L.Trainer:
     L.seed_everything(7)
-    strategy = GaussKLocalSGDStrategy(sync_every=H, density=0.1, chunk=64, quantize=2, hierarchy="flat")
+    strategy = GaussKLocalSGDStrategy(sync_every=H, density=0.1, chunk=64, quantize=2, hierarchy="flat", **options)
     trainer = L.Trainer(
         strategy=strategy, accelerator="cpu", devices=2, max_steps=8, accumulate_grad_batches=2, logger=False,
         callbacks=[ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=4, save_top_k=-1, filename="{step}"), GaussKTelemetry()],
@@ -103,6 +108,9 @@ def main() -> None:
     ckpts = os.path.join(a.out, "ckpt")
     children.collect(fit(os.path.join(a.out, "ref"), ckpts, None))
     fit(os.path.join(a.out, "resumed"), os.path.join(a.out, "ckpt2"), os.path.join(ckpts, "step=4.ckpt"))
+    overlap = {"overlap_steps": 1, "fragments": 2}
+    fit(os.path.join(a.out, "ref-overlap"), os.path.join(a.out, "ckpt3"), None, **overlap)
+    fit(os.path.join(a.out, "resumed-overlap"), os.path.join(a.out, "ckpt4"), os.path.join(a.out, "ckpt3", "step=4.ckpt"), **overlap)
     children.finish("local_fit")
 
 
