@@ -51,7 +51,8 @@ USER_PATHS = {
     "lightning_gaussk.config": ["GaussKConfig"],
     "lightning_gaussk.accelerate": ["DISABLE_VAR", "ENV_VARS", "FSDP_RECIPE", "config_from_env", "find_ddp_module",
                                     "register_gaussk"],
-    "lightning_gaussk.local_sgd": ["SparseLocalSGD", "local_grad_hook"],
+    "lightning_gaussk.local_sgd": ["SparseLocalSGD", "local_grad_hook", "restore_local_sgd", "save_local_sgd"],
+    "lightning_gaussk.transformers": ["register_gaussk"],
     "lightning_gaussk.fsdp": ["register_gaussk_fsdp"],
     "lightning_gaussk.preflight": ["main"],
 }  # fmt: skip
