@@ -69,7 +69,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -289,7 +289,7 @@ class ReshardPolicy:
 
     sharding: str | None
     saved_by: str
-    state_for: Callable[[ReadRank, Layout, Layout], dict[str, Any]]
+    state_for: Callable[[ReadRank, Layout, Layout], dict[str, Any]] = field(repr=False)
 
 
 _POLICIES: dict[str | None, ReshardPolicy] = {

@@ -34,6 +34,11 @@ fragment ``f`` syncs at its own offset ``(f H) // F`` of the window, so each syn
 
 ``tau = 0, F = 1`` is the blocking outer step, bit for bit.
 
+Fault tolerance (``manager``, a ``torchft.Manager``): each outer step runs under the manager's
+quorum across the live replica groups, the mean is over ``manager.num_participants()``, and
+``manager.should_commit()`` gates the commit; a group that joins late or falls behind heals
+``theta``, the outer momentum and the step from a peer (:mod:`lightning_gaussk.engine.local.ft`).
+
 The driver runs the parts of :mod:`lightning_gaussk.engine.local`: the schedule (when), the
 fragments (what), the outer optimizer and the outer exchange (how), the landing (overlap),
 and the per-step engine's commit and non-finite skip (:mod:`lightning_gaussk.engine.commit`):
@@ -76,6 +81,7 @@ from lightning_gaussk.engine.counters import LOCAL_SGD_COUNTERS
 from lightning_gaussk.engine.describe import local_startup_line
 from lightning_gaussk.engine.local.exchange import OuterExchange
 from lightning_gaussk.engine.local.fragment import Fragment, split_fragments
+from lightning_gaussk.engine.local.ft import ManagedOuterStep, ReplicaExchange, check_manager, replica_topology
 from lightning_gaussk.engine.local.landing import InFlight
 from lightning_gaussk.engine.local.outer import OuterNesterov, OuterOptimizer, OuterSGD
 from lightning_gaussk.engine.local.schedule import SyncSchedule
@@ -136,6 +142,13 @@ class SparseLocalSGD:
             partial window (True), or only land the exchanges in flight (False).
         config: the options as a :class:`~lightning_gaussk.config.LocalSGDConfig`; option
             keywords that differ from their defaults are applied on top of it.
+        manager: a ``torchft.Manager`` (built with ``use_async_quorum=False`` and
+            ``load_state_dict=None, state_dict=None``): every outer step runs under its quorum
+            across the live replica groups (this process, or the ranks of ``process_group``, is
+            one group) and commits only when ``manager.should_commit()``; the state a healing
+            group needs is registered with ``manager.register_state_dict_fn``
+            (:mod:`lightning_gaussk.engine.local.ft`; :attr:`ft` keeps its counters). Not with
+            ``overlap_steps > 0``, ``fragments > 1`` or ``quantize``.
 
     Raises:
         TypeError / ValueError: for an invalid argument, naming it.
@@ -178,6 +191,7 @@ class SparseLocalSGD:
         fragments: int = 1,
         end_on_theta: bool = True,
         config: LocalSGDConfig | None = None,
+        manager: Any = None,
     ) -> None:
         _check_modules(model, optimizer)
         given = {
@@ -188,9 +202,14 @@ class SparseLocalSGD:
             "end_on_theta": end_on_theta,
         }  # fmt: skip
         self.config = cfg = _build_config(config, given)
+        if manager is not None:
+            check_manager(cfg, manager)
         self.model, self.optimizer, self.process_group = model, optimizer, process_group
-        # the layout (flat or node mode) by the engine's one rule, on every rank at the same point
-        self.topology = _layout_topology(cfg, process_group, launcher_ranks_per_node)
+        # the layout (flat or node mode) by the engine's one rule, on every rank at the same point;
+        # under torchft: this replica group's own (one process, or its ranks as one node)
+        self.topology = (
+            replica_topology(process_group) if manager is not None else _layout_topology(cfg, process_group, launcher_ranks_per_node)
+        )
         self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         # the parts: when (schedule), what (fragments, each with its outer optimizer), how (exchange)
         self.schedule = SyncSchedule(cfg.sync_every, cfg.fragments)
@@ -198,19 +217,28 @@ class SparseLocalSGD:
         self.fragments = [Fragment(named, self.topology, cfg, index=i) for i, named in enumerate(parts)]
         for frag in self.fragments:
             frag.outer = make_outer(cfg, frag.d, frag.theta.device)
-        self.exchanges = [OuterExchange(cfg, self.topology, frag) for frag in self.fragments]
+        if manager is None:
+            self.exchanges: list[OuterExchange] = [OuterExchange(cfg, self.topology, frag) for frag in self.fragments]
+        else:
+            self.exchanges = [ReplicaExchange(cfg, self.topology, frag, manager) for frag in self.fragments]
         self.inner_step = 0  # optimizer steps so far
         self.window_start = 0  # the step the schedule counts from (a manual outer step restarts the window)
         self._on_theta_at = 0  # the last step after which every rank held theta
         self._inflight: dict[int, InFlight] = {}  # by fragment, in launch order
         self.telemetry: dict[str, int] = dict.fromkeys(LOCAL_SGD_COUNTERS, 0)
         self._pending_local: dict[str, Any] | None = None
+        #: the torchft glue (its counters: quorums, heals, uncommitted, participants); None without a manager
+        self.ft = ManagedOuterStep(manager, self) if manager is not None else None
         self._broadcast_start()
         self._handle = optimizer.register_step_post_hook(self._after_step)
         self._announce()
 
     def _announce(self) -> None:
-        """The startup line on rank 0; with one rank, the warning that nothing is exchanged."""
+        """The startup line on rank 0; with one rank, the warning that nothing is exchanged (under
+        torchft: the line of :meth:`~lightning_gaussk.engine.local.ft.ManagedOuterStep.describe`)."""
+        if self.ft is not None:
+            rank_zero_info(self.ft.describe())
+            return
         sizes = self.fragments[0].sizes
         rank_zero_info(
             local_startup_line(
@@ -424,7 +452,9 @@ class SparseLocalSGD:
         6. apply: every rank copies ``theta`` into its model; overlapped (steps 3-6 ``tau``
            optimizer steps after 1-2): ``theta`` plus this rank's progress since the snapshot
 
-        Steps 1-2 are :meth:`_launch`, 3-5 :meth:`_finish` and 6 :meth:`_apply`.
+        Steps 1-2 are :meth:`_launch`, 3-5 :meth:`_finish` and 6 :meth:`_apply`. With a torchft
+        ``manager``, step 1 starts with the quorum (a healing group takes ``theta`` there) and step 5
+        commits only when ``manager.should_commit()`` (:mod:`lightning_gaussk.engine.local.ft`).
         """
         x = self._launch(index, overlapped=False)
         self._finish(x)
@@ -433,6 +463,8 @@ class SparseLocalSGD:
     def _launch(self, index: int, overlapped: bool) -> InFlight:
         """Steps 1-2 of :meth:`sync`."""
         frag, way, tel = self.fragments[index], self.exchanges[index], self.telemetry
+        if self.ft is not None:  # the quorum of this outer step (a healing group takes theta here)
+            self.ft.start()
         # Step 1: prepare
         local = way.enter(frag, frag.pseudo_gradient(snapshot=overlapped))
         if frag.e is not None:
@@ -458,8 +490,10 @@ class SparseLocalSGD:
         tel["bytes_intra"] += way.intra_bytes(frag)
         # Step 4: agree (the one host read of the step: the sum is the same on every rank)
         own_ok, ok = agreed(frag.flags).tolist()
+        # torchft: the manager's vote, on every rank; no commit leaves theta, e and the momentum as they were
+        committed = self.ft.should_commit() if self.ft is not None else True
         # Step 5: commit or skip
-        if ok:
+        if ok and committed:
             self._commit(frag, way, pending.selection, delivery)
         else:
             frag.last = (None, None, None)
