@@ -3,14 +3,17 @@
 - The table of registered strategy names in docs/index.md is checked against Lightning's
   ``StrategyRegistry`` (after ``import lightning_gaussk``) and the config dataclasses' defaults;
   the option tables of docs/configuration.md against ``GaussKConfig`` and ``LocalSGDConfig``.
-- Every fenced ```python block of the pages in ``PAGES`` either carries a marker
+- Every fenced ```python block of the pages in ``PAGES`` (every docs page with python blocks, and
+  README.md) either carries a marker
   ``<!-- snippet: NAME -->`` on the line above it and is run here, or starts with a
   ``# fragment: ...`` comment that says what it needs. A block with neither fails.
 - The marked blocks run as the page says: single-process ones in this process (``runpy``), the
   multi-process ones through the page's own marked ```bash block (``<!-- snippet: NAME.sh -->``):
   ``torchrun`` of the saved block on CPU processes (gloo), and the Lightning FSDP2 job as two
   "node" processes with ``MASTER_ADDR``/``MASTER_PORT``/``NODE_RANK`` (MASTER_PORT replaced by a free
-  port). Each multi-process run is one test with all its assertions.
+  port). Each multi-process run is one test with all its assertions. A marker's note ``given
+  NAMES`` says which names the page leaves to the reader (``Net``, ``loader``, a ``local`` of an
+  earlier block); the test supplies those and runs the block unchanged.
 - Every ```yaml block of docs/cli.md is parsed by LightningCLI (jsonargparse) and instantiates
   the strategy with the options it gives.
 """
@@ -40,8 +43,10 @@ from lightning_gaussk.config import GaussKConfig, LocalSGDConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
-#: the pages whose python blocks must each be run here or marked a fragment
-PAGES = ("index.md", "fsdp.md", "accelerate.md", "raw_ddp.md", "configuration.md")
+#: the pages whose python blocks must each be run here or marked a fragment: under docs/, and README.md
+PAGES = ("index.md", "fsdp.md", "accelerate.md", "raw_ddp.md", "configuration.md", "local-sgd.md", "checkpointing.md",
+         "monitor.md", "preflight.md", "reliability.md", "scale-out.md", "convergence.md", "benchmarks.md",
+         "transformers.md", "README.md")  # fmt: skip
 MARKER = re.compile(r"^<!-- (snippet|yaml): (\S+)(?: (.*?))? -->$")
 FRAGMENT = "# fragment:"
 #: the python snippets the tests below run (test_every_python_block_is_run_or_marked_a_fragment checks the pages
@@ -55,6 +60,9 @@ RUN = {
     "accelerate_quickstart.py": "test_accelerate_quickstart_with_torchrun_on_cpu",
     "raw_ddp.py": "test_raw_ddp_script_and_checkpoint_block_with_torchrun_on_cpu",
     "raw_ddp_checkpoint.py": "test_raw_ddp_script_and_checkpoint_block_with_torchrun_on_cpu",
+    "local_sgd_raw.py": "test_local_sgd_raw_loop_and_local_checkpoint_in_one_process",
+    "checkpointing_local_sgd.py": "test_local_sgd_raw_loop_and_local_checkpoint_in_one_process",
+    "local_sgd_streaming.py": "test_local_sgd_streaming_overlapped_in_one_process",
 }
 TIMEOUT = 300  # seconds per multi-process run (30-50 s measured on 2 shared cores)
 
@@ -71,9 +79,14 @@ class Block:
     note: str | None
 
 
+def page_path(page: str) -> Path:
+    """``docs/<page>``, or README.md at the repository's root."""
+    return ROOT / page if page == "README.md" else DOCS / page
+
+
 def blocks(page: str) -> list[Block]:
-    """The fenced blocks of ``docs/<page>``, each with the marker on the line above it, if any."""
-    lines = (DOCS / page).read_text().splitlines()
+    """The fenced blocks of ``docs/<page>`` (or README.md), each with the marker on the line above it, if any."""
+    lines = page_path(page).read_text().splitlines()
     out, start = [], None
     for n, line in enumerate(lines):
         if not line.startswith("```"):
@@ -85,7 +98,7 @@ def blocks(page: str) -> list[Block]:
         kind, name, note = marker.groups() if marker else (None, None, None)
         out.append(Block(page, start + 1, lines[start][3:].strip(), "\n".join(lines[start + 1 : n]) + "\n", kind, name, note))
         start = None
-    assert start is None, f"docs/{page}: a fence opened at line {start + 1} is not closed"
+    assert start is None, f"{page_path(page).relative_to(ROOT)}: a fence opened at line {start + 1} is not closed"
     return out
 
 
@@ -173,7 +186,7 @@ def test_every_python_block_is_run_or_marked_a_fragment():
         for b in blocks(page):
             if b.lang != "python":
                 continue
-            where = f"docs/{page}:{b.line}"
+            where = f"{page_path(page).relative_to(ROOT)}:{b.line}"
             if b.code.startswith(FRAGMENT):
                 assert b.kind is None, f"{where} is marked both a fragment and a snippet"
             elif b.kind == "snippet":
@@ -334,6 +347,85 @@ def test_index_selection_selects_exactly_k(clean, capsys):
     assert values.abs().min() > x.abs().median()  # large entries
     printed = ast.literal_eval(capsys.readouterr().out.strip().splitlines()[-1])
     assert {"dgc", "gaussk", "randk", "topk"} <= set(printed)
+
+
+def given(name: str) -> set[str]:
+    """The names the marker's ``given ...`` note says the page leaves to the reader."""
+    note = snippet(name).note or ""
+    assert note.startswith("given "), f"<!-- snippet: {name} --> runs with names from outside it: its note must say which"
+    return set(re.findall(r"\w+", note.removeprefix("given ").split(" from ")[0])) - {"and"}
+
+
+class _Net(torch.nn.Sequential):  # the docs' ``Net()``: four modules with parameters (room for 4 fragments)
+    def __init__(self) -> None:
+        super().__init__(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 8), torch.nn.Tanh(),
+                         torch.nn.Linear(8, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))  # fmt: skip
+
+
+def _loader(batches: int = 48) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(32, 8, generator=g) for _ in range(batches)]
+    return [(x, x[:, :1] * 2 - x[:, 1:2]) for x in xs]
+
+
+def _run_given(name: str, cwd: Path, **names) -> dict:
+    assert set(names) == given(name), (name, sorted(names))  # exactly what the marker says the page leaves out
+    return runpy.run_path(str(save(cwd, name)), init_globals=names, run_name="__main__")
+
+
+def test_local_sgd_raw_loop_and_local_checkpoint_in_one_process(clean):
+    # docs/local-sgd.md, one process and no process group: SparseLocalSGD warns that nothing is
+    # exchanged and trains; then docs/checkpointing.md saves and restores that ``local``
+    loss_fn = torch.nn.functional.mse_loss
+    loader = _loader()
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="nothing is exchanged"):
+        ns = _run_given("local_sgd_raw.py", clean, Net=_Net, loader=loader, loss_fn=loss_fn)
+    local, model = ns["local"], ns["model"]
+    assert isinstance(local, lightning_gaussk.SparseLocalSGD) and isinstance(model, _Net)
+    tel = local.telemetry
+    assert tel["inner_steps"] == len(loader) and tel["outer_steps"] == len(loader) // 16  # H = sync_every = 16
+    assert tel["bytes_sent"] == 0  # one rank: nothing goes on the wire
+    torch.manual_seed(0)
+    with torch.no_grad():
+        before, after = (sum(loss_fn(m(x), y).item() for x, y in loader) for m in (_Net(), model))  # the same init
+    assert after < 0.8 * before  # it trained
+    theta, weights = local.global_params(), {k: v.clone() for k, v in model.state_dict().items()}
+    saved = []
+
+    def step_between(*args, **kwargs):  # the page's ``...`` between the save and the restore: training goes on
+        saved.append(sorted(f.name for f in (clean / "ckpt" / "local").iterdir()))
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)
+        return restore(*args, **kwargs)
+
+    from lightning_gaussk import local_sgd
+
+    restore = local_sgd.restore_local_sgd
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(local_sgd, "restore_local_sgd", step_between)  # the block imports it from here
+        _run_given("checkpointing_local_sgd.py", clean, local=local)
+    assert saved == [["local_sgd_manifest_rank0.json", "local_sgd_rank0.pt"]]
+    assert torch.equal(local.global_params(), theta)
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())  # the save's weights, back
+
+
+def test_local_sgd_streaming_overlapped_in_one_process(clean):
+    # docs/local-sgd.md: 4 fragments, exchanges overlapped with 4 inner steps, on a fresh model and optimizer
+    torch.manual_seed(0)
+    model = _Net()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    with pytest.warns(UserWarning, match="nothing is exchanged"):
+        ns = _run_given("local_sgd_streaming.py", clean, SparseLocalSGD=lightning_gaussk.SparseLocalSGD, model=model, opt=opt)
+    local = ns["local"]
+    assert isinstance(local, lightning_gaussk.SparseLocalSGD)
+    for x, y in _loader():
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    tel = local.telemetry
+    assert tel["inner_steps"] == 48 and tel["outer_steps"] > 0 and tel["bytes_sent"] == 0
 
 
 # ------------------------------------------------------------------------------ multi-process snippets (CPU, gloo)
