@@ -11,7 +11,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 # the public modules first, then every module of the layers, bottom up (see tests/test_layers.py)
-PUBLIC = ["lightning_gaussk", "lightning_gaussk.accelerate", "lightning_gaussk.fsdp", "lightning_gaussk.local_sgd", "lightning_gaussk.preflight", "lightning_gaussk.transformers"]
+PUBLIC = ["lightning_gaussk", "lightning_gaussk.accelerate", "lightning_gaussk.fsdp", "lightning_gaussk.local_sgd", "lightning_gaussk.preflight", "lightning_gaussk.transformers", "lightning_gaussk.fabric"]
 LAYERS = ("utils", "selection", "comm", "costs", "config", "engine", "checkpoint", "observe", "frontends")
 
 

@@ -34,6 +34,9 @@ else:
     GaussKDDPStrategy.register_strategies(_registry)  # makes Trainer(strategy="gaussk_ddp") resolve
     GaussKFSDPStrategy.register_strategies(_registry)  # "gaussk_fsdp"
     GaussKLocalSGDStrategy.register_strategies(_registry)  # "gaussk_local", "gaussk_local_spawn", "diloco"
+    from lightning_gaussk.frontends.fabric import register_fabric_strategies
+
+    register_fabric_strategies()  # the same names in Fabric's registry: L.Fabric(strategy="gaussk_ddp")
 
 
 def __getattr__(name: str) -> Any:

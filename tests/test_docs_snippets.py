@@ -46,7 +46,7 @@ DOCS = ROOT / "docs"
 #: the pages whose python blocks must each be run here or marked a fragment: under docs/, and README.md
 PAGES = ("index.md", "fsdp.md", "accelerate.md", "raw_ddp.md", "configuration.md", "local-sgd.md", "checkpointing.md",
          "monitor.md", "preflight.md", "reliability.md", "scale-out.md", "convergence.md", "benchmarks.md",
-         "transformers.md", "README.md")  # fmt: skip
+         "transformers.md", "fabric.md", "README.md")  # fmt: skip
 MARKER = re.compile(r"^<!-- (snippet|yaml): (\S+)(?: (.*?))? -->$")
 FRAGMENT = "# fragment:"
 #: the python snippets the tests below run (test_every_python_block_is_run_or_marked_a_fragment checks the pages

@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "lightning_gaussk"
 # the layers, bottom up: a module of a folder imports only its own folder and the folders before it
 LAYERS = ("utils", "selection", "comm", "costs", "config", "engine", "checkpoint", "observe", "frontends")
 # the public modules at the package root: they re-export from the layers (and may import any)
-PUBLIC = ("lightning_gaussk", "lightning_gaussk.accelerate", "lightning_gaussk.fsdp", "lightning_gaussk.local_sgd", "lightning_gaussk.preflight", "lightning_gaussk.transformers")
+PUBLIC = ("lightning_gaussk", "lightning_gaussk.accelerate", "lightning_gaussk.fsdp", "lightning_gaussk.local_sgd", "lightning_gaussk.preflight", "lightning_gaussk.transformers", "lightning_gaussk.fabric")
 
 
 def _algorithm() -> list[str]:
