@@ -1,6 +1,6 @@
 """Choosing the defaults of sparse local SGD (issue 27, point 3): a one-factor-at-a-time grid of
 ``outer_lr``, ``quantize``, ``density``, ``sync_every`` (``H``) and ``ef_decay`` around a centre,
-against dense DDP and today's defaults, on several tasks and seeds, 2 gloo ranks.
+against dense DDP and the defaults before they were chosen here, on several tasks and seeds, 2 gloo ranks.
 
 Tasks (benchmarks/convergence.py's families, each with its own optimizer, data and model):
 
@@ -60,7 +60,7 @@ TASKS: dict[str, dict[str, Any]] = {
     "digits": {"family": "cnn-sgd", "steps": 800, "unit": "nats"},
 }
 
-TODAY = "sparse@0.02/H16"  # today's defaults: density 0.02, H 16, outer_lr 1, ef_decay 0.95, no quantisation
+TODAY = "sparse@0.02/H16"  # the old defaults: density 0.02, H 16, outer_lr 1, ef_decay 0.95, no quantisation
 CENTRE = "sparse@0.02/H16/q2/a2"  # the centre of the grid
 RECOMMENDED = "sparse@0.02/H16/q2/a1.5"  # the recommended defaults (bold in the table)
 
@@ -259,7 +259,7 @@ def render(results: list[dict[str, Any]]) -> str:
                          "bytes per step per rank | fewer bytes than dense |")  # fmt: skip
             lines.append("|---|---|---|---|---|---|---|")
         for m, r in trows:
-            name = f"**{m}** (recommended)" if m == RECOMMENDED else f"{m} (today)" if m == TODAY else m
+            name = f"**{m}** (the defaults)" if m == RECOMMENDED else f"{m} (the old defaults)" if m == TODAY else m
             name += " (centre)" if m == CENTRE else ""
             gap = "—" if m == "dense" else _mean_spread(r["gap_pct"], "+.1f", "%")
             fewer = "1x" if m == "dense" else f"{r['fewer']:,.0f}x"

@@ -143,7 +143,7 @@ def _local(rank: int, world: int) -> dict:
     net = Net()
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     try:
-        local = SparseLocalSGD(net, opt, sync_every=2, density=0.2, chunk=None, selector="topk", exchange=NAME)
+        local = SparseLocalSGD(net, opt, sync_every=2, density=0.2, chunk=None, quantize=None, selector="topk", exchange=NAME)
     except ValueError as err:
         return {"refused": str(err)}
     for step in range(4):

@@ -66,7 +66,8 @@ def same_everywhere(t: torch.Tensor, group=None) -> bool:
 
 # ------------------------------------------------------------------------------ the 4-rank run
 def _ddp_equivalence(rank: int, world: int, out: dict) -> None:
-    """sync_every=1, density=1, outer_lr=1, ef_decay=0, SGD inside == DDP SGD, on 2 and 4 ranks."""
+    """sync_every=1, density=1, outer_lr=1, ef_decay=0, fp32 values (quantize=None), SGD inside == DDP SGD, on 2
+    and 4 ranks."""
     pair = dist.new_group([0, 1])
     for name, group, members in (("2", pair, 2), ("4", None, 4)):
         for variant, extra in (("byte rule", {}), ("sparse k=d", {"dense_fallback": "never", "chunk": None})):
@@ -77,8 +78,8 @@ def _ddp_equivalence(rank: int, world: int, out: dict) -> None:
             ref_opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
             model = net()
             opt = torch.optim.SGD(model.parameters(), lr=0.1)
-            local = SparseLocalSGD(model, opt, sync_every=1, density=1.0, outer_lr=1.0, ef_decay=0.0, hierarchy="flat",
-                                   process_group=group, **extra)  # fmt: skip
+            local = SparseLocalSGD(model, opt, sync_every=1, density=1.0, outer_lr=1.0, ef_decay=0.0, quantize=None,
+                                   hierarchy="flat", process_group=group, **extra)  # fmt: skip
             for i in range(5):
                 step(ddp, ref_opt, i, rank)
                 step(model, opt, i, rank)
@@ -90,9 +91,9 @@ def _invariants(rank: int, world: int, out: dict) -> None:
     """H = 3 with AdamW: after each outer step identical models; sent + e == u bit for bit; the
     beta-decayed sum of the pseudo-gradients == the decayed sum of what was sent + e_T."""
     configs = {
-        "chunk/allgather/beta1": dict(density=0.1, chunk=64, ef_decay=1.0),
+        "chunk/allgather/beta1": dict(density=0.1, chunk=64, ef_decay=1.0, quantize=None),
         "chunk/2bit/beta0.9": dict(density=0.1, chunk=64, ef_decay=0.9, quantize=2),
-        "whole/allreduce/beta0.9": dict(density=0.05, chunk=None, ef_decay=0.9, exchange="allreduce", selector="topk"),
+        "whole/allreduce/beta0.9": dict(density=0.05, chunk=None, ef_decay=0.9, exchange="allreduce", selector="topk", quantize=None),
     }
     for name, cfg in configs.items():
         model = net()
@@ -134,7 +135,7 @@ def _resume(rank: int, world: int, out: dict) -> None:
     cases = {
         "sparse2bit/mid-window": (dict(density=0.1, chunk=64, quantize=2, ef_decay=0.95, hierarchy="flat"), 4),
         "diloco/after-outer": (dict(outer="dense", outer_lr=0.7, hierarchy="flat"), 6),
-        "node/mid-window": (dict(density=0.1, chunk=32, ef_decay=0.95, hierarchy="node", ranks_per_node=2), 5),
+        "node/mid-window": (dict(density=0.1, chunk=32, quantize=None, ef_decay=0.95, hierarchy="node", ranks_per_node=2), 5),
     }
     for name, (cfg, stop) in cases.items():
         model = net()
@@ -169,7 +170,7 @@ def _nonfinite(rank: int, world: int, out: dict) -> None:
     import warnings
 
     cases = {
-        "flat/sparse": dict(density=0.1, chunk=64, hierarchy="flat"),
+        "flat/sparse": dict(density=0.1, chunk=64, quantize=None, hierarchy="flat"),
         "node/sparse2bit": dict(density=0.1, chunk=32, quantize=2, hierarchy="node", ranks_per_node=2),
         "flat/diloco": dict(outer="dense", hierarchy="flat"),
     }
@@ -322,8 +323,8 @@ def test_options_are_one_declaration_keywords_env_and_checks():
     """LocalSGDConfig: today's defaults; keywords > GAUSSK_* variables > defaults; a bad value is
     refused naming its argument (and its variable when it came from the environment)."""
     cfg = LocalSGDConfig()
-    assert (cfg.sync_every, cfg.density, cfg.outer_lr, cfg.ef_decay, cfg.outer, cfg.chunk) == (16, 0.02, 1.0, 0.95, "sparse", 4096)
-    assert (cfg.quantize, cfg.selector, cfg.exchange, cfg.dense_fallback, cfg.outer_momentum) == (None, "gaussk", "allgather", "auto", 0.9)
+    assert (cfg.sync_every, cfg.density, cfg.outer_lr, cfg.ef_decay, cfg.outer, cfg.chunk) == (16, 0.02, 1.5, 0.95, "sparse", 4096)
+    assert (cfg.quantize, cfg.selector, cfg.exchange, cfg.dense_fallback, cfg.outer_momentum) == (2, "gaussk", "allgather", "auto", 0.9)
     assert isinstance(LocalSGDConfig(density=1).density, float)
     env = {"GAUSSK_SYNC_EVERY": "4", "GAUSSK_CHUNK": "none", "GAUSSK_OUTER": "dense", "GAUSSK_OUTER_LR": "0.5"}
     got = LocalSGDConfig.from_env(env, outer_lr=0.7)
@@ -344,7 +345,7 @@ def test_options_are_one_declaration_keywords_env_and_checks():
 
 def test_the_driver_takes_a_config_and_keywords_over_it():
     model = net()
-    local = SparseLocalSGD(model, torch.optim.SGD(model.parameters(), lr=0.1), config=LocalSGDConfig(sync_every=5, chunk=None), density=0.5)
+    local = SparseLocalSGD(model, torch.optim.SGD(model.parameters(), lr=0.1), config=LocalSGDConfig(sync_every=5, chunk=None, quantize=None), density=0.5)
     assert (local.config.sync_every, local.config.chunk, local.config.density) == (5, None, 0.5)
     with pytest.raises(TypeError, match="config"):
         SparseLocalSGD(model, torch.optim.SGD(model.parameters(), lr=0.1), config={"sync_every": 5})  # type: ignore[arg-type]

@@ -145,12 +145,22 @@ def _engine_worker(rank: int, world: int, numels: list[int]) -> None:
         assert math.isclose(cost.background_s, predicted, rel_tol=1e-12), (quantize, cost, predicted)
         assert cost.blocking_s == 0.0
         local.remove()
+    if world == 4:  # node mode, 2 nodes of 2: each rank's shard, the link shared by the node's 2 ranks
+        model = nn.ParameterList([nn.Parameter(torch.zeros(n)) for n in numels])
+        local = SparseLocalSGD(model, torch.optim.SGD(model.parameters(), lr=0.1), hierarchy="node", ranks_per_node=2)
+        cost = planning.local_outer_cost(numels, 0.02, 2, 2, link, gpus_per_node=2, intra=link)
+        assert (cost.message_bytes, cost.k) == (local.outer_bytes, local.k), (cost, local.outer_bytes, local.k)
+        predicted = local.predicted_outer_time(link)
+        assert math.isclose(cost.background_s, predicted, rel_tol=1e-12), (cost, predicted)
+        local.remove()
 
 
-def test_the_outer_exchange_is_priced_as_the_engine_sends_it():
-    """``local_outer_cost`` against ``SparseLocalSGD`` on 2 gloo ranks (flat): the same message
-    bytes, ``k`` and ``predicted_outer_time``, for 2-bit, 8-bit and fp32 values."""
-    run_distributed(_engine_worker, NUMELS, world=2)
+@pytest.mark.parametrize("world", [2, 4])
+def test_the_outer_exchange_is_priced_as_the_engine_sends_it(world):
+    """``local_outer_cost`` against ``SparseLocalSGD`` on 2 and 4 gloo ranks: the same message
+    bytes, ``k`` and ``predicted_outer_time``, for 2-bit, 8-bit and fp32 values (flat), and in
+    node mode (2 x 2: the link shared by the node's ranks)."""
+    run_distributed(_engine_worker, NUMELS, world=world)
 
 
 def test_outer_cost_formulas_flat_and_node():

@@ -36,6 +36,9 @@ from lightning_gaussk.selection.selectors import available_selectors
 
 __all__ = ["OUTERS", "LocalSGDConfig", "local_exchanges"]
 
+#: the default of ``quantize``: 2-bit values (benchmarks/local_defaults.py measured it best)
+_QUANTIZE_DEFAULT = 2
+
 #: the outer steps: SparseLoCo's sparse step with error feedback, DiLoCo's dense Nesterov step
 OUTERS = ("sparse", "dense")
 
@@ -68,7 +71,7 @@ class LocalSGDConfig:
         0.02, "fraction of the entries sent per outer step, k = ceil(density * d) (per chunk with chunk), in (0, 1]; "
         "ignored by outer='dense'", in_range(0, 1, low_open=True),
     )  # fmt: skip
-    outer_lr: float = option(1.0, "alpha, the outer learning rate (> 0)", in_range(0, math.inf, low_open=True, high_open=True))
+    outer_lr: float = option(1.5, "alpha, the outer learning rate (> 0)", in_range(0, math.inf, low_open=True, high_open=True))
     ef_decay: float = option(0.95, "beta, the decay of the error-feedback buffer, in [0, 1] (outer='sparse')", in_range(0, 1))
     outer: Literal["sparse", "dense"] = option(
         "sparse", "sparse (SparseLoCo: error feedback, k entries sent) or dense (DiLoCo: outer Nesterov momentum)", one_of(OUTERS)
@@ -78,8 +81,8 @@ class LocalSGDConfig:
         f"{MAX_CHUNK} with quantize", optional(integer(1)),
     )  # fmt: skip
     quantize: int | None = option(
-        None, f"None or bits per sent value, one of {BITS}, with one fp32 scale per chunk (needs chunk and "
-        "exchange='allgather'); the rounding error stays in the buffer", optional(one_of(BITS)),
+        _QUANTIZE_DEFAULT, f"None (fp32 values) or bits per sent value, one of {BITS}, with one fp32 scale per chunk (needs chunk and "
+        "exchange='allgather'); the rounding error stays in the buffer; ignored by outer='dense'", optional(one_of(BITS)),
     )  # fmt: skip
     selector: str = option("gaussk", "the whole-tensor selection method (chunk=None): a registered selector", one_of(available_selectors))
     exchange: str = option(
@@ -120,11 +123,18 @@ class LocalSGDConfig:
             )
         if self.fragments > self.sync_every:
             raise ValueError(f"`fragments` must be <= sync_every={self.sync_every} (one offset each), got {self.fragments!r}")
-        if self.quantize is not None:
+        if self.quantize is not None and self.outer == "sparse":
+            default = " (the default)" if self.quantize == _QUANTIZE_DEFAULT else ""
             if self.chunk is None or self.chunk > MAX_CHUNK:
-                raise ValueError(f"`quantize` needs `chunk` in [1, {MAX_CHUNK}] (one scale per chunk), got chunk={self.chunk!r}")
+                raise ValueError(
+                    f"`quantize`={self.quantize!r}{default} needs `chunk` in [1, {MAX_CHUNK}] (one scale per chunk), got "
+                    f"chunk={self.chunk!r}; pass quantize=None to send fp32 values"
+                )
             if self.exchange != "allgather":
-                raise ValueError(f"`quantize` works with exchange='allgather' only, got exchange={self.exchange!r}")
+                raise ValueError(
+                    f"`quantize`={self.quantize!r}{default} works with exchange='allgather' only, got "
+                    f"exchange={self.exchange!r}; pass quantize=None to send fp32 values"
+                )
 
     # ------------------------------------------------------------------ derived forms
     def to_dict(self) -> dict[str, Any]:

@@ -209,7 +209,7 @@ def main() -> None:
     out = Path(args.out)
     tmp = out / "ckpt"
     tmp.mkdir(parents=True, exist_ok=True)
-    local = {"sync_every": 2, "density": 0.1, "chunk": None, "dense_fallback": "never"}
+    local = {"sync_every": 2, "density": 0.1, "chunk": None, "quantize": None, "dense_fallback": "never"}
     for name in args.phases.split(","):
         compiled = {"eager": False, "compiled": True, "reapply": "reapply", "blocks": "blocks"}[name.split("_")[-1]] if "_" in name else None
         try:

@@ -117,13 +117,16 @@ class SparseLocalSGD:
         sync_every: ``H``, optimizer steps between outer steps (>= 1).
         density: fraction of the entries sent per outer step, ``k = ceil(density * d)`` (per
             chunk with ``chunk``), in (0, 1]. Ignored by ``outer="dense"``.
-        outer_lr: ``alpha``, the outer learning rate (> 0).
+        outer_lr: ``alpha``, the outer learning rate (> 0); the default 1.5 and ``quantize=2`` are
+            the measured best of benchmarks/local_defaults.py (docs/local-sgd.md).
         ef_decay: ``beta``, the decay of the error-feedback buffer, in [0, 1] (sparse only).
         outer: ``"sparse"`` (SparseLoCo) or ``"dense"`` (DiLoCo, outer Nesterov momentum).
         chunk: entries per chunk of a chunk-wise exact top-k (None: one whole-tensor selection
             by ``selector``); at most 32768 with ``quantize``.
-        quantize: None, 2 or 8: bits per sent value, one fp32 scale per chunk (needs ``chunk``
-            and ``exchange="allgather"``); the rounding error stays in the buffer.
+        quantize: 2 (the default), 8, or None (fp32 values): bits per sent value, one fp32 scale
+            per chunk (needs ``chunk`` and ``exchange="allgather"``: pass ``quantize=None`` with
+            another exchange or ``chunk=None``); the rounding error stays in the buffer. Ignored
+            by ``outer="dense"``.
         selector: the whole-tensor selection method (``chunk=None``): a registered selector.
         exchange: ``"allgather"``, the bounded ``"allreduce"``, or another registered sparse exchange.
         dense_fallback: ``"auto"``: the byte rule sends the step dense when sparse cannot move
@@ -172,12 +175,12 @@ class SparseLocalSGD:
         optimizer: torch.optim.Optimizer,
         sync_every: int = 16,
         density: float = 0.02,
-        outer_lr: float = 1.0,
+        outer_lr: float = 1.5,
         ef_decay: float = 0.95,
         outer: Literal["sparse", "dense"] = "sparse",
         *,
         chunk: int | None = 4096,
-        quantize: int | None = None,
+        quantize: int | None = 2,
         selector: str = "gaussk",
         exchange: str = "allgather",
         dense_fallback: Literal["auto", "never"] = "auto",
@@ -367,14 +370,18 @@ class SparseLocalSGD:
 
     def predicted_outer_time(self, link: costmodel.Link) -> float:
         """Communication seconds of one outer step on ``link`` by the cost model (the exchange
-        among its peers; host work excluded)."""
+        among its peers; host work excluded). In node mode the ``L`` ranks of a node cross
+        ``link`` at once, each with its shard, so the link is priced shared ``L`` ways
+        (``Pricing.on(link, share=L)``), as :func:`~lightning_gaussk.costs.planning.local_outer_cost`
+        prices it; the node's own reduce-scatter and all-gather are not counted."""
         return sum(self._predicted_time(x, link) for x in self.exchanges)
 
     def _predicted_time(self, x: OuterExchange, link: costmodel.Link) -> float:
         """The exchange's own time model without host work (``costmodel.COMM_ONLY``)."""
         if x.route.peers == 1 or x.message_bytes == 0:
             return 0.0
-        return x.exchange.time(x.sizes.k, x.sizes.m, x.route.peers, costmodel.Pricing.on(link, costmodel.COMM_ONLY))
+        pricing = costmodel.Pricing.on(link, costmodel.COMM_ONLY, share=self.layout.ranks_per_node or 1)
+        return x.exchange.time(x.sizes.k, x.sizes.m, x.route.peers, pricing)
 
     # ---------------------------------------------------------------- the hook
     def _after_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
