@@ -121,7 +121,6 @@ def kept_bytes(model: Any, opt: Any, state: Any) -> int:
 
 
 def worker(args: argparse.Namespace) -> None:
-    import torch
     import torch.distributed as dist
     from torch import nn
     from torch.distributed.device_mesh import init_device_mesh
