@@ -46,7 +46,7 @@ At the end of each turn rank 0 copies the parameters (and ``theta``, for local S
 contender's time so far; the copies are evaluated after training. The curves (and the time to a
 target) use ``theta`` for local SGD (the global model, the one ``finish()`` returns), the live model
 otherwise. Per local SGD contender the driver's telemetry: ``outer_ns`` (host time in outer steps),
-``outer_exposed_ns`` (waiting at the landings), ``outer_hidden_ns`` (exchange time behind inner
+``outer_exposed_ns`` (at the landings: the wait, the decode, the commit), ``outer_hidden_ns`` (exchange time behind inner
 steps). Bytes: every host's interface counters (``/proc/net/dev`` in its namespace) over the
 contender's turns, summed.
 
@@ -493,9 +493,10 @@ def targets(datas: list[tuple[str, dict[str, Any]]]) -> list[str]:
         for m in ("sparse-overlap", "sparse-overlap+prio", "sparse-stream"):
             r = rows.get(m)
             if r and r["outer_share"] is not None and r["lost"] is not None:
-                out.append(f"- {rate}: where {m}'s {100 * r['lost']:.0f}% lost goes: {100 * r['exposed_share']:.0f}% waiting at "
-                           f"the landings, {100 * (r['outer_share'] - r['exposed_share']):.0f}% host work of the outer steps "
-                           f"that overlap cannot hide (selection at the launch, decode and landing), "
+                out.append(f"- {rate}: where {m}'s {100 * r['lost']:.0f}% lost goes: {100 * r['exposed_share']:.0f}% at the "
+                           "landings (the wait, the decode of the peers' entries, the commit), "
+                           f"{100 * (r['outer_share'] - r['exposed_share']):.0f}% at the launches and applies (pseudo-gradient, "
+                           "error feedback and selection over all d entries; the landing's correction), "
                            f"{100 * (r['lost'] - r['outer_share']):.0f}% inner steps slowed while gloo's threads move the "
                            "exchange on the same cores" + (" (negative: within the turns' noise)." if r["lost"] < r["outer_share"] else ".")
                            + _flight(data, m))  # fmt: skip
@@ -558,7 +559,7 @@ def render(paths: list[str]) -> str:
         ("Columns: steps/s over the whole run (the slowest rank's training time; evaluation runs after the loop on copies "
         "of the parameters); `vs none` = steps/s relative to local training without any communication; `outer` = "
         "`outer_ns` / training time (host time in outer steps: selection, launch, waiting, landing); `exposed` = "
-        "`outer_exposed_ns` / training time (waiting at the landings); `hidden` = `outer_hidden_ns` / training time (exchanges "
+        "`outer_exposed_ns` / training time (at the landings: the wait, the decode, the commit); `hidden` = `outer_hidden_ns` / training time (exchanges "
         "in flight behind inner steps, launch to completion); `lost` = 1 - `vs none` (all time lost to "
         "communication and synchronisation, host work included); bytes = sent per host on its interface "
         "(`/proc/net/dev`, headers included); bits/char = validation bits/char of the final model (theta for local "

@@ -40,7 +40,7 @@ COUNTER_DOCS: dict[str, str] = {
     "skipped_outer_steps": "outer steps skipped on every rank: a rank's pseudo-gradient was non-finite",
     "dense_outer_steps": "outer steps sent dense (outer='dense', or the byte rule)",
     "outer_ns": "host wall time in outer steps",
-    "outer_exposed_ns": "host wall time waiting for outer exchanges to complete (their landings)",
+    "outer_exposed_ns": "host wall time of the outer steps' landings: waiting for the exchange, decoding it, committing",
     "outer_hidden_ns": "outer exchanges' time behind inner steps, launch to completion (overlap_steps > 0; "
     "completion seen at the next optimizer step)",
 }

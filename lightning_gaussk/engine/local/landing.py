@@ -23,7 +23,7 @@ run does.
 
 Time: ``hidden`` is the exchange's time before the landing (from the launch to its completion,
 observed by polling at each optimizer step, or to the landing if it was still running); ``exposed``
-is the host's wait at the landing.
+is the host's time at the landing: the wait for the exchange, its decode and the commit.
 """
 
 from __future__ import annotations
