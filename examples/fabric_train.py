@@ -100,6 +100,7 @@ def main() -> None:
         fabric.print(f"hook calls {t['hook_calls']}, bytes sent per rank {t['bytes_sent']:,} vs dense {t['bytes_dense']:,}")
     else:
         fabric.print(f"inner steps {t['inner_steps']}, outer steps {t['outer_steps']}")
+    strategy.log_summary()  # rank 0: the end-of-fit line (optimizer steps, bytes against dense, communication time)
     if args.save:
         fabric.save(args.save, {"model": model, "optimizer": optimizer, "epoch": start_epoch + args.epochs})
         fabric.print(f"saved {args.save} and {args.save}.gaussk/ (one hook state per rank)")

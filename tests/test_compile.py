@@ -8,10 +8,17 @@ re-applied compile) are tests/test_fabric.py's runs; this file has the others:
   boundary and keeps DDP's eager reducer (pytorch#108966): the hook runs once per bucket, the
   gradients are sparse, the ranks identical, compiled matches eager; compiled autograd: with the
   C++ reducer torch refuses it itself, with ``optimize_ddp="python_reducer"`` DDP calls the hook per
-  parameter (strict xfail: the hook does not yet refuse that with a message of its own);
-- the Lightning Trainer: ``Trainer(strategy="gaussk_ddp")`` fitting ``torch.compile(module)`` on 2
-  CPU processes (tests/scripts/compile_trainer.py), against the same fit eager; a compiled module
-  under ``gaussk_fsdp`` is refused by Lightning (``ModelParallelStrategy`` does not take one).
+  parameter with ``(grad, param)`` and the hook refuses that with a ``RuntimeError`` of its own
+  (``local_grad_hook`` there keeps each rank's gradient: a no-op per parameter);
+- the Lightning Trainer (tests/scripts/compile_trainer.py: one popen launch of 2 CPU processes,
+  every fit in the same processes): ``gaussk_ddp`` and ``gaussk_local`` fitting
+  ``torch.compile(module)`` against the same fits eager; both with compiled autograd on
+  (Lightning's backward runs outside the compiled step: compiled autograd does not engage, the
+  hook runs per bucket), ``gaussk_ddp`` with DDP's python reducer (the fit fails with the hook's refusal); a
+  compiled module under ``gaussk_fsdp`` is refused by Lightning (``ModelParallelStrategy`` does not
+  take one);
+- Accelerate (tests/scripts/compile_accelerate.py, torchrun on 2 CPU processes):
+  ``register_gaussk`` on ``accelerator.prepare(torch.compile(model))`` against the same run eager.
 
 The matrix is docs/fabric.md.
 """
@@ -33,6 +40,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 TRAINER_SCRIPT = HERE / "scripts" / "compile_trainer.py"
+ACCELERATE_SCRIPT = HERE / "scripts" / "compile_accelerate.py"
 DENSITY = 0.05
 STEPS = 4
 CLOSE = 1e-2  # relative L2 distance, compiled against eager (TopK may pick a near-tied entry differently)
@@ -139,6 +147,16 @@ def _compiled_autograd(rank: int) -> dict:
             out["python_reducer"] = None
         except Exception as err:  # noqa: BLE001
             out["python_reducer"] = f"{type(err).__name__}: {err}"
+        from lightning_gaussk.local_sgd import local_grad_hook
+
+        ddp = DDP(_mlp())  # local SGD's hook there: the gradient should stay this rank's own
+        ddp.register_comm_hook(None, local_grad_hook)
+        try:
+            ddp(x).sum().backward()
+            out["local_python_reducer"] = None
+        except Exception as err:  # noqa: BLE001
+            out["local_python_reducer"] = f"{type(err).__name__}: {err}"
+        out["local_grad"] = None if out["local_python_reducer"] else torch.cat([p.grad.reshape(-1) for p in ddp.parameters()])
     return out
 
 
@@ -183,22 +201,20 @@ def test_raw_ddp_compiled_autograd_with_the_cpp_reducer_is_refused_by_torch(raw)
         assert rec["compiled_autograd"]["compiled_step"] is not None  # a compiled step with its backward fails in dynamo
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine/ddp_hook.py does not check its bucket argument: under optimize_ddp='python_reducer' DDP calls "
-    "gaussk_hook(state, (grad, param)) and it fails with tuple.index's TypeError, not a message of its own "
-    "(the Fabric strategies refuse it at setup: test_fabric.py)",
-)
-def test_raw_ddp_python_reducer_is_refused_with_a_clear_message(raw):
+def test_raw_ddp_python_reducer_is_refused_by_the_hook_with_a_clear_message(raw):
+    """Compiled autograd's DDP calls comm hooks per parameter with ``(grad, param)``: ``gaussk_hook``
+    raises a ``RuntimeError`` that names the cause and what to use instead."""
     for rec in raw:
         message = rec["compiled_autograd"]["python_reducer"]
-        assert message is not None and "compiled autograd" in message.lower() and "gaussk" in message.lower()
+        assert message is not None and message.startswith("RuntimeError: gaussk_hook: DDP called the comm hook with (grad, param)")
+        assert "compiled autograd" in message and "optimize_ddp='python_reducer'" in message
+        assert "torch.compile without compiled autograd" in message and "optimize_ddp='ddp_optimizer'" in message
 
 
-def test_raw_ddp_python_reducer_fails_today(raw):
-    """What the strict xfail above stands for, as it is: a TypeError from inside the hook."""
+def test_raw_ddp_python_reducer_with_local_grad_hook_keeps_each_ranks_gradient(raw):
     for rec in raw:
-        assert rec["compiled_autograd"]["python_reducer"].startswith("TypeError")
+        assert rec["compiled_autograd"]["local_python_reducer"] is None
+    assert not torch.equal(raw[0]["compiled_autograd"]["local_grad"], raw[1]["compiled_autograd"]["local_grad"])
 
 
 # ------------------------------------------------------------------------------ the Lightning Trainer
@@ -216,16 +232,23 @@ def test_trainer_refuses_a_compiled_module_under_gaussk_fsdp():
         _verify_strategy_supports_compile(module, GaussKFSDPStrategy())
 
 
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GAUSSK_")}
+    env.update(PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]), TORCHINDUCTOR_COMPILE_THREADS="1", **extra)
+    return env
+
+
+TRAINER_CASES = ("eager", "compiled", "local_eager", "local_compiled", "compiled_autograd", "local_compiled_autograd", "python_reducer")
+
+
 @pytest.fixture(scope="module")
 def trainer_fits(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("compile_trainer")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GAUSSK_")}
-    env.update(PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]), TORCHINDUCTOR_COMPILE_THREADS="1")
     proc = subprocess.run(
-        [sys.executable, str(TRAINER_SCRIPT), "--out", str(tmp / "out")], cwd=tmp, env=env, capture_output=True, text=True, timeout=900, check=False
+        [sys.executable, str(TRAINER_SCRIPT), "--out", str(tmp / "out")], cwd=tmp, env=_env(), capture_output=True, text=True, timeout=900, check=False
     )
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-6000:])
-    return {name: [torch.load(tmp / "out" / name / f"rank{r}.pt", weights_only=False) for r in range(2)] for name in ("eager", "compiled")}
+    return {name: [torch.load(tmp / "out" / name / f"rank{r}.pt", weights_only=False) for r in range(2)] for name in TRAINER_CASES}
 
 
 def test_trainer_gaussk_ddp_compiled_module_runs_the_hook_and_matches_eager(trainer_fits):
@@ -235,5 +258,66 @@ def test_trainer_gaussk_ddp_compiled_module_runs_the_hook_and_matches_eager(trai
         assert compiled["hook_calls"] == eager["hook_calls"] > 0
         assert all(0 < n < 0.2 * compiled["numel"] for n in compiled["nnz"])  # sparse after the hook
         assert _distance(compiled["params"], eager["params"]) < CLOSE
-    for fit in trainer_fits.values():
+    for name in ("eager", "compiled"):
+        fit = trainer_fits[name]
         assert torch.equal(fit[0]["params"], fit[1]["params"])  # the ranks agree
+
+
+def test_trainer_gaussk_local_compiled_module_averages_and_matches_eager(trainer_fits):
+    for eager, compiled in zip(trainer_fits["local_eager"], trainer_fits["local_compiled"]):
+        assert compiled["graphs"] and all(n > 0 for n in compiled["graphs"]) and not eager["graphs"]
+        assert compiled["comm_hook"] == eager["comm_hook"] == "local_grad_hook"  # no per-step all-reduce
+        for rec in (eager, compiled):  # 4 optimizer steps, an outer step every 2
+            assert rec["telemetry"]["inner_steps"] == 4 and rec["telemetry"]["outer_steps"] == 2, rec["telemetry"]
+        assert _distance(compiled["params"], eager["params"]) < CLOSE
+    for name in ("local_eager", "local_compiled"):
+        fit = trainer_fits[name]
+        assert torch.equal(fit[0]["params"], fit[1]["params"])  # the last outer step ended the fit on theta
+
+
+def test_trainer_compiled_autograd_flag_does_not_engage_and_the_hook_runs_per_bucket(trainer_fits):
+    """``torch._dynamo.config.compiled_autograd = True`` with a compiled module under ``gaussk_ddp``
+    and ``gaussk_local``: Lightning calls ``backward`` outside the compiled ``training_step``, so
+    compiled autograd does not engage: DDP's eager reducer calls the hook per bucket, as in the
+    compiled fit."""
+    for flagged, compiled in zip(trainer_fits["compiled_autograd"], trainer_fits["compiled"]):
+        assert flagged["error"] is None
+        assert flagged["comm_hook"] == "gaussk_hook" and flagged["hook_calls"] == compiled["hook_calls"] > 0
+        assert _distance(flagged["params"], compiled["params"]) < CLOSE
+    for flagged, compiled in zip(trainer_fits["local_compiled_autograd"], trainer_fits["local_compiled"]):
+        assert flagged["error"] is None and flagged["comm_hook"] == "local_grad_hook"
+        assert flagged["telemetry"]["outer_steps"] == compiled["telemetry"]["outer_steps"] == 2
+        assert _distance(flagged["params"], compiled["params"]) < CLOSE
+
+
+def test_trainer_with_ddps_python_reducer_fails_with_the_hooks_refusal(trainer_fits):
+    for rec in trainer_fits["python_reducer"]:
+        assert rec["error"].startswith("RuntimeError: gaussk_hook: DDP called the comm hook with (grad, param)")
+        assert "torch.compile without compiled autograd" in rec["error"]
+
+
+# ------------------------------------------------------------------------------ Accelerate
+@pytest.fixture(scope="module")
+def accelerate_runs(tmp_path_factory):
+    pytest.importorskip("accelerate")
+    tmp = tmp_path_factory.mktemp("compile_accelerate")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(ACCELERATE_SCRIPT), "--out", str(tmp / "out")]
+    proc = subprocess.run(cmd, cwd=tmp, env=_env(ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-6000:])
+    return {name: [torch.load(tmp / "out" / name / f"rank{r}.pt", weights_only=False) for r in range(2)] for name in ("eager", "compiled")}
+
+
+def test_accelerate_register_gaussk_on_a_compiled_model_runs_the_hook_and_matches_eager(accelerate_runs):
+    for eager, compiled in zip(accelerate_runs["eager"], accelerate_runs["compiled"]):
+        # Accelerate wraps the compiled module in DDP: DDPOptimizer, one graph per bucket, the eager reducer calls the hook
+        assert compiled["wrapper"] == "DistributedDataParallel" and compiled["inner"] == "OptimizedModule"
+        assert len(compiled["graphs"]) == compiled["buckets"] >= 1 and all(n > 0 for n in compiled["graphs"]) and not eager["graphs"]
+        assert compiled["comm_hook"] == eager["comm_hook"] == "gaussk_hook"
+        assert compiled["hook_calls"] == eager["hook_calls"] >= 4 * compiled["buckets"]
+        bound = 2 * (math.ceil(0.05 * compiled["numel"]) + 4)  # k per bucket from each rank
+        assert all(0 < n <= bound for n in compiled["nnz"] + eager["nnz"])
+        assert _distance(compiled["params"], eager["params"]) < CLOSE
+        torch.testing.assert_close(compiled["losses"], eager["losses"], rtol=CLOSE, atol=1e-6)
+    for run in accelerate_runs.values():
+        for rec in run:
+            assert torch.equal(rec["all_ranks"][0], rec["all_ranks"][1])  # every rank holds the same parameters

@@ -20,7 +20,9 @@ With processes, one run each, shared by the tests that read it (tests/scripts/fa
 Checked in every cell: the hook ran (telemetry, DDP's logging data names the hook), the gradients
 the optimizer sees are sparse (per-step engines), every rank holds the same parameters, the
 save/load round trip is exact (hook state and the replayed steps bit for bit), and compiled
-matches eager. The matrix of front ends x compile modes is docs/fabric.md.
+matches eager. The matrix of front ends x compile modes is docs/fabric.md. Every training phase
+ends with the summary line (``fabric.strategy.log_summary()``, or ``teardown()`` alone): logged
+once, on rank 0, counting the steps since the ``fabric.load``.
 """
 
 from __future__ import annotations
@@ -296,6 +298,28 @@ def test_fabrics_reapplied_compile_over_ddp_runs_eager_on_this_torch(ddp_run):
         assert reapplied["ddp_logging"]["comm_hook"] == "gaussk_hook"
 
 
+SUMMARY_HEAD = "fit summary, rank 0's own counters (not summed over ranks; "
+
+
+@pytest.mark.parametrize("phase", ["ddp_eager", "ddp_compiled", "ddp_reapply", "local_eager", "local_compiled"])
+def test_summary_line_is_logged_once_on_rank_0_by_log_summary_or_at_teardown(ddp_run, phase):
+    first, second = ddp_run[phase]
+    assert second["summaries"] == [] and len(first["summaries"]) == 1  # teardown after log_summary: no second line
+    line = first["summaries"][0]
+    assert line in ddp_run["log"]  # printed by the lightning_gaussk logger
+    if phase.startswith("ddp"):  # the steps since the load (the counters restart there): 2, of 2 buckets each
+        assert line.startswith("GaussK " + SUMMARY_HEAD + "flat, 2 ranks): 2 optimizer steps, 4 buckets compressed; sent ")
+        assert "for dense DDP's all-reduce of the same buckets (" in line and "x fewer)" in line
+    else:  # local SGD: the outer steps after optimizer step 4 and finish()'s
+        assert line.startswith("GaussK local SGD " + SUMMARY_HEAD + "flat, 2 ranks): 2 optimizer steps, 2 outer steps (H = sync_every = 2)")
+    if phase == "ddp_eager":
+        assert "summary_line" not in first  # teardown() alone logged it
+    else:  # log_summary() returns this rank's line (every rank), rank 0's is the one logged
+        assert first["summary_line"] == line
+        head = line.split(": ", 1)[0]
+        assert second["summary_line"].startswith(head.replace("rank 0's", "rank 1's") + ": 2 optimizer steps, ")
+
+
 # ------------------------------------------------------------------------------ gaussk_local on 2 processes
 @pytest.mark.parametrize("phase", ["local_eager", "local_compiled"])
 def test_gaussk_local_averages_models_every_sync_every_steps_and_round_trips(ddp_run, phase):
@@ -335,6 +359,9 @@ def test_gaussk_fsdp_across_two_nodes_sparse_identical_and_round_trips(fsdp_run,
         assert rec["shards"] == ["rank0.pt", "rank1.pt"]  # <ckpt>/gaussk/, inside the distributed checkpoint folder
         _same_state(rec["saved_state"], rec["loaded_state"], ("residuals", "step"))
         assert torch.equal(rec["again"], rec["ref"])
+    first, second = fsdp_run[phase]  # global ranks 0 and 1 (nodes 0 and 1): rank 0 logs the summary line, once
+    assert second["summaries"] == [] and len(first["summaries"]) == 1 and first["summaries"][0] == first["summary_line"]
+    assert first["summary_line"].startswith("GaussK " + SUMMARY_HEAD + "FSDP2 across nodes, 2 nodes x 1 ranks): 2 optimizer steps, ")
 
 
 def test_gaussk_fsdp_with_compiled_blocks_matches_eager(fsdp_run):
@@ -359,5 +386,6 @@ def test_example_fabric_train_under_fabric_run_on_two_cpu_processes(tmp_path):
     calls = int(out.split("hook calls ")[1].split(",")[0])
     assert calls > 0
     assert float(out.split("test accuracy ")[1].split(";")[0]) > 0.2  # 10 classes
+    assert (out + proc.stderr).count(" optimizer steps, ") == 1  # log_summary: one line, rank 0's
     assert sorted(p.name for p in (tmp_path / "ckpt" / "fabric.ckpt.gaussk").glob("rank*.pt")) == ["rank0.pt", "rank1.pt"]
     assert "gaussk" in torch.load(ckpt, weights_only=True)

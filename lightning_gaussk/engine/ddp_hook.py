@@ -23,6 +23,10 @@ Node mode (:mod:`lightning_gaussk.comm.topology`) reduces the bucket inside each
 exchanges 1/L of it between nodes. Residuals are kept per parameter (the bucket buffer is the
 concatenation of ``bucket.parameters()``), so they survive DDP's bucket rebuild after the first
 iteration, ``static_graph``, ``find_unused_parameters`` and any ``bucket_cap_mb``.
+
+Compiled autograd's DDP (``torch._dynamo.config.optimize_ddp = "python_reducer"``) calls comm hooks
+once per parameter with a tuple ``(grad, param)`` instead of a bucket; the hook refuses that with a
+``RuntimeError`` saying what to do (one ``isinstance`` check per call, nothing else).
 """
 
 
@@ -58,6 +62,17 @@ def validate_config(
     )  # fmt: skip
 
 
+#: the refusal of a comm hook called per parameter (``{hook}``: the hook's name)
+PER_PARAMETER_REFUSAL = (
+    "{hook}: DDP called the comm hook with (grad, param) for one parameter instead of a GradBucket: this is compiled "
+    "autograd's DDP (torch._dynamo.config.optimize_ddp='python_reducer', which calls comm hooks once per parameter). "
+    "TopK-SGD selects over whole gradient buckets in DDP's eager reducer, so it cannot run there. Use torch.compile "
+    "without compiled autograd (leave torch._dynamo.config.compiled_autograd False), or build DDP with "
+    "torch._dynamo.config.optimize_ddp='ddp_optimizer' (the default), which keeps the eager reducer and calls the hook "
+    "per bucket. See docs/fabric.md (torch.compile)."
+)
+
+
 def gaussk_hook(state: GaussKState, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
     """TopK-SGD with error feedback for one DDP bucket (see the module docstring).
 
@@ -67,11 +82,17 @@ def gaussk_hook(state: GaussKState, bucket: dist.GradBucket) -> torch.futures.Fu
 
     Register with ``ddp_model.register_comm_hook(state, gaussk_hook)``.
 
+    Raises:
+        RuntimeError: when called per parameter with ``(grad, param)`` (compiled autograd's DDP,
+            ``optimize_ddp="python_reducer"``) instead of a bucket, saying what to use instead.
+
     Example::
 
         state = GaussKState(density=0.01).bind(ddp_model)
         ddp_model.register_comm_hook(state, gaussk_hook)
     """
+    if isinstance(bucket, tuple):  # not a GradBucket: compiled autograd's python reducer, per parameter
+        raise RuntimeError(PER_PARAMETER_REFUSAL.format(hook="gaussk_hook"))
     fut = reduce(state, bucket.index(), bucket.parameters(), bucket.buffer())
     if bucket.is_last():
         state.end_backward()

@@ -19,7 +19,10 @@ hook itself, where Fabric wraps the model:
   ``mesh["shard"]``) and registers the sparse replica reduction
   (:func:`~lightning_gaussk.engine.fsdp.register_gaussk_fsdp`).
 
-What the three share (:class:`FabricWiring`, over :class:`~lightning_gaussk.frontends.wiring.StrategyWiring`):
+What the three share (:class:`FabricWiring`, over :class:`~lightning_gaussk.frontends.wiring.StrategyWiring`;
+the DDP-based two also :class:`FabricDDPWiring`: the constructor and ``setup_module``; the options
+and their properties are the Trainer strategies' :class:`~lightning_gaussk.frontends.wiring.PerStepWiring`
+and :class:`~lightning_gaussk.frontends.wiring.LocalSGDWiring`):
 
 - options from keywords > ``GAUSSK_*`` variables > defaults
   (:func:`~lightning_gaussk.frontends.wiring.resolve_options`), checked at construction; a keyword
@@ -40,6 +43,12 @@ What the three share (:class:`FabricWiring`, over :class:`~lightning_gaussk.fron
   calls the hook per bucket (Fabric's default re-applies the compile over its DDP wrapper, where
   torch 2.13's dynamo captures no graph: the model then runs eager; docs/fabric.md).
 
+The summary line: Fabric has no end of fit. ``fabric.strategy.log_summary()`` logs on rank 0
+the line the Trainer's strategies log at the end of a fit (:class:`~lightning_gaussk.frontends.wiring.FitSummary`:
+the optimizer steps since the model was set up or last loaded, the bytes sent against dense data
+parallelism, the time in communication where measured); ``fabric.strategy.teardown()`` logs it
+when ``log_summary`` was not called.
+
 Steps: Fabric has no trainer step. The per-step hooks count synchronising backward passes as
 optimizer steps (``fabric.no_backward_sync(model)`` during gradient accumulation keeps that exact);
 local SGD counts ``optimizer.step()`` calls.
@@ -53,7 +62,7 @@ import sys
 from collections.abc import Callable, Mapping
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
@@ -64,27 +73,27 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_gaussk.checkpoint.files import shard_dir
-from lightning_gaussk.config import GaussKConfig, LocalSGDConfig
+from lightning_gaussk.config import GaussKConfig
 from lightning_gaussk.engine.ddp_hook import gaussk_hook
-from lightning_gaussk.engine.fsdp import (
-    MESH_DIMS,
-    GaussKFSDPState,
-    register_gaussk_fsdp,
-)
+from lightning_gaussk.engine.fsdp import MESH_DIMS, register_gaussk_fsdp
 from lightning_gaussk.engine.local.driver import SparseLocalSGD
 from lightning_gaussk.engine.local.grad_hook import local_grad_hook
 from lightning_gaussk.engine.state import GaussKState
 from lightning_gaussk.frontends.wiring import (
+    FitSummary,
+    LocalSGDWiring,
+    PerStepWiring,
     StrategyWiring,
     check_keywords,
     ddp_arguments,
-    foreign_options,
     refuse_fsdp2,
     resolve_options,
     tell_loss_scale,
 )
+from lightning_gaussk.utils.log import rank_zero_info
 
 __all__ = [
+    "FabricDDPWiring",
     "FabricWiring",
     "GaussKFabricDDPStrategy",
     "GaussKFabricFSDPStrategy",
@@ -98,12 +107,8 @@ __all__ = [
 SHARD_SUBDIR = "gaussk"
 #: options of ``GaussKConfig`` that are not the FSDP strategy's: the layout is the mesh's
 LAYOUT_OPTIONS = ("hierarchy", "ranks_per_node")
-_LOCAL_ONLY = foreign_options(GaussKConfig, LocalSGDConfig, why="an option of local SGD: gaussk_local, diloco")
-_PER_STEP_ONLY = foreign_options(
-    LocalSGDConfig, GaussKConfig, why="an option of the per-step engines gaussk_ddp and gaussk_fsdp, not of local SGD"
-)
 _NOT_FSDP = {
-    **_LOCAL_ONLY,
+    **PerStepWiring._gaussk_foreign,
     **dict.fromkeys(LAYOUT_OPTIONS, "not an option here: the layout is the mesh (num_nodes, devices)"),
 }
 
@@ -164,10 +169,14 @@ def _split_options(
 
 # ------------------------------------------------------------------------------- the shared wiring
 class FabricWiring(StrategyWiring):
-    """What the Fabric strategies share, over the Lightning strategies' :class:`StrategyWiring`
-    (the deferred restore, the checkpoint adapter): the hook state's checkpoint entry in
-    ``fabric.save`` / ``fabric.load``, the loss scale at ``fabric.backward``, the refusal of
-    compiled autograd and of a second model."""
+    """What the Fabric strategies share, over :class:`StrategyWiring` (the deferred restore, the
+    checkpoint adapter; with :class:`PerStepWiring` / :class:`LocalSGDWiring` the options and their
+    properties): the hook state's checkpoint entry in ``fabric.save`` / ``fabric.load``, the loss
+    scale at ``fabric.backward``, the refusal of compiled autograd and of a second model, and the
+    summary line (:meth:`log_summary`, else at :meth:`teardown`)."""
+
+    #: whether :meth:`log_summary` has logged the line since the model was set up (teardown then does not)
+    _gaussk_summary_logged: bool = False
 
     def _gaussk_shard_folder(self, path: Path) -> Path:
         """Where the ranks' shards go: ``<path>.gaussk`` (a distributed FSDP checkpoint: inside it)."""
@@ -192,9 +201,48 @@ class FabricWiring(StrategyWiring):
                 tell_loss_scale(state, getattr(self.precision, "scaler", None))  # type: ignore[attr-defined]
         super().backward(tensor, module, *args, **kwargs)  # type: ignore[misc]
 
+    # ---------------------------------------------------------------- the summary line
+    def _gaussk_built(self, state: Any) -> None:
+        """The hook state exists (a checkpoint loaded before restored): the summary counts from now."""
+        super()._gaussk_built(state)
+        self._gaussk_fit = FitSummary(state, self._gaussk_global_step())
+        self._gaussk_summary_logged = False
+
+    def _gaussk_restore(self, loaded: Any) -> None:
+        """The saved state back, then the summary counts from it (a resumed run sums up its own steps)."""
+        super()._gaussk_restore(loaded)
+        if self._gaussk_fit is not None:
+            self._gaussk_fit.restart(self._gaussk_global_step())
+
+    def _gaussk_global_step(self) -> int:
+        """The optimizer steps so far: the per-step hook's own count (synchronising backward
+        passes; local SGD counts its own)."""
+        step = getattr(self._gaussk_state, "step", 0)  # SparseLocalSGD has none
+        return step if isinstance(step, int) else 0
+
+    def log_summary(self) -> str | None:
+        """Log, at INFO on rank 0 (the ``lightning_gaussk`` logger), the line the Trainer's
+        strategies log at the end of a fit, and return this rank's line (None before the model is
+        set up): the optimizer steps since the model was set up or since the last ``fabric.load``,
+        the bytes this rank sent against dense data parallelism (how many times fewer), and the
+        time in communication where measured (:class:`~lightning_gaussk.frontends.wiring.FitSummary`).
+
+        Fabric has no end of fit: call it at the end of training (on every rank, or on rank 0
+        alone: no collective). Without a call, :meth:`teardown` logs the line."""
+        fit = self._gaussk_fit
+        if fit is None:
+            return None
+        line = fit.line(self._gaussk_global_step())
+        rank_zero_info(line)
+        self._gaussk_summary_logged = True
+        return line
+
     def teardown(self) -> None:
         """Let torch's communication threads release the hook's last callbacks (local SGD: its
-        hook off the optimizer), then Fabric's teardown."""
+        hook off the optimizer) and, unless :meth:`log_summary` did, log the summary line on
+        rank 0; then Fabric's teardown (Fabric does not call it itself: ``fabric.strategy.teardown()``)."""
+        if self._gaussk_summary_logged:
+            self._gaussk_fit = None
         self._gaussk_teardown()
         super().teardown()  # type: ignore[misc]
 
@@ -237,8 +285,60 @@ def _registered(registry: _StrategyRegistry, name: str, cls: type, description: 
     registry.register(name, cls, description=description, override=True, **init_params)
 
 
+class FabricDDPWiring(FabricWiring, DDPStrategy):
+    """Fabric's ``DDPStrategy`` with the hook's wiring: what ``gaussk_ddp`` and ``gaussk_local``
+    share. The constructor takes ``DDPStrategy``'s arguments, the options of
+    ``_gaussk_config_cls`` (keyword > ``GAUSSK_*`` variable > default, kept by ``_gaussk_keep``) and
+    further ``DistributedDataParallel`` arguments; :meth:`setup_module` refuses a second model, an
+    FSDP2 module and compiled autograd, wraps the module in DDP and hands it to
+    :meth:`_gaussk_wire` (the subclass's hook)."""
+
+    _gaussk_config_cls: ClassVar[type]
+    _gaussk_foreign: ClassVar[dict[str, str]]
+    #: what to use instead, when the module is sharded with FSDP2
+    _gaussk_fsdp2_alternatives: ClassVar[str]
+
+    def __init__(
+        self,
+        accelerator: Any = None,
+        parallel_devices: list[torch.device] | None = None,
+        cluster_environment: Any = None,
+        checkpoint_io: Any = None,
+        precision: Any = None,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+        **kwargs: Any,
+    ) -> None:
+        config, rest, hints = _split_options(type(self), self._gaussk_config_cls, dict(kwargs))
+        self._gaussk_keep(config)  # type: ignore[attr-defined]
+        ddp_kwargs = ddp_arguments(
+            type(self), rest, timeout=timeout, start_method=start_method, hints={**hints, **self._gaussk_foreign}
+        )
+        super().__init__(
+            accelerator=accelerator, parallel_devices=parallel_devices, cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io, precision=precision, process_group_backend=process_group_backend, timeout=timeout,
+            start_method=start_method, **ddp_kwargs,
+        )  # fmt: skip
+
+    @override
+    def setup_module(self, module: nn.Module) -> Any:
+        """Fabric's DDP wrapper, then the subclass's hook on it (:meth:`_gaussk_wire`)."""
+        self._gaussk_setup_guard(module)
+        with refuse_fsdp2(type(self).__name__, module, alternatives=self._gaussk_fsdp2_alternatives):
+            pass
+        ddp = super().setup_module(module)
+        refuse_compiled_autograd(type(self).__name__, ddp)
+        self._gaussk_wire(ddp)
+        return ddp
+
+    def _gaussk_wire(self, ddp: Any) -> None:
+        """Register the hook on Fabric's DDP wrapper ``ddp``."""
+        raise NotImplementedError
+
+
 # ------------------------------------------------------------------------------- gaussk_ddp
-class GaussKFabricDDPStrategy(FabricWiring, DDPStrategy):
+class GaussKFabricDDPStrategy(PerStepWiring, FabricDDPWiring):
     """Fabric's DDP with the TopK-SGD comm hook (``L.Fabric(strategy="gaussk_ddp")``).
 
     Args:
@@ -263,65 +363,25 @@ class GaussKFabricDDPStrategy(FabricWiring, DDPStrategy):
         fabric.launch()
         model, optimizer = fabric.setup(model, optimizer)
         fabric.strategy.gaussk_state.telemetry["hook_calls"]
+        fabric.strategy.log_summary()  # at the end: steps, bytes against dense DDP, time in communication
     """
 
-    def __init__(
-        self,
-        accelerator: Any = None,
-        parallel_devices: list[torch.device] | None = None,
-        cluster_environment: Any = None,
-        checkpoint_io: Any = None,
-        precision: Any = None,
-        process_group_backend: str | None = None,
-        timeout: timedelta | None = default_pg_timeout,
-        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
-        **kwargs: Any,
-    ) -> None:
-        config, rest, hints = _split_options(type(self), GaussKConfig, dict(kwargs))
-        self._gaussk_config: GaussKConfig = config
-        ddp_kwargs = ddp_arguments(type(self), rest, timeout=timeout, start_method=start_method, hints={**hints, **_LOCAL_ONLY})
-        super().__init__(
-            accelerator=accelerator, parallel_devices=parallel_devices, cluster_environment=cluster_environment,
-            checkpoint_io=checkpoint_io, precision=precision, process_group_backend=process_group_backend, timeout=timeout,
-            start_method=start_method, **ddp_kwargs,
-        )  # fmt: skip
+    _gaussk_fsdp2_alternatives = "Use strategy='gaussk_fsdp' for an FSDP2 model."
 
-    @property
-    def gaussk_state(self) -> GaussKState | None:
-        """This rank's hook state (None before ``fabric.setup``)."""
-        return self._gaussk_state
-
-    @property
-    def gaussk_config(self) -> GaussKConfig:
-        """The hook's options (with what the optimizer remedies changed, once set up)."""
-        return self._gaussk_config
-
-    @override
-    def setup_module(self, module: nn.Module) -> Any:
-        """Fabric's DDP wrapper, then :func:`~lightning_gaussk.gaussk_hook` registered on it (every
-        device type) with this rank's :class:`GaussKState` (restoring a checkpoint loaded before)."""
-        self._gaussk_setup_guard(module)
-        with refuse_fsdp2(type(self).__name__, module, alternatives="Use strategy='gaussk_fsdp' for an FSDP2 model."):
-            pass
-        ddp = super().setup_module(module)
-        refuse_compiled_autograd(type(self).__name__, ddp)
+    def _gaussk_wire(self, ddp: Any) -> None:
+        """:func:`~lightning_gaussk.gaussk_hook` on ``ddp`` (every device type) with this rank's
+        :class:`GaussKState` (restoring a checkpoint loaded before)."""
         state = GaussKState(self._gaussk_config).bind(ddp)
         state.setup_layout(launcher_ranks_per_node=self.num_processes)  # Fabric numbers ranks node by node
         ddp.register_comm_hook(state, gaussk_hook)
         self._gaussk_built(state)
-        return ddp
 
     @override
     def setup_optimizer(self, optimizer: Optimizer) -> Optimizer:
         """The optimizer remedies (:func:`~lightning_gaussk.frontends.remedies.wrap_optimizer`),
         once the model is set up; before that the optimizer is left as it is."""
         optimizer = super().setup_optimizer(optimizer)
-        state = self._gaussk_state
-        if state is not None:
-            from lightning_gaussk.frontends.remedies import wrap_optimizer
-
-            wrap_optimizer(optimizer, state)
-            self._gaussk_config = state.config
+        self._gaussk_remedies([optimizer])
         return optimizer
 
     @classmethod
@@ -340,7 +400,7 @@ class GaussKFabricDDPStrategy(FabricWiring, DDPStrategy):
 
 
 # ------------------------------------------------------------------------------- gaussk_local
-class GaussKFabricLocalSGDStrategy(FabricWiring, DDPStrategy):
+class GaussKFabricLocalSGDStrategy(LocalSGDWiring, FabricDDPWiring):
     """Fabric's DDP as local SGD (``L.Fabric(strategy="gaussk_local")``): no per-step exchange,
     an outer step every ``sync_every`` optimizer steps (sparse, or DiLoCo's dense one: ``"diloco"``).
 
@@ -353,62 +413,28 @@ class GaussKFabricLocalSGDStrategy(FabricWiring, DDPStrategy):
 
     Set up one model and one optimizer (``fabric.setup(model, optimizer)``, or ``setup_module``
     then ``setup_optimizers``). At the end of training call :meth:`finish` on every rank (a
-    collective): with ``end_on_theta`` (the default) every rank then ends on ``theta``.
+    collective): with ``end_on_theta`` (the default) every rank then ends on ``theta``; then
+    :meth:`log_summary`.
 
     Raises:
         TypeError / ValueError: as :class:`GaussKFabricDDPStrategy`; at setup, for a second
             optimizer.
     """
 
-    _gaussk_key = "gaussk_local"
-    _gaussk_split = True  # theta and the outer momentum in the checkpoint, each rank's part in its shard
-    _gaussk_fresh = "the outer loop starts afresh"
+    _gaussk_fsdp2_alternatives = "Local SGD needs each rank's whole model."
+    _gaussk_module: nn.Module | None = None
 
-    def __init__(
-        self,
-        accelerator: Any = None,
-        parallel_devices: list[torch.device] | None = None,
-        cluster_environment: Any = None,
-        checkpoint_io: Any = None,
-        precision: Any = None,
-        process_group_backend: str | None = None,
-        timeout: timedelta | None = default_pg_timeout,
-        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
-        **kwargs: Any,
-    ) -> None:
-        config, rest, hints = _split_options(type(self), LocalSGDConfig, dict(kwargs))
-        self._local_config: LocalSGDConfig = config
-        ddp_kwargs = ddp_arguments(type(self), rest, timeout=timeout, start_method=start_method, hints={**hints, **_PER_STEP_ONLY})
-        self._gaussk_module: nn.Module | None = None
-        super().__init__(
-            accelerator=accelerator, parallel_devices=parallel_devices, cluster_environment=cluster_environment,
-            checkpoint_io=checkpoint_io, precision=precision, process_group_backend=process_group_backend, timeout=timeout,
-            start_method=start_method, **ddp_kwargs,
-        )  # fmt: skip
-
-    @property
-    def local_sgd(self) -> SparseLocalSGD | None:
-        """This rank's :class:`SparseLocalSGD` (None before the optimizer is set up)."""
-        return self._gaussk_state
-
-    @property
-    def local_config(self) -> LocalSGDConfig:
-        """The outer loop's options."""
-        return self._local_config
+    def _gaussk_wire(self, ddp: Any) -> None:
+        """DDP's per-step all-reduce switched off (the local hook); the outer loop waits for the optimizer."""
+        ddp.register_comm_hook(None, local_grad_hook)
+        self._gaussk_module = ddp.module
 
     @override
     def setup_module(self, module: nn.Module) -> Any:
         """Fabric's DDP wrapper with DDP's per-step all-reduce switched off (the local hook)."""
         if self._gaussk_module is not None:
             raise ValueError(f"{type(self).__name__}: a model is already set up (local SGD averages one model)")
-        self._gaussk_setup_guard(module)
-        with refuse_fsdp2(type(self).__name__, module, alternatives="Local SGD needs each rank's whole model."):
-            pass
-        ddp = super().setup_module(module)
-        refuse_compiled_autograd(type(self).__name__, ddp)
-        ddp.register_comm_hook(None, local_grad_hook)
-        self._gaussk_module = ddp.module
-        return ddp
+        return super().setup_module(module)
 
     @override
     def setup_optimizer(self, optimizer: Optimizer) -> Optimizer:
@@ -469,7 +495,7 @@ def shard_children(module: nn.Module, mesh: Any) -> nn.Module:
     return module
 
 
-class GaussKFabricFSDPStrategy(FabricWiring, ModelParallelStrategy):
+class GaussKFabricFSDPStrategy(PerStepWiring, FabricWiring, ModelParallelStrategy):
     """Fabric's ``ModelParallelStrategy`` as FSDP2 sharded inside each node, replicated across nodes,
     with TopK-SGD between replicas (``L.Fabric(strategy="gaussk_fsdp", num_nodes=N, devices=L)``).
 
@@ -504,21 +530,11 @@ class GaussKFabricFSDPStrategy(FabricWiring, ModelParallelStrategy):
             )
         if not isinstance(save_distributed_checkpoint, bool):
             raise TypeError(f"`save_distributed_checkpoint` must be a bool, got {save_distributed_checkpoint!r}")
-        self._gaussk_config: GaussKConfig = config
+        self._gaussk_keep(config)
         super().__init__(
             parallelize_fn=parallelize_fn or shard_children, save_distributed_checkpoint=save_distributed_checkpoint,
             process_group_backend=process_group_backend, timeout=timeout,
         )  # fmt: skip
-
-    @property
-    def gaussk_state(self) -> GaussKFSDPState | None:
-        """This rank's hook state (None before ``fabric.setup``)."""
-        return self._gaussk_state
-
-    @property
-    def gaussk_config(self) -> GaussKConfig:
-        """The hook's options."""
-        return self._gaussk_config
 
     @override
     def setup_environment(self) -> None:
@@ -548,11 +564,19 @@ class GaussKFabricFSDPStrategy(FabricWiring, ModelParallelStrategy):
     def setup_optimizer(self, optimizer: Optimizer) -> Optimizer:
         """The optimizer remedies, as :class:`GaussKFabricDDPStrategy`."""
         optimizer = super().setup_optimizer(optimizer)
-        if self._gaussk_state is not None:
-            from lightning_gaussk.frontends.remedies import wrap_optimizer
-
-            wrap_optimizer(optimizer, self._gaussk_state)
+        self._gaussk_remedies([optimizer], follow=False)  # gaussk_config stays the constructor's
         return optimizer
+
+    @override
+    def teardown(self) -> None:
+        """As :meth:`FabricWiring.teardown`. Fabric's ``ModelParallelStrategy.teardown`` ends with
+        ``self.checkpoint_io.teardown()``, and its ``checkpoint_io`` raises ``NotImplementedError``
+        (it has none); by then the rest is torn down, so that error alone is let go."""
+        try:
+            super().teardown()
+        except NotImplementedError as err:
+            if "CheckpointIO" not in str(err):
+                raise
 
     @override
     def _gaussk_shard_folder(self, path: Path) -> Path:

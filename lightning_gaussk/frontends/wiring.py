@@ -22,8 +22,11 @@ differ only in the lifecycle methods that call it.
   communication when it ends (:func:`~lightning_gaussk.engine.describe.fit_summary_line`,
   :func:`~lightning_gaussk.engine.describe.local_fit_summary_line`); Accelerate logs it at
   ``accelerator.end_training()`` (:func:`summary_at_end_training`);
-- :class:`StrategyWiring`, the Lightning strategies' mixin: the deferred restore, the checkpoint
-  hooks, the teardown and the end-of-fit summary.
+- :class:`StrategyWiring`, the strategies' mixin (Trainer and Fabric): the deferred restore, the
+  checkpoint hooks, the teardown and the end-of-fit summary; over it :class:`PerStepWiring`
+  (``gaussk_ddp``, ``gaussk_fsdp``: the options, ``gaussk_state`` / ``gaussk_config``, the optimizer
+  remedies) and :class:`LocalSGDWiring` (``gaussk_local``: the options, ``local_sgd`` /
+  ``local_config``, the checkpoint entry).
 
 Example::
 
@@ -61,6 +64,7 @@ from lightning_gaussk.checkpoint.protocol import restore_state, save_rank_files,
 from lightning_gaussk.checkpoint.reshard import LOCAL_SGD_POLICY
 from lightning_gaussk.comm.inflight import destroy_group_at_exit
 from lightning_gaussk.comm.layout import Layout
+from lightning_gaussk.config import GaussKConfig, LocalSGDConfig
 from lightning_gaussk.config.declare import ENV_PREFIX, env_values, from_env
 from lightning_gaussk.engine.counters import counter_diff
 from lightning_gaussk.engine.describe import fit_summary_line, local_fit_summary_line
@@ -74,6 +78,8 @@ __all__ = [
     "FitSummary",
     "HookCheckpoint",
     "LoadedState",
+    "LocalSGDWiring",
+    "PerStepWiring",
     "StrategyWiring",
     "check_keywords",
     "check_signature",
@@ -640,3 +646,80 @@ class StrategyWiring:
         removes old checkpoints through ``remove_checkpoint``)."""
         if self.is_global_zero:
             remove_shards(filepath)
+
+
+class PerStepWiring(StrategyWiring):
+    """The per-step strategies' shared part (``gaussk_ddp``, ``gaussk_fsdp``; Trainer and Fabric),
+    over :class:`StrategyWiring`: their options (:class:`~lightning_gaussk.config.GaussKConfig`,
+    kept by :meth:`_gaussk_keep`), the ``gaussk_state`` / ``gaussk_config`` properties and the
+    optimizer remedies (:meth:`_gaussk_remedies`)."""
+
+    #: the options dataclass of the strategy's keywords
+    _gaussk_config_cls: ClassVar[type] = GaussKConfig
+    #: the keywords that are another engine's options, and why they are refused (:func:`check_keywords`)
+    _gaussk_foreign: ClassVar[dict[str, str]] = foreign_options(
+        GaussKConfig, LocalSGDConfig, why="an option of local SGD: gaussk_local, diloco"
+    )
+
+    _gaussk_config: Any = None
+
+    def _gaussk_keep(self, config: Any) -> None:
+        """Keep the resolved options (``gaussk_config``)."""
+        self._gaussk_config = config
+
+    @property
+    def gaussk_state(self) -> Any:
+        """This rank's hook state (``GaussKState``; under FSDP2 ``GaussKFSDPState``); None until
+        the model is set up (``fit``, or ``fabric.setup``)."""
+        return self._gaussk_state
+
+    @property
+    def gaussk_config(self) -> Any:
+        """The hook's options (:class:`~lightning_gaussk.config.GaussKConfig`)."""
+        return self._gaussk_config
+
+    def _gaussk_remedies(self, optimizers: Iterable[Any], *, follow: bool = True) -> None:
+        """The optimizer remedies (:func:`~lightning_gaussk.frontends.remedies.wrap_optimizer`)
+        on each of ``optimizers``, once the hook state exists (before: nothing); ``follow``:
+        ``gaussk_config`` then holds what they changed (the momentum, a warm-up)."""
+        state = self._gaussk_state
+        if state is None:
+            return
+        from lightning_gaussk.frontends.remedies import wrap_optimizer
+
+        for optimizer in optimizers:
+            wrap_optimizer(optimizer, state)
+        if follow:
+            self._gaussk_config = state.config
+
+
+class LocalSGDWiring(StrategyWiring):
+    """The local SGD strategies' shared part (``gaussk_local``, ``diloco``; Trainer and Fabric),
+    over :class:`StrategyWiring`: their options (:class:`~lightning_gaussk.config.LocalSGDConfig`,
+    kept by :meth:`_gaussk_keep`), the ``local_sgd`` / ``local_config`` properties, and the
+    checkpoint entry ``"gaussk_local"`` (``theta`` and the outer momentum beside the manifest)."""
+
+    _gaussk_key: ClassVar[str] = "gaussk_local"
+    _gaussk_split: ClassVar[bool] = True  # theta and the outer momentum in the checkpoint, each rank's part in its shard
+    _gaussk_fresh: ClassVar[str] = "the outer loop starts afresh"
+    _gaussk_config_cls: ClassVar[type] = LocalSGDConfig
+    _gaussk_foreign: ClassVar[dict[str, str]] = foreign_options(
+        LocalSGDConfig, GaussKConfig, why="an option of the per-step engines gaussk_ddp and gaussk_fsdp, not of local SGD"
+    )
+
+    _local_config: Any = None
+
+    def _gaussk_keep(self, config: Any) -> None:
+        """Keep the resolved options (``local_config``)."""
+        self._local_config = config
+
+    @property
+    def local_sgd(self) -> SparseLocalSGD | None:
+        """This rank's :class:`~lightning_gaussk.engine.local.driver.SparseLocalSGD` (None until
+        the optimizer is set up)."""
+        return self._gaussk_state
+
+    @property
+    def local_config(self) -> Any:
+        """The outer loop's options (:class:`~lightning_gaussk.config.LocalSGDConfig`)."""
+        return self._local_config

@@ -1,9 +1,19 @@
-"""The Trainer fits of tests/test_compile.py: ``Trainer(strategy="gaussk_ddp")`` on 2 CPU processes
-(popen), an MLP fitted eager, then ``torch.compile``-d (inductor) in the same processes.
+"""The Trainer fits of tests/test_compile.py, on 2 CPU processes (popen), one after the other in the
+same processes (Lightning's popen launcher re-runs ``sys.argv``, so run this as a subprocess):
 
-Run as a subprocess (the popen launcher re-runs ``sys.argv``). Every rank writes
-``--out/<eager|compiled>/rank{r}.pt``: the nonzero entries of the gradients after the hook per step,
-the hook's calls, the hook DDP names, the graphs handed to inductor and the parameters at the end.
+- ``eager`` / ``compiled``: ``GaussKDDPStrategy`` fitting an MLP eager, then ``torch.compile``-d
+  (inductor);
+- ``local_eager`` / ``local_compiled``: ``GaussKLocalSGDStrategy(sync_every=2, ...)``, the same;
+- ``compiled_autograd`` / ``local_compiled_autograd``: a compiled module with
+  ``torch._dynamo.config.compiled_autograd = True`` under each strategy: what happens is recorded
+  (Lightning calls ``backward`` outside the compiled ``training_step``);
+- ``python_reducer`` (last: such a DDP sets inductor options for the rest of the process):
+  ``GaussKDDPStrategy`` with DDP built under ``torch._dynamo.config.optimize_ddp = "python_reducer"``
+  (compiled autograd's DDP): the fit must fail in the hook with its refusal (recorded, every rank).
+
+Every rank writes ``--out/<case>/rank{r}.pt``: the nonzero entries of the gradients after the hook
+per step, the hook's telemetry, the hook DDP names, the graphs handed to inductor, the parameters
+at the end, and the error of a failed fit.
 """
 
 from __future__ import annotations
@@ -51,16 +61,24 @@ class MLP(L.LightningModule):
 
     def on_train_end(self) -> None:
         strategy = self.trainer.strategy
+        state = getattr(strategy, "gaussk_state", None) or strategy.local_sgd
+        telemetry = dict(state.telemetry)
         rec = {
             "nnz": self.nnz,
             "numel": sum(p.numel() for p in self.parameters()),
-            "hook_calls": strategy.gaussk_state.telemetry["hook_calls"],
+            "telemetry": telemetry,
+            "hook_calls": telemetry.get("hook_calls"),
             "comm_hook": strategy.model._get_ddp_logging_data().get("comm_hook"),
             "graphs": list(GRAPHS),
             "params": torch.cat([p.detach().reshape(-1) for p in self.parameters()]).clone(),
+            "error": None,
         }
-        self.out.mkdir(parents=True, exist_ok=True)
-        torch.save(rec, self.out / f"rank{self.global_rank}.pt")
+        save(self.out, self.global_rank, rec)
+
+
+def save(out: Path, rank: int, rec: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(rec, out / f"rank{rank}.pt")
 
 
 def data() -> DataLoader:
@@ -69,21 +87,42 @@ def data() -> DataLoader:
     return DataLoader(TensorDataset(x, torch.tanh(x[:, :1] - x[:, 1:2])), batch_size=16)
 
 
+CASES = ("eager", "compiled", "local_eager", "local_compiled", "compiled_autograd", "local_compiled_autograd", "python_reducer")  # python_reducer last: DDP sets inductor options for good
+
+
+def strategy_for(case: str) -> L.pytorch.strategies.Strategy:
+    if case.startswith("local"):
+        return lightning_gaussk.GaussKLocalSGDStrategy(sync_every=2, density=0.1, chunk=None, quantize=None, dense_fallback="never")
+    return lightning_gaussk.GaussKDDPStrategy(density=0.05, dense_fallback="never")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
+    parser.add_argument("--cases", default=",".join(CASES))
     args = parser.parse_args()
     children = Children()
-    for name in ("eager", "compiled"):
+    for name in args.cases.split(","):
         torch._dynamo.reset()
         GRAPHS.clear()
         module = MLP(Path(args.out) / name)
         trainer = L.Trainer(
-            accelerator="cpu", devices=2, strategy=lightning_gaussk.GaussKDDPStrategy(density=0.05, dense_fallback="never"),
+            accelerator="cpu", devices=2, strategy=strategy_for(name),
             max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         )  # fmt: skip
-        trainer.fit(torch.compile(module, backend=inductor) if name == "compiled" else module, data())
+        compiled = name.endswith(("compiled", "compiled_autograd"))
+        patch = {"optimize_ddp": "python_reducer"} if name == "python_reducer" else {}
+        if name.endswith("compiled_autograd"):
+            patch = {"compiled_autograd": True}
+        try:
+            with torch._dynamo.config.patch(**patch):  # DDP is built inside fit: the python reducer is chosen there
+                trainer.fit(torch.compile(module, backend=inductor) if compiled else module, data())
+        except Exception as err:  # noqa: BLE001  (a refusal is what these cases record)
+            if not patch:
+                raise
+            save(module.out, trainer.global_rank, {"error": f"{type(err).__name__}: {err}", "graphs": list(GRAPHS)})
         children.collect(trainer)
+        print(f"CASE DONE: {name}", flush=True)
     children.finish("compile_trainer")
 
 

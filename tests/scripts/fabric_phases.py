@@ -15,6 +15,11 @@ Phases:
   same plan (the save falls in the middle of a window);
 - ``refuse``: compiled autograd refused at setup and at ``fabric.backward``.
 
+Every training phase ends with the summary line: ``ddp_eager`` by ``fabric.strategy.teardown()``
+alone, the others by ``fabric.strategy.log_summary()`` (its return value recorded) and then
+``teardown()``, which must not log it again. The lines the ``lightning_gaussk`` logger printed in
+the phase are recorded too (``summaries``: rank 0's; no other rank logs one).
+
 Every rank writes ``--out/<phase>/rank{r}.pt``: per step the nonzero entries of the gradients the
 optimizer sees, the hook's telemetry and DDP's logging data, the hook state at the save and after
 the load, the parameters after the reference steps and after the replay, and every rank's
@@ -24,6 +29,7 @@ parameters at the end (``fabric.all_gather``). The batch is a function of (step,
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import traceback
@@ -37,6 +43,25 @@ from lightning_gaussk.fabric import GaussKFabricLocalSGDStrategy
 
 SAVE_AT, REPLAY = 3, 2
 GRAPHS: list[int] = []  # the ops of every graph handed to inductor (DDPOptimizer: one per bucket)
+SUMMARIES: list[str] = []  # the summary lines the lightning_gaussk logger printed in this phase
+
+
+class KeepSummaries(logging.StreamHandler):
+    """Prints the ``lightning_gaussk`` messages (as its default handler would) and keeps the summary lines."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        super().emit(record)
+        if "fit summary" in record.getMessage():
+            SUMMARIES.append(record.getMessage())
+
+
+def keep_summaries() -> None:
+    handler = KeepSummaries()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log = logging.getLogger("lightning_gaussk")
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
 
 
 def inductor(gm: torch.fx.GraphModule, example_inputs: list) -> object:
@@ -96,6 +121,7 @@ def train_phase(name: str, strategy, compiled: bool | str, out: Path, tmp: Path,
     rank = fabric.global_rank
     model = make_model()
     GRAPHS.clear()
+    SUMMARIES.clear()
     torch._dynamo.reset()  # every phase compiles afresh (GRAPHS counts what it hands to inductor)
     if compiled == "blocks":  # every child's forward compiled, then sharded (the parameter names stay)
         for child in model.children():
@@ -159,6 +185,10 @@ def train_phase(name: str, strategy, compiled: bool | str, out: Path, tmp: Path,
     rec["dynamo"] = dynamo_counters()
     rec["graphs"] = list(GRAPHS)
     rec["hook_step"] = getattr(fabric.strategy._gaussk_state, "step", None)
+    if name != "ddp_eager":  # ddp_eager: the line at teardown alone
+        rec["summary_line"] = fabric.strategy.log_summary()
+    fabric.strategy.teardown()  # Fabric does not call it; it logs the line unless log_summary did
+    rec["summaries"] = list(SUMMARIES)
     save(out, name, rank, rec)
     fabric.barrier()
 
@@ -206,6 +236,7 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=2)
     parser.add_argument("--num-nodes", type=int, default=1)
     args = parser.parse_args()
+    keep_summaries()
     out = Path(args.out)
     tmp = out / "ckpt"
     tmp.mkdir(parents=True, exist_ok=True)
