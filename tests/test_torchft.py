@@ -13,13 +13,24 @@ use_async_quorum=False)``, around two in-process lighthouses:
 Each group records, per outer step, its state before and after the quorum, at the vote and after
 the step (``theta``, the error feedback, the outer momentum, the model, the steps); the tests
 compare the records across groups.
+
+A second run (module fixture ``killed``): three replica groups with the default options (2-bit
+values), each a process running tests/scripts/ft_replica.py (forked from a forkserver that has
+the imports done); one is SIGKILLed mid-window and a new process with its replica id started once
+the survivors have gone on without it; the parent fixes the end step once it has rejoined.
+
+The quantised exchange is also checked without processes, against QuantAllGather, on a fake
+process group.
 """
 
 from __future__ import annotations
 
 import ast
 import io
+import json
 import os
+import signal
+import sys
 import time
 import traceback
 import types
@@ -35,10 +46,12 @@ from _dist import free_port
 
 pytest.importorskip("torchft")
 
-from lightning_gaussk.comm import codec  # noqa: E402
+from lightning_gaussk.comm import codec, quant  # noqa: E402
+from lightning_gaussk.engine.local.ft import ManagerQuantAllGather  # noqa: E402
 from lightning_gaussk.local_sgd import SparseLocalSGD  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests" / "scripts"))  # ft_replica, one replica group of the kill test
 D_IN = 8
 H = 2  # sync_every
 LR_OUT, EF, MU = 0.8, 0.9, 0.9
@@ -201,7 +214,7 @@ def _train_ranks(addr: str, name: str, rank: int, port: int, seed: int) -> dict:
     model = net(seed + rank)  # the group starts from its rank 0's model (a broadcast inside the group)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     # every entry of the shard sent, nothing kept: the update is exactly the mean over the 2 x 2 ranks
-    local = SparseLocalSGD(model, opt, sync_every=H, density=1.0, outer_lr=1.0, ef_decay=0.0, manager=manager)
+    local = SparseLocalSGD(model, opt, sync_every=H, density=1.0, outer_lr=1.0, ef_decay=0.0, quantize=None, manager=manager)
     rec, messages = [], []
     start_quorum, should_commit, allgather = manager.start_quorum, manager.should_commit, manager._pg.allgather
     flat = lambda: torch.cat([p.detach().reshape(-1) for p in model.parameters()]).clone()
@@ -376,14 +389,15 @@ def test_an_uncommitted_step_changes_nothing_and_the_failed_group_heals_from_the
     assert a["ft"]["heals"] == 1 and b["ft"]["heals"] == 1
 
 
-def test_the_sparse_exchange_sends_k_entries(runs):
+def test_the_sparse_exchange_sends_k_entries_at_2_bits_by_default(runs):
     for g in (runs["A"], runs["B"]):
         k, d = g["k"], g["d"]
         assert 0 < k < d // 10  # density 0.05 of 161 entries
-        words = codec.message_words(k)
+        nbytes = quant.message_bytes(1, k, 2)  # one chunk (161 < chunk=4096) of k entries at 2 bits
+        assert nbytes < 4 * codec.message_words(k) / 2  # against 2k + 1 fp32 words
         participants = [r["participants"] for r in g["rec"]]
-        assert g["messages"] == [(words, p) for p in participants]  # one all-gather of 2k+1 words per outer step
-        assert g["telemetry"]["bytes_sent"] == 4 * words * len(g["rec"])
+        assert g["messages"] == [(nbytes, p) for p in participants]  # one all-gather of the uint8 message per outer step
+        assert g["telemetry"]["bytes_sent"] == nbytes * len(g["rec"])
         assert g["telemetry"]["entries_sent"] == k * len(g["rec"])
         for r in g["rec"]:
             assert int(r["sent"].count_nonzero()) <= k
@@ -464,7 +478,7 @@ def _fake_manager(**extra):
     [
         ({"overlap_steps": 1}, ("overlap_steps", "manager")),
         ({"fragments": 2}, ("fragments", "manager")),
-        ({"quantize": 2, "chunk": 64}, ("quantize", "manager")),
+        ({"exchange": "allreduce", "quantize": None}, ("exchange", "manager")),
     ],
 )
 def test_options_a_manager_cannot_run_are_refused_naming_them(kwargs, names):
@@ -473,6 +487,117 @@ def test_options_a_manager_cannot_run_are_refused_naming_them(kwargs, names):
         SparseLocalSGD(model, torch.optim.SGD(model.parameters(), lr=0.1), sync_every=4, manager=_fake_manager(), **kwargs)
     for n in names:
         assert f"`{n}`" in str(err.value) or n in str(err.value), (n, str(err.value))
+
+
+@pytest.mark.parametrize("kwargs, bits", [({}, 2), ({"quantize": 8}, 8), ({"quantize": 2, "chunk": 64}, 2)])
+def test_quantized_values_run_under_a_manager_with_the_default_options_included(kwargs, bits):
+    model = net(0)
+    local = SparseLocalSGD(model, torch.optim.SGD(model.parameters(), lr=0.1), manager=_fake_manager(), **kwargs)
+    way = local.exchanges[0]
+    assert isinstance(way.exchange, ManagerQuantAllGather) and way.exchange.bits == bits
+    sizes = way.sizes
+    assert local.outer_bytes == quant.message_bytes(sizes.n_chunks, sizes.kc, bits)
+    assert f"{bits}-bit" in local.ft.describe()
+    other = net(0)
+    dense = SparseLocalSGD(other, torch.optim.SGD(other.parameters(), lr=0.1), outer="dense", manager=_fake_manager())
+    assert dense.config.quantize == 2 and not dense.exchanges[0].sparse  # ignored by DiLoCo's dense step
+
+
+class _Work:
+    def __init__(self, fail: bool = False) -> None:
+        self.fail = fail
+
+    def wait(self, timeout=None) -> bool:
+        if self.fail:
+            raise RuntimeError("peer died")
+        return True
+
+    def is_completed(self) -> bool:
+        return True
+
+
+class _EchoGroup:
+    """A process group of ``peers`` copies of this one: every row of the all-gather is this message."""
+
+    def __init__(self, peers: int, fail: bool = False) -> None:
+        self.peers, self.fail, self.sent = peers, fail, []
+
+    def size(self) -> int:
+        return self.peers
+
+    def allgather(self, outputs, inputs, opts):
+        self.sent.append(inputs[0].clone())
+        for row in outputs[0]:
+            row.copy_(inputs[0])
+        return _Work(self.fail)
+
+
+@pytest.mark.parametrize("bits", [2, 8])
+def test_the_quantized_exchange_sends_quant_allgathers_message_and_keeps_the_rounding_in_e(bits, monkeypatch):
+    """The message is byte for byte QuantAllGather's (the non-torchft path); sel.values becomes the
+    dequantised values, so e = u - sent keeps the rounding error; the update is their mean."""
+    from lightning_gaussk.comm.exchange import Route, Selection
+    from lightning_gaussk.selection.chunkwise import ChunkwiseTopK
+
+    n, C, kc = 3, 64, 5
+    u = torch.randn(n * C, generator=torch.Generator().manual_seed(bits))
+    topk = ChunkwiseTopK(n, C, kc, u.device)
+
+    def selection() -> Selection:
+        values, indices = topk(u)
+        return Selection(values.clone(), indices.clone(), torch.zeros(()), n * C)
+
+    # the non-torchft exchange, its collective replaced by the same echo
+    plain_rows: list[torch.Tensor] = []
+
+    def echo(gathered, msg, group=None, async_op=False):
+        plain_rows.append(msg.clone())
+        gathered.view(2, -1).copy_(msg.expand(2, -1))
+        return _Work()
+
+    monkeypatch.setattr(quant, "all_gather", echo)
+    ref_sel, ref_out = selection(), torch.zeros(n * C)
+    plain = quant.QuantAllGather(bits, C, kc).launch(u, ref_sel, ref_out, Route(None, 2, 2), {})
+    plain.work.wait()
+    plain.finish()
+
+    group, reported = _EchoGroup(2), []
+    manager = _fake_manager(_pg=group, is_participating=lambda: True, errored=lambda: None, report_error=reported.append)
+    sel, out = selection(), torch.zeros(n * C)
+    launched = ManagerQuantAllGather(manager, bits, C, kc).launch(u, sel, out, Route(group, 2, 2), {})
+    assert launched.work.wait() and not reported
+    delivery = launched.finish()
+    assert group.sent[0].numel() == plain_rows[0].numel() == quant.message_bytes(n, kc, bits)
+    cb, ob, _ = quant._sizes(n, kc, bits)
+    used = torch.ones(plain_rows[0].numel(), dtype=torch.bool)
+    used[cb + 2 * n * kc : cb + ob] = False  # the offsets' padding to 4 bytes is never read
+    assert torch.equal(group.sent[0][used], plain_rows[0][used])  # codes, offsets, scales, flag: byte for byte
+    assert torch.equal(out, ref_out) and torch.equal(sel.values, ref_sel.values)
+    assert delivery.delivered is None and float(delivery.flag) == 0.0
+    # sent = the dequantised values, within half a level of u; e = u - sent keeps the rounding
+    original = u[sel.indices]
+    scale = original.view(n, kc).abs().amax(1).repeat_interleave(kc)
+    assert torch.all((original - sel.values).abs() <= scale / ((1 << bits) - 1) + 1e-6)
+    assert (original - sel.values).count_nonzero() > 0
+    want = torch.zeros(n * C).index_add_(0, sel.indices, sel.values)  # the mean of two identical messages
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+
+    # a group not participating: zero scales, nothing decoded from it, nothing of its selection delivered
+    manager.is_participating = lambda: False
+    sel, out = selection(), torch.zeros(n * C)
+    launched = ManagerQuantAllGather(manager, bits, C, kc).launch(u, sel, out, Route(group, 2, 2), {})
+    launched.work.wait()
+    delivery = launched.finish()
+    assert out.count_nonzero() == 0 and not delivery.delivered.any()
+
+    # a failed collective: reported to the manager, nothing decoded, nothing delivered
+    failing = _EchoGroup(2, fail=True)
+    manager = _fake_manager(_pg=failing, is_participating=lambda: True, errored=lambda: None, report_error=reported.append)
+    sel, out = selection(), torch.zeros(n * C)
+    launched = ManagerQuantAllGather(manager, bits, C, kc).launch(u, sel, out, Route(failing, 2, 2), {})
+    assert not launched.work.wait() and len(reported) == 1
+    delivery = launched.finish()
+    assert out.count_nonzero() == 0 and not delivery.delivered.any()
 
 
 def test_an_async_quorum_or_a_non_manager_is_refused():
@@ -490,3 +615,211 @@ def test_torchft_is_never_imported_by_the_package():
         for node in ast.walk(ast.parse(path.read_text())):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             assert not any(n.split(".")[0] == "torchft" for n in names), path
+
+
+# ------------------------------------------------------------------------------ 3 groups, one killed hard and restarted
+FULL = 3  # the victim is killed after 3 outer steps with all three groups and one optimizer step: mid-window
+
+
+class _Proc:
+    """A replica's process (``multiprocessing.Process``) with ``Popen``'s ``poll``/``returncode``/``wait``."""
+
+    def __init__(self, proc) -> None:
+        self.proc = proc
+
+    @property
+    def returncode(self):
+        return self.proc.exitcode
+
+    def poll(self):
+        return self.proc.exitcode
+
+    def send_signal(self, sig: int) -> None:
+        os.kill(self.proc.pid, sig)
+
+    def wait(self, timeout: float) -> None:
+        self.proc.join(timeout)
+
+    def kill(self) -> None:
+        self.proc.kill()
+
+
+def _progress(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def _wait(what: str, cond, procs: dict, logs: dict, timeout: float = 90.0) -> None:
+    """Poll ``cond()`` until true; a replica that exits with an error, or the deadline, fails the run."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        for name, p in procs.items():
+            if p.poll() not in (None, 0, -signal.SIGKILL):
+                raise AssertionError(f"replica {name} failed (rc {p.returncode}):\n{logs[name].read_text()[-4000:]}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def killed(tmp_path_factory):
+    """Three replica groups (one process each, tests/scripts/ft_replica.py, default options: 2-bit
+    values) around an in-process lighthouse (min_replicas=2). R2 stops mid-window after 3 outer
+    steps with all three and is SIGKILLed there; once both survivors have committed 2 outer steps without it, a new
+    R2 process (another init) starts; once it has rejoined, the parent fixes the end step."""
+    from torchft.coordination import LighthouseServer
+
+    tmp = tmp_path_factory.mktemp("ft_kill")
+    # each replica group is a new process forked from a server that imported torch, torchft and the
+    # package once (a restart then takes milliseconds); SIGKILL ends it like any other process
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "torchft", "lightning_gaussk.local_sgd", "ft_replica"])
+    from ft_replica import main as replica_main
+
+    # join_timeout_ms: a group late to a quorum by up to 2 s (a loaded machine) is waited for, not left out;
+    # a dead group stops heartbeating and is given up after heartbeat_timeout_ms
+    lh = LighthouseServer(bind="[::]:0", min_replicas=2, join_timeout_ms=2000, heartbeat_timeout_ms=1000)
+    end_file = tmp / "end"
+    procs: dict[str, _Proc] = {}
+    logs: dict[str, Path] = {}
+
+    def start(name: str, replica: str, seed: int, *extra: str) -> None:
+        logs[name] = tmp / f"{name}.log"
+        argv = ["--lighthouse", lh.address(), "--replica", replica, "--seed", str(seed), "--who", str(seed),
+                "--out", str(tmp / f"{name}.pt"), "--progress", str(tmp / f"{name}.json"), "--end-file", str(end_file),
+                "--sync-every", str(H), "--outer-lr", str(LR_OUT), "--ef-decay", str(EF), "--inner-sleep", "0.02",
+                "--log", str(logs[name]), *extra]  # fmt: skip
+        proc = ctx.Process(target=replica_main, args=(argv,), daemon=True)
+        proc.start()
+        procs[name] = _Proc(proc)
+
+    prog = lambda name: _progress(tmp / f"{name}.json")
+    try:
+        start("R0", "R0", 0)
+        start("R1", "R1", 1)
+        start("R2", "R2", 2, "--pause-after", str(FULL), "--pause-participants", "3")
+        _wait("R2 to stop mid-window", lambda: prog("R2").get("paused"), procs, logs)
+        victim = prog("R2")
+        procs["R2"].send_signal(signal.SIGKILL)  # hard: no shutdown, no goodbye to the lighthouse
+        procs["R2"].wait(10)
+        gone = victim["seen"][-1][0]  # the survivors' steps after this one are without R2
+        two = lambda name: sum(s[1] == 2 and s[0] > gone for s in prog(name).get("seen", []))
+        _wait("two outer steps of the survivors without R2", lambda: min(two("R0"), two("R1")) >= 2, procs, logs)
+        at_restart = {name: len(prog(name)["seen"]) for name in ("R0", "R1")}  # records before the restart
+        start("R2b", "R2", 5)  # the same replica id, a new process, another init
+        _wait("the restarted R2 to rejoin", lambda: len(prog("R2b").get("seen", [])) >= 2, procs, logs)
+        end = max(prog(name)["step"] for name in ("R0", "R1", "R2b")) + 6
+        (tmp / "end.tmp").write_text(str(end))
+        os.replace(tmp / "end.tmp", end_file)  # atomic: a replica never reads half of it
+        for name in ("R0", "R1", "R2b"):
+            _wait(f"{name} to finish", lambda name=name: procs[name].poll() is not None, procs, logs, timeout=60)
+            assert procs[name].returncode == 0, logs[name].read_text()[-4000:]
+        out = {name: torch.load(tmp / f"{name}.pt", weights_only=False) for name in ("R0", "R1", "R2b")}
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()  # only the processes this fixture started
+                p.wait(10)
+        lh.shutdown()
+    return {"out": out, "end": end, "victim": victim, "at_restart": at_restart}
+
+
+def _first_without_victim(killed: dict, g: dict) -> int:
+    """The index in ``g``'s records of its first outer step after the victim's last committed one."""
+    last = killed["victim"]["seen"][-1][0] + 1  # the step the victim's last outer step committed
+    return [r["after_quorum"]["step"] for r in g["rec"]].index(last)
+
+
+def _runs(xs: list[int]) -> list[int]:
+    return [x for i, x in enumerate(xs) if i == 0 or xs[i - 1] != x]
+
+
+def test_a_replica_group_is_killed_mid_window_and_the_survivors_go_on_with_two_participants(killed):
+    victim = killed["victim"]
+    assert victim["paused"] and victim["window"] == 1 < H  # killed inside a window: 1 of its H optimizer steps done
+    assert [s[1] for s in victim["seen"][-FULL:]] == [3] * FULL
+    for name in ("R0", "R1"):
+        g = killed["out"][name]
+        steps = [r["after_quorum"]["step"] for r in g["rec"]]
+        # the survivors never stop: one outer step after another, each committed, none healed after the first
+        assert all(r["committed"] for r in g["rec"]) and g["ft"]["uncommitted"] == 0
+        assert steps == list(range(steps[0], steps[0] + len(steps))) and g["step"] == killed["end"]
+        assert not any(r["healed"] for r in g["rec"][1:])
+        parts = [r["participants"] for r in g["rec"]]
+        k0, k1 = _first_without_victim(killed, g), killed["at_restart"][name]
+        assert parts[k0 - 1] == 3  # before the kill: three
+        assert parts[k0:k1].count(2) >= 2 and set(parts[k1:]) <= {2, 3}  # without R2: two
+        assert _runs(parts[k0 - 1 :]) == [3, 2, 3] and parts[-1] == 3  # and three again after the rejoin
+        assert g["loss"][1] < g["loss"][0], g["loss"]
+
+
+def test_the_update_without_the_killed_group_is_the_mean_over_the_two_survivors(killed):
+    r0, r1 = (_by_step(killed["out"][n]["rec"]) for n in ("R0", "R1"))
+    pairs = [(r0[s], r1[s]) for s in sorted(set(r0) & set(r1)) if r0[s]["participants"] == 2]
+    assert len(pairs) >= 2
+    for x, y in pairs:
+        assert torch.equal(x["at_vote"]["theta"], y["at_vote"]["theta"])
+        want = x["at_vote"]["theta"] - LR_OUT * (x["sent"] + y["sent"]) / 2  # P = 2
+        torch.testing.assert_close(x["after"]["theta"], want, rtol=0, atol=1e-6)
+        assert torch.equal(x["after"]["theta"], y["after"]["theta"])
+
+
+def test_the_restarted_group_heals_from_a_survivor_and_rejoins(killed):
+    g, peers = killed["out"]["R2b"], [_by_step(killed["out"][n]["rec"]) for n in ("R0", "R1")]
+    first = g["rec"][0]
+    assert first["healed"] and first["participants"] == 3 and g["ft"]["heals"] == 1
+    step = first["after_quorum"]["step"]
+    assert step > killed["victim"]["seen"][-1][0] + 2  # the survivors went on without it
+    assert not torch.equal(first["before_quorum"]["theta"], first["after_quorum"]["theta"])  # another init
+    for p in peers:
+        assert p[step]["participants"] == 3 and not p[step]["healed"]
+        assert torch.equal(first["after_quorum"]["theta"], p[step]["after_quorum"]["theta"])
+    assert first["after_quorum"]["e"].count_nonzero() == 0  # its own error feedback starts at zero
+    assert first["sent"].count_nonzero() == 0  # its discarded window sent nothing
+    assert all(r["committed"] and r["participants"] == 3 for r in g["rec"])
+
+
+def test_all_three_groups_end_on_the_same_theta_and_agree_after_every_step(killed):
+    out = killed["out"]
+    for name in ("R0", "R1", "R2b"):
+        assert out[name]["step"] == killed["end"] and out[name]["quantize"] == 2  # the default: 2-bit values
+        assert torch.equal(out[name]["theta"], out["R0"]["theta"]) and torch.equal(out[name]["params"], out[name]["theta"])
+    by = {n: _by_step(out[n]["rec"]) for n in out}
+    joint = 0
+    for s, r in by["R0"].items():
+        for n in ("R1", "R2b"):
+            if s in by[n]:
+                assert torch.equal(r["after"]["theta"], by[n][s]["after"]["theta"]), (s, n)
+                joint += 1
+    assert joint >= len(by["R0"]) + 3
+
+
+def test_the_survivors_error_feedback_is_conserved_through_the_failure_with_2bit_values(killed):
+    for name in ("R0", "R1"):
+        g = killed["out"][name]
+        rec, k = g["rec"], g["k"]
+        rounding = 0
+        for t, r in enumerate(rec):
+            v, sent = r["at_vote"], r["sent"]
+            u = v["e"] * EF + (v["theta"] - v["params"])  # u = beta e + Delta, as the engine computes it
+            torch.testing.assert_close(r["after"]["e"], u - sent, rtol=0, atol=1e-7)  # e = u - sent
+            if r["healed"]:  # its first outer step, if init_sync healed it: its window discarded, nothing sent
+                assert sent.count_nonzero() == 0 and v["e"].count_nonzero() == 0
+                continue
+            # what was sent: k entries at 2 bits over one scale per chunk (161 entries: one chunk): {+-m, +-m/3}
+            mags = sent[sent != 0].abs()
+            assert 0 < mags.numel() <= k
+            torch.testing.assert_close(mags, torch.where(mags > mags.max() * 2 / 3, mags.max(), mags.max() / 3))
+            idx = sent.nonzero().squeeze(1)
+            rounding += int(r["after"]["e"][idx].count_nonzero() > 0)  # the rounding error stays in e
+            if t:  # nothing of e is lost between outer steps, the kill and the rejoin included
+                assert torch.equal(r["before_quorum"]["e"], rec[t - 1]["after"]["e"])
+                assert torch.equal(r["at_vote"]["e"], rec[t - 1]["after"]["e"])
+        assert rounding >= len(rec) // 2
+        # the first outer step without R2: e carried over; had it been reset, e = u - sent would not hold
+        r = rec[_first_without_victim(killed, g)]
+        assert r["participants"] == 2 and r["at_vote"]["e"].count_nonzero() > 0
+        v = r["at_vote"]
+        assert not torch.allclose(r["after"]["e"], (v["theta"] - v["params"]) - r["sent"], rtol=0, atol=1e-4)

@@ -151,7 +151,7 @@ class SparseLocalSGD:
             one group) and commits only when ``manager.should_commit()``; the state a healing
             group needs is registered with ``manager.register_state_dict_fn``
             (:mod:`lightning_gaussk.engine.local.ft`; :attr:`ft` keeps its counters). Not with
-            ``overlap_steps > 0``, ``fragments > 1`` or ``quantize``.
+            ``overlap_steps > 0``, ``fragments > 1`` or ``exchange="allreduce"``.
 
     Raises:
         TypeError / ValueError: for an invalid argument, naming it.

@@ -10,13 +10,21 @@ the quorum, ``theta`` the global model and ``theta_r`` group ``r``'s parameters 
                      others heals here (below), before it sends anything
     pseudo-gradient  Delta_r = theta - theta_r
 
-    outer="sparse"   u_r = beta e_r + Delta_r;  s_r = exactly k entries of u_r
-                     all-gather of every group's [values | indices | flag] (2k + 1 words) over the
-                     manager's process group;  g = (1/P) sum_r s_r
+    outer="sparse"   u_r = beta e_r + Delta_r;  S_r = exactly k entries of u_r (kc per chunk)
+                     quantize=None: s_r = u_r on S_r, 0 elsewhere; all-gather of every group's
+                       [values | indices | flag] (2k + 1 words) over the manager's process group
+                     quantize=b (2 or 8): per chunk c, m_c = max_{i in S_r, c} |u_r[i]| and
+                       s_r[i] = Q_b(u_r[i]; m_c) = m_c (2 j_i - (2^b - 1)) / (2^b - 1),
+                       j_i = round(((2^b - 1) u_r[i] / m_c + 2^b - 1) / 2)  (0 where m_c = 0);
+                       all-gather of QuantAllGather's message [b-bit codes | int16 offsets |
+                       m_c per chunk | flag] over the manager's process group
+                     g = (1/P) sum_r s_r   (what every group decodes: the dequantised values)
     outer="dense"    g = (1/P) sum_r Delta_r               manager.allreduce (DiLoCo)
 
     vote             ok = manager.should_commit()        (its own replica group's decision)
     commit (ok)      sparse: e_r <- u_r - s_r;  theta <- theta - alpha g
+                       (quantize=b: the rounding error u_r[i] - Q_b(u_r[i]) stays in e_r, so
+                        e_r + s_r = u_r exactly: nothing selected is lost to the rounding)
                      dense:  m <- mu m + g;  theta <- theta - alpha (g + mu m)
     no commit        theta, e_r and m stay as they were (bit for bit), and the model goes back to theta
     apply            the model := theta
@@ -54,10 +62,24 @@ The rules:
 - **Errors.** A collective that fails (a peer died, a timeout) is reported to the manager
   (``manager.report_error``) instead of raised, so the vote says no; an outer step after an error in
   its quorum issues no collective (as ``manager.allreduce`` does).
+- **Quantised values** (``quantize`` = 2 or 8, the default 2): the message is the one the
+  non-torchft path sends (:class:`~lightning_gaussk.comm.quant.QuantAllGather`'s format, of
+  :func:`~lightning_gaussk.comm.quant.message_bytes` bytes), all-gathered as ``uint8`` over the
+  manager's process group (:class:`ManagerQuantAllGather`). The selection's values are replaced by
+  their dequantised form before the commit, so ``e_r = u_r - s_r`` holds exactly with ``s_r`` what
+  the peers decoded. A group not participating sends zero scales (every value decodes to 0) and
+  keeps all of ``u_r``.
 
 Not supported with a manager (a ``ValueError`` naming the option): ``overlap_steps > 0``,
-``fragments > 1``, ``quantize``, another ``exchange`` than ``"allgather"``; ``dense_fallback`` does
-not apply (the sparse step always sends ``k`` entries).
+``fragments > 1``, another sparse ``exchange`` than ``"allgather"``; ``dense_fallback`` does not
+apply (the sparse step always sends ``k`` entries). Why not the bounded all-reduce
+(``exchange="allreduce"``): its two stages (an all-to-all to the owner of each region, chosen by
+the group rank, then an all-gather of the owners' top entries) run through ``torch.distributed``'s
+functions on a registered c10d group (``dist.get_rank(group)``, ``dist.all_to_all_single``), and
+torchft's process group is reconfigured at every quorum outside that registry; a quorum change
+between its stages would also leave a region without its owner. Carrying it would be a second
+implementation of the exchange on the manager's process group, with a guard per stage; until then
+the all-gather (fp32 or quantised) is the sparse exchange under torchft.
 """
 
 from __future__ import annotations
@@ -68,16 +90,26 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_gaussk.comm import codec
+from lightning_gaussk.comm import codec, quant
 from lightning_gaussk.comm.exchange import AllGather, Delivery, DenseAllReduce, Launched, Route, Selection, all_gather, buffer
 from lightning_gaussk.comm.layout import Layout
+from lightning_gaussk.comm.quant import QuantAllGather
 from lightning_gaussk.comm.topology import Flat, Node, Topology
 from lightning_gaussk.config import LocalSGDConfig
 from lightning_gaussk.engine.local.exchange import OuterExchange
 from lightning_gaussk.engine.local.fragment import Fragment
 from lightning_gaussk.selection.chunkwise import ChunkwiseTopK
 
-__all__ = ["FT_STATE_KEY", "ManagedOuterStep", "ReplicaExchange", "check_manager", "replica_topology"]
+__all__ = [
+    "FT_STATE_KEY",
+    "ManagedOuterStep",
+    "ManagerAllGather",
+    "ManagerAllReduce",
+    "ManagerQuantAllGather",
+    "ReplicaExchange",
+    "check_manager",
+    "replica_topology",
+]
 
 #: the key of SparseLocalSGD's state in ``manager.register_state_dict_fn``
 FT_STATE_KEY = "lightning_gaussk.local_sgd"
@@ -110,11 +142,12 @@ def check_manager(config: LocalSGDConfig, manager: Any) -> None:
             f"SparseLocalSGD: `fragments` = {config.fragments} cannot be used with `manager` (streaming across replica "
             "groups is not supported); use fragments=1"
         )
-    if config.quantize is not None or config.exchange != "allgather":
+    if config.outer == "sparse" and config.exchange != "allgather":
         raise ValueError(
-            f"SparseLocalSGD: with `manager`, the sparse outer step is the all-gather of k values and indices: "
-            f"`quantize` must be None and `exchange` 'allgather' (got quantize={config.quantize!r}, "
-            f"exchange={config.exchange!r})"
+            f"SparseLocalSGD: `exchange`={config.exchange!r} cannot be used with `manager`: across torchft replica "
+            "groups the sparse outer step is the all-gather of k entries over the manager's process group (fp32, or "
+            "quantize=2/8 bits); the bounded all-reduce's stages need a torch.distributed group that stays the same "
+            "across quorums. Use exchange='allgather'"
         )
 
 
@@ -154,6 +187,22 @@ class _Guarded:
             return True
 
 
+def _gather(manager: Any, route: Route, msg: Tensor, gathered: Tensor) -> _Guarded:
+    """Issue the all-gather of ``msg`` into ``gathered`` (``route.peers`` rows) over the manager's
+    process group (``ProcessGroupGloo.allgather``); nothing after an error in this quorum, and a
+    failure to issue it reported to the manager."""
+    from torch.distributed.distributed_c10d import AllgatherOptions
+
+    work: Any = None
+    if manager.errored() is None:
+        try:
+            rows = list(gathered.view(route.peers, msg.numel()).unbind(0))
+            work = route.group.allgather([rows], [msg], AllgatherOptions())
+        except Exception as err:
+            manager.report_error(err)
+    return _Guarded(work, manager)
+
+
 class ManagerAllGather(AllGather):
     """The all-gather of every replica group's ``[values | indices | flag]`` (``2k + 1`` words) over
     the manager's process group (``ProcessGroupGloo.allgather``, ``route.peers`` rows);
@@ -167,8 +216,6 @@ class ManagerAllGather(AllGather):
         self.manager = manager
 
     def launch(self, u: Tensor, sel: Selection | None, out: Tensor, route: Route, cache: dict[str, Tensor]) -> Launched:
-        from torch.distributed.distributed_c10d import AllgatherOptions
-
         assert sel is not None
         manager, k, words = self.manager, sel.k, codec.message_words(sel.k)
         msg = codec.pack(buffer(cache, "msg", words, out.device), sel.values, sel.indices, sel.flag)
@@ -176,13 +223,7 @@ class ManagerAllGather(AllGather):
         if not participating:
             msg[:k].zero_()
         gathered = buffer(cache, "gathered", route.peers * words, out.device)
-        work: Any = None
-        if manager.errored() is None:
-            try:
-                work = route.group.allgather([list(gathered.view(route.peers, words).unbind(0))], [msg], AllgatherOptions())
-            except Exception as err:
-                manager.report_error(err)
-        guarded = _Guarded(work, manager)
+        guarded = _gather(manager, route, msg, gathered)
 
         def finish() -> Delivery:
             nothing = torch.zeros(k, dtype=torch.bool, device=out.device)
@@ -191,6 +232,62 @@ class ManagerAllGather(AllGather):
             values, indices, flags = codec.unpack(gathered, k)
             out.index_add_(0, indices, values, alpha=1.0 / route.divisor)
             return Delivery(flags.sum(), delivered=None if participating else nothing)
+
+        return Launched(guarded, finish)
+
+
+class ManagerQuantAllGather(QuantAllGather):
+    """:class:`~lightning_gaussk.comm.quant.QuantAllGather` across replica groups: the same message
+    (``bits``-bit codes, int16 offsets in the chunk, one fp32 scale per chunk, the flag; one
+    ``uint8`` tensor of :func:`~lightning_gaussk.comm.quant.message_bytes` bytes) all-gathered over
+    the manager's process group; ``out = (1 / route.divisor) sum_r dequantised_r`` at the selected
+    indices. ``sel.values`` is overwritten by its dequantised values (what the peers decode), so
+    the commit's ``e = u - sent`` keeps the rounding error. A group not participating sends zero
+    scales (its values decode to 0) and nothing of its selection is delivered; a failed
+    collective is reported to the manager and nothing is decoded (the vote then says no)."""
+
+    name = "torchft-quant_allgather"
+
+    def __init__(self, manager: Any, bits: int, chunk: int, per_chunk: int) -> None:
+        super().__init__(bits, chunk, per_chunk)
+        self.manager = manager
+
+    def launch(self, u: Tensor, sel: Selection | None, out: Tensor, route: Route, cache: dict[str, Tensor]) -> Launched:
+        assert sel is not None
+        manager, kc, C, bits, dev = self.manager, self.per_chunk, self.chunk, self.bits, out.device
+        k = sel.k
+        n = k // kc
+        cb, ob, total = quant._sizes(n, kc, bits)
+        codes = buffer(cache, "q_codes", n * kc, dev, torch.uint8)
+        scales = buffer(cache, "q_scales", n, dev)
+        deq = buffer(cache, "q_deq", n * kc, dev)
+        quant.quantize(sel.values.view(n, kc), bits, codes.view(n, kc), scales, deq.view(n, kc))
+        sel.values.copy_(deq)  # what was sent, for the commit (e = u - sent)
+        msg = buffer(cache, "q_msg", total, dev, torch.uint8)
+        msg[:cb].zero_()
+        quant.pack_codes(codes, bits, msg[:cb])
+        msg[cb : cb + ob].view(torch.int16)[: n * kc].copy_(sel.indices.remainder(C))
+        tail = msg[cb + ob :].view(torch.float32)
+        tail[:n].copy_(scales)
+        tail[n].copy_(sel.flag)
+        participating = bool(manager.is_participating())
+        if not participating:
+            tail[:n].zero_()  # zero scales: every value decodes to 0
+        gathered = buffer(cache, "q_gathered", route.peers * total, dev, torch.uint8)
+        guarded = _gather(manager, route, msg, gathered)
+
+        def finish() -> Delivery:
+            nothing = torch.zeros(k, dtype=torch.bool, device=dev)
+            if guarded.failed:
+                return Delivery(torch.zeros((), device=dev), delivered=nothing)
+            rows = gathered.view(route.peers, total)
+            got = quant.unpack_codes(rows[:, :cb], n * kc, bits).view(route.peers, n, kc)
+            offsets = rows[:, cb : cb + ob].contiguous().view(torch.int16)[:, : n * kc].to(torch.int64)
+            tails = rows[:, cb + ob :].contiguous().view(torch.float32)
+            values = quant.dequantize(got, tails[:, :n], bits).reshape(-1)
+            base = torch.arange(n, device=dev).repeat_interleave(kc).mul_(C)
+            out.index_add_(0, (offsets + base).reshape(-1), values, alpha=1.0 / route.divisor)
+            return Delivery(tails[:, n].sum(), delivered=None if participating else nothing)
 
         return Launched(guarded, finish)
 
@@ -218,14 +315,20 @@ class ManagerAllReduce(DenseAllReduce):
 class ReplicaExchange(OuterExchange):
     """One fragment's outer exchange across the replica groups of ``manager``: the selection as in
     :class:`~lightning_gaussk.engine.local.exchange.OuterExchange`, the exchange
-    :class:`ManagerAllGather` (sparse) or :class:`ManagerAllReduce` (dense), on the route of the
+    :class:`ManagerAllGather` (sparse, fp32), :class:`ManagerQuantAllGather` (sparse, ``quantize``)
+    or :class:`ManagerAllReduce` (dense), on the route of the
     current quorum (:meth:`join`)."""
 
     def __init__(self, config: LocalSGDConfig, topology: Topology, fragment: Fragment, manager: Any) -> None:
         super().__init__(config, topology, fragment)
         self.manager = manager
-        self.exchange = ManagerAllReduce(manager) if config.outer == "dense" else ManagerAllGather(manager)
         sizes = self.sizes
+        if config.outer == "dense":
+            self.exchange = ManagerAllReduce(manager)
+        elif config.quantize is not None:  # chunk-wise (the config demands chunk): kc entries per chunk
+            self.exchange = ManagerQuantAllGather(manager, config.quantize, sizes.chunk or sizes.m, sizes.kc)
+        else:
+            self.exchange = ManagerAllGather(manager)
         if fragment.e is not None and sizes.chunk is not None and self._chunkwise is None:
             self._chunkwise = ChunkwiseTopK(sizes.n_chunks, sizes.chunk, sizes.kc, fragment.theta.device)
         self.ranks = topology.layout.world_size  # L, the ranks of this replica group
@@ -262,7 +365,8 @@ class ManagedOuterStep:
         if cfg.outer == "dense":
             what = f"dense: manager.allreduce of {local.d} fp32 entries ({4 * local.d} B)"
         else:
-            what = f"sparse: all-gather of k={local.k} of d={local.d} entries ({local.outer_bytes} B per message)"
+            bits = f" at {cfg.quantize}-bit values" if cfg.quantize is not None else ""
+            what = f"sparse: all-gather of k={local.k} of d={local.d} entries{bits} ({local.outer_bytes} B per message)"
         return (
             f"SparseLocalSGD under torchft: every {cfg.sync_every} optimizer steps an outer step under the manager's "
             f"quorum across replica groups of {group}; {what}; the mean over manager.num_participants(); committed only "
