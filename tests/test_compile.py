@@ -101,6 +101,15 @@ def _train(rank: int, world: int, compiled: bool) -> dict:
     return rec
 
 
+def _error_of(run) -> str | None:
+    """What ``run()`` raised, as ``"Type: message"`` (None: it ran); what torch raises is what is recorded."""
+    try:
+        run()
+    except Exception as err:  # noqa: BLE001
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
 def _compiled_autograd(rank: int) -> dict:
     from lightning_gaussk import GaussKState, gaussk_hook
 
@@ -118,11 +127,7 @@ def _compiled_autograd(rank: int) -> dict:
         return loss
 
     with torch._dynamo.config.patch(compiled_autograd=True):  # a compiled step with its backward
-        try:
-            step(x)
-            out["compiled_step"] = None
-        except Exception as err:  # noqa: BLE001  (what torch raises is what is recorded)
-            out["compiled_step"] = f"{type(err).__name__}: {err}"
+        out["compiled_step"] = _error_of(lambda: step(x))
     state.wait_idle()
     torch._dynamo.reset()
     from torch._dynamo import compiled_autograd
@@ -130,32 +135,24 @@ def _compiled_autograd(rank: int) -> dict:
     ddp = DDP(_mlp())  # afresh: the failed step left the reducer mid-iteration
     state = GaussKState(density=DENSITY).bind(ddp)
     ddp.register_comm_hook(state, gaussk_hook)
-    try:  # the backward alone under compiled autograd (the forward eager)
+
+    def eager_forward_compiled_backward() -> None:  # the backward alone under compiled autograd
         with compiled_autograd._enable(torch.compile(backend="eager")):
             ddp(x).sum().backward()
-        out["cpp_reducer"] = None
-    except Exception as err:  # noqa: BLE001
-        out["cpp_reducer"] = f"{type(err).__name__}: {err}"
+
+    out["cpp_reducer"] = _error_of(eager_forward_compiled_backward)
     state.wait_idle()
     # compiled autograd's own DDP: the python reducer calls comm hooks per parameter, with (grad, param)
     with torch._dynamo.config.patch(optimize_ddp="python_reducer"):
         ddp = DDP(_mlp())
         state = GaussKState(density=DENSITY).bind(ddp)
         ddp.register_comm_hook(state, gaussk_hook)
-        try:
-            ddp(x).sum().backward()
-            out["python_reducer"] = None
-        except Exception as err:  # noqa: BLE001
-            out["python_reducer"] = f"{type(err).__name__}: {err}"
+        out["python_reducer"] = _error_of(lambda: ddp(x).sum().backward())
         from lightning_gaussk.local_sgd import local_grad_hook
 
         ddp = DDP(_mlp())  # local SGD's hook there: the gradient should stay this rank's own
         ddp.register_comm_hook(None, local_grad_hook)
-        try:
-            ddp(x).sum().backward()
-            out["local_python_reducer"] = None
-        except Exception as err:  # noqa: BLE001
-            out["local_python_reducer"] = f"{type(err).__name__}: {err}"
+        out["local_python_reducer"] = _error_of(lambda: ddp(x).sum().backward())
         out["local_grad"] = None if out["local_python_reducer"] else torch.cat([p.grad.reshape(-1) for p in ddp.parameters()])
     return out
 
